@@ -1,0 +1,14 @@
+//! Generated gRPC code for the wire protocols in `proto/`. Nothing here is
+//! written by hand; the `.proto` files are the source of truth.
+
+/// `package isolate;`: the service isolated serves.
+#[allow(clippy::all, missing_docs)]
+pub mod isolate {
+    tonic::include_proto!("isolate");
+}
+
+/// `package flow;`: the result callback isolated makes.
+#[allow(clippy::all, missing_docs)]
+pub mod flow {
+    tonic::include_proto!("flow");
+}
