@@ -1,0 +1,257 @@
+//! Settings of the daemon: every one has a flag, an environment variable and
+//! a key in the optional TOML file; flags win over the environment, the
+//! environment over the file, the file over the default.
+//!
+//! Each setting is declared once, in the [`settings!`] table below, which
+//! generates the flag/env/file layer ([`Options`]), the resolved [`Config`]
+//! and the documentation table ([`SETTINGS`]) the README is checked against.
+//! This module only reads configuration; it does not act on it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ConfigError {
+    /// cannot read config file {path}: {source}
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// config file {path} is invalid: {source}
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    /// setting {name} is invalid: {reason}
+    Invalid { name: &'static str, reason: String },
+}
+
+/// One row of the documentation table.
+pub struct SettingDoc {
+    pub key: &'static str,
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal, $default_doc:literal $(, $extra:ident = $val:literal)?; )*) => {
+        /// The flag/environment layer and the file layer: every field optional.
+        #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Options {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env $(, $extra = $val)?)]
+                #[serde(default)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// Resolved settings.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Options {
+            /// `self` wins over `lower`, field by field.
+            pub fn or(self, lower: Options) -> Options {
+                Options { $( $name: self.$name.or(lower.$name), )* }
+            }
+
+            fn resolve(self) -> Config {
+                Config { $( $name: self.$name.unwrap_or_else(|| $default), )* }
+            }
+        }
+
+        /// Every setting with its flag, environment variable and default.
+        pub const SETTINGS: &[SettingDoc] = &[
+            $( SettingDoc {
+                key: stringify!($name),
+                flag: concat!("--", stringify!($name)),
+                env: $env,
+                default: $default_doc,
+                help: concat!($($doc),*),
+            }, )*
+        ];
+    };
+}
+
+// Flags are the keys with `_` turned into `-` (clap does that on its own).
+settings! {
+    /// Address the gRPC services listen on.
+    bind: SocketAddr = "127.0.0.1:8888".parse().unwrap(), "DIREKTIV_ISOLATE_BIND", "127.0.0.1:8888";
+    /// Where ReportActionResults is sent (host:port or http(s)://host:port).
+    flow_endpoint: String = "127.0.0.1:7777".into(), "DIREKTIV_FLOW_ENDPOINT", "127.0.0.1:7777";
+    /// containerd's gRPC socket.
+    containerd_address: PathBuf = "/run/containerd/containerd.sock".into(), "ISOLATED_CONTAINERD_ADDRESS", "/run/containerd/containerd.sock";
+    /// Directory for action data, logs and the daemon's state.
+    state_dir: PathBuf = "/var/lib/isolated".into(), "ISOLATED_STATE_DIR", "/var/lib/isolated";
+    /// Prefix of the containerd namespace of each Direktiv namespace.
+    namespace_prefix: String = "direktiv.".into(), "ISOLATED_NAMESPACE_PREFIX", "direktiv.";
+    /// Registries (host or host:port, comma separated) reached over plain HTTP; loopback always is.
+    insecure_registries: Vec<String> = Vec::new(), "ISOLATED_INSECURE_REGISTRIES", "(none)", value_delimiter = ',';
+    /// Seconds before a tag is resolved against its registry again.
+    tag_ttl_secs: u64 = 60, "ISOLATED_TAG_TTL_SECS", "60";
+    /// Timeout in seconds of a request that sets none.
+    default_timeout_secs: u64 = 1800, "ISOLATED_DEFAULT_TIMEOUT_SECS", "1800";
+    /// Longest timeout in seconds; longer requests are clamped to it.
+    max_timeout_secs: u64 = 1800, "ISOLATED_MAX_TIMEOUT_SECS", "1800";
+    /// Seconds between SIGTERM and SIGKILL when an action is stopped.
+    kill_grace_secs: u64 = 5, "ISOLATED_KILL_GRACE_SECS", "5";
+    /// Largest accepted input (data), in bytes.
+    max_input_bytes: usize = 32 << 20, "ISOLATED_MAX_INPUT_BYTES", "33554432";
+    /// Largest data.out reported, in bytes.
+    max_output_bytes: usize = 32 << 20, "ISOLATED_MAX_OUTPUT_BYTES", "33554432";
+    /// Memory limits in MiB of sizes 0,1,2 (swap included).
+    size_memory_mib: Vec<u64> = vec![256, 512, 1024], "ISOLATED_SIZE_MEMORY_MIB", "256,512,1024", value_delimiter = ',';
+    /// CPU quotas in CPUs of sizes 0,1,2.
+    size_cpus: Vec<f64> = vec![1.0, 1.0, 2.0], "ISOLATED_SIZE_CPUS", "1,1,2", value_delimiter = ',';
+    /// containerd snapshotter for images and actions.
+    snapshotter: String = "overlayfs".into(), "ISOLATED_SNAPSHOTTER", "overlayfs";
+    /// containerd runtime (shim) for action tasks.
+    runtime: String = "io.containerd.runc.v2".into(), "ISOLATED_RUNTIME", "io.containerd.runc.v2";
+    /// A base OCI runtime spec replacing the built-in runtime-spec/base.json.
+    base_spec: PathBuf = PathBuf::new(), "ISOLATED_BASE_SPEC", "(built in)";
+    /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
+    seccomp_profile: PathBuf = PathBuf::new(), "ISOLATED_SECCOMP_PROFILE", "(built in)";
+    /// Log format: text or json.
+    log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
+}
+
+/// Limits the edge enforces; a view of [`Config`].
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub max_input_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Options::default().resolve().limits()
+    }
+}
+
+impl Config {
+    /// Loads the file named by `cli.config` (if any) under the flag/env layer.
+    pub fn load(cli: Options, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file_opts = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str::<Options>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Options::default(),
+        };
+        let config = cli.or(file_opts).resolve();
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |name, reason: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                reason: reason.into(),
+            })
+        };
+        if self.size_memory_mib.len() != 3 || self.size_memory_mib.iter().any(|&m| m < 4) {
+            return invalid("size_memory_mib", "needs three values of at least 4 MiB");
+        }
+        if self.size_cpus.len() != 3 || self.size_cpus.iter().any(|&c| !(c > 0.0)) {
+            return invalid("size_cpus", "needs three positive values");
+        }
+        if self.max_timeout_secs == 0 {
+            return invalid("max_timeout_secs", "must be positive");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return invalid("log_format", "is text or json");
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            default_timeout: Duration::from_secs(self.default_timeout_secs.min(self.max_timeout_secs)),
+            max_timeout: Duration::from_secs(self.max_timeout_secs),
+            max_input_bytes: self.max_input_bytes,
+        }
+    }
+
+    pub fn kill_grace(&self) -> Duration {
+        Duration::from_secs(self.kill_grace_secs)
+    }
+
+    pub fn tag_ttl(&self) -> Duration {
+        Duration::from_secs(self.tag_ttl_secs)
+    }
+
+    /// The containerd namespace of a Direktiv namespace.
+    pub fn containerd_namespace(&self, namespace: &str) -> String {
+        format!("{}{}", self.namespace_prefix, namespace)
+    }
+
+    /// Root of the per-action directories.
+    pub fn actions_dir(&self) -> PathBuf {
+        self.state_dir.join("actions")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "bind = \"127.0.0.1:1\"\nstate_dir = \"/x\"\nsize_cpus = [1, 2, 3]\n").unwrap();
+        let cli = Options {
+            bind: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = Config::load(cli, Some(&file)).unwrap();
+        assert_eq!(c.bind.port(), 2);
+        assert_eq!(c.state_dir, PathBuf::from("/x"));
+        assert_eq!(c.size_cpus, vec![1.0, 2.0, 3.0]);
+        assert_eq!(c.flow_endpoint, "127.0.0.1:7777");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "bnid = \"x\"\n").unwrap();
+        let e = Config::load(Options::default(), Some(&file)).unwrap_err();
+        assert!(e.to_string().contains("bnid"), "{e}");
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let cli = Options {
+            size_memory_mib: Some(vec![1, 2]),
+            ..Default::default()
+        };
+        assert!(Config::load(cli, None).is_err());
+    }
+
+    #[test]
+    fn every_setting_is_documented() {
+        for s in SETTINGS {
+            assert!(!s.help.is_empty(), "{} has no help", s.key);
+            assert!(s.env.starts_with("ISOLATED_") || s.env.starts_with("DIREKTIV_"));
+        }
+    }
+}

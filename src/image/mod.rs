@@ -1,0 +1,317 @@
+//! Images: from a reference and a tenant's credentials to a committed
+//! snapshot chain in the tenant's containerd namespace.
+//!
+//! Owns the per-namespace cache (a tag is re-resolved at most every
+//! `tag_ttl`, a digest never), the single flight (concurrent requests for
+//! one image in one namespace share one pull) and the pull itself, done the
+//! way containerd's own client does it on 1.6 (CONTAINERD-NOTES.md): under
+//! a lease, blobs through the content service, layers through the diff
+//! service into snapshots, the image record last. Does not run anything.
+
+pub mod auth;
+pub mod content;
+pub mod registry;
+pub mod unpack;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::{CreateImageRequest, Image as ImageRecord, UpdateImageRequest};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use oci_client::Reference;
+use oci_spec::image::ImageConfiguration;
+use tonic::Code;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use self::auth::{Credentials, MalformedCredentials};
+use self::registry::{Blob, Registry};
+use crate::containerd::{with_ns, Containerd};
+
+/// Why an image could not be made ready. All but `Internal` are the
+/// image's (or its registry's) fault and are reported with the image code.
+#[derive(Debug, Clone, thiserror::Error, displaydoc::Display)]
+pub enum ImageError {
+    /// {0}
+    Credentials(#[from] MalformedCredentials),
+    /// cannot pull {reference}: {reason}
+    Registry { reference: String, reason: String },
+    /// {reference} has no image for {platform}
+    Platform { reference: String, platform: String },
+    /// cannot unpack {reference}: {reason}
+    Unpack { reference: String, reason: String },
+    /// containerd failed while storing {reference}: {reason}
+    Internal { reference: String, reason: String },
+}
+
+/// An image ready to run in one namespace.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The image record's name (the fully qualified reference).
+    pub name: String,
+    pub manifest_digest: String,
+    pub config: ImageConfiguration,
+    /// Chain id of the top layer: the parent of every action's snapshot.
+    /// `None` for an image without layers.
+    pub top_chain: Option<String>,
+}
+
+struct Cached {
+    image: Arc<Image>,
+    resolved_at: Instant,
+}
+
+type Key = (String, String);
+type Pull = Shared<BoxFuture<'static, Result<Arc<Image>, ImageError>>>;
+
+/// Pulls and caches images for every namespace of one containerd.
+pub struct ImageService {
+    cd: Containerd,
+    snapshotter: String,
+    insecure: Vec<String>,
+    tag_ttl: Duration,
+    cache: Mutex<HashMap<Key, Cached>>,
+    inflight: Mutex<HashMap<Key, Pull>>,
+}
+
+impl ImageService {
+    pub fn new(cd: Containerd, snapshotter: String, insecure: Vec<String>, tag_ttl: Duration) -> Arc<Self> {
+        Arc::new(ImageService {
+            cd,
+            snapshotter,
+            insecure,
+            tag_ttl,
+            cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Makes `reference` runnable in containerd namespace `ns`.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        ns: &str,
+        reference: &Reference,
+        registries: &HashMap<String, String>,
+    ) -> Result<Arc<Image>, ImageError> {
+        let creds = auth::lookup(registries, reference.registry())?;
+        let key = (ns.to_string(), reference.whole());
+
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(&key).map(|c| (c.image.clone(), c.resolved_at.elapsed()))
+        };
+        if let Some((image, age)) = cached {
+            if reference.digest().is_some() || age < self.tag_ttl {
+                return Ok(image);
+            }
+            // The tag may have moved: a HEAD request says where it points now.
+            match Registry::new(reference, creds.clone(), &self.insecure).head(reference).await {
+                Ok(digest) if digest == image.manifest_digest => {
+                    self.remember(&key, image.clone());
+                    return Ok(image);
+                }
+                Ok(digest) => debug!(image = %key.1, %digest, "tag moved, pulling again"),
+                Err(e) => {
+                    // An edge box's registry comes and goes; the image we
+                    // have is still this tenant's, so keep running it.
+                    warn!(image = %key.1, error = %e, "cannot re-resolve tag, using the cached image");
+                    return Ok(image);
+                }
+            }
+        }
+
+        let pull = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let this = self.clone();
+                    let (ns, reference) = (ns.to_string(), reference.clone());
+                    let span = info_span!("pull", image = %key.1);
+                    async move {
+                        let result = this.pull(&ns, &reference, creds).await.map(Arc::new);
+                        let key = (ns, reference.whole());
+                        if let Ok(image) = &result {
+                            this.remember(&key, image.clone());
+                        }
+                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        result
+                    }
+                    .instrument(span)
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        pull.await
+    }
+
+    fn remember(&self, key: &Key, image: Arc<Image>) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key.clone(),
+            Cached {
+                image,
+                resolved_at: Instant::now(),
+            },
+        );
+    }
+
+    async fn pull(&self, ns: &str, reference: &Reference, creds: Option<Credentials>) -> Result<Image, ImageError> {
+        let started = Instant::now();
+        let registry = Registry::new(reference, creds, &self.insecure);
+        let resolved = registry.resolve(reference).await?;
+        let whole = reference.whole();
+        let internal = |what: &str, e: tonic::Status| {
+            let reason = format!("{what}: {}", e.message());
+            if e.code() == Code::Unavailable || e.code() == Code::Unknown && e.message().contains("transport") {
+                ImageError::Internal {
+                    reference: whole.clone(),
+                    reason,
+                }
+            } else {
+                ImageError::Unpack {
+                    reference: whole.clone(),
+                    reason,
+                }
+            }
+        };
+
+        let diff_ids: Vec<String> = resolved.image_config.rootfs().diff_ids().to_vec();
+        let chains = unpack::chain_ids(&diff_ids);
+        let lease = self.cd.lease(ns).await.map_err(|e| internal("create lease", e))?;
+        let result = async {
+            content::write_bytes(&self.cd, ns, &lease, &resolved.config, &resolved.config_bytes)
+                .await
+                .map_err(|e| internal("write config", e))?;
+
+            let top_done = match chains.last() {
+                Some(top) => unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, top)
+                    .await
+                    .map_err(|e| internal("stat snapshot", e))?,
+                None => true,
+            };
+            if !top_done {
+                self.unpack(ns, &lease, reference, &registry, &resolved.layers, &diff_ids, &chains)
+                    .await?;
+            }
+            self.record(ns, &lease, &whole, &resolved, chains.last()).await.map_err(|e| internal("record image", e))
+        }
+        .await;
+        self.cd.drop_lease(ns, &lease).await;
+        result?;
+
+        info!(image = %whole, digest = %resolved.manifest.digest, layers = chains.len(),
+              ms = started.elapsed().as_millis() as u64, "image ready");
+        Ok(Image {
+            name: whole,
+            manifest_digest: resolved.manifest.digest.clone(),
+            config: resolved.image_config,
+            top_chain: chains.last().cloned(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn unpack(
+        &self,
+        ns: &str,
+        lease: &str,
+        reference: &Reference,
+        registry: &Registry,
+        layers: &[Blob],
+        diff_ids: &[String],
+        chains: &[String],
+    ) -> Result<(), ImageError> {
+        let whole = reference.whole();
+        let unpack_err = |reason: String| ImageError::Unpack {
+            reference: whole.clone(),
+            reason,
+        };
+        for (i, layer) in layers.iter().enumerate() {
+            if unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, &chains[i])
+                .await
+                .map_err(|e| unpack_err(e.message().to_string()))?
+            {
+                continue;
+            }
+            if !content::exists(&self.cd, ns, &layer.digest)
+                .await
+                .map_err(|e| unpack_err(e.message().to_string()))?
+            {
+                let stream = registry.blob_stream(reference, layer).await?;
+                content::write(&self.cd, ns, lease, layer, stream)
+                    .await
+                    .map_err(|e| unpack_err(format!("storing layer {}: {}", layer.digest, e.message())))?;
+            }
+            let parent = if i == 0 { None } else { Some(chains[i - 1].as_str()) };
+            unpack::apply_layer(&self.cd, ns, lease, &self.snapshotter, layer, &diff_ids[i], &chains[i], parent)
+                .await
+                .map_err(|e| unpack_err(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest (and index), labels everything for the garbage
+    /// collector, then creates or updates the image record, which from then
+    /// on roots it all.
+    async fn record(
+        &self,
+        ns: &str,
+        lease: &str,
+        name: &str,
+        resolved: &registry::Resolved,
+        top_chain: Option<&String>,
+    ) -> Result<(), tonic::Status> {
+        if let Some(top) = top_chain {
+            let label = format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter);
+            content::label(&self.cd, ns, &resolved.config.digest, [(label, top.clone())].into()).await?;
+        }
+        content::write_bytes(&self.cd, ns, lease, &resolved.manifest, &resolved.manifest_bytes).await?;
+        let mut labels: HashMap<String, String> =
+            [("containerd.io/gc.ref.content.config".to_string(), resolved.config.digest.clone())].into();
+        for (i, l) in resolved.layers.iter().enumerate() {
+            labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+        }
+        content::label(&self.cd, ns, &resolved.manifest.digest, labels).await?;
+
+        let target = match &resolved.index {
+            Some((blob, bytes, pos)) => {
+                content::write_bytes(&self.cd, ns, lease, blob, bytes).await?;
+                let label = format!("containerd.io/gc.ref.content.m.{pos}");
+                content::label(&self.cd, ns, &blob.digest, [(label, resolved.manifest.digest.clone())].into())
+                    .await?;
+                blob
+            }
+            None => &resolved.manifest,
+        };
+        self.put_record(ns, lease, name, target).await
+    }
+
+    /// Creates the image record, or points an existing one at `target`.
+    pub async fn put_record(&self, ns: &str, lease: &str, name: &str, target: &Blob) -> Result<(), tonic::Status> {
+        let record = ImageRecord {
+            name: name.to_string(),
+            labels: Default::default(),
+            target: Some(target.descriptor()),
+            created_at: None,
+            updated_at: None,
+        };
+        let create = CreateImageRequest {
+            image: Some(record.clone()),
+            ..Default::default()
+        };
+        match self.cd.images().create(with_ns(create, ns, Some(lease))).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Code::AlreadyExists => {
+                let update = UpdateImageRequest {
+                    image: Some(record),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["target".into()],
+                    }),
+                    ..Default::default()
+                };
+                self.cd.images().update(with_ns(update, ns, Some(lease))).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

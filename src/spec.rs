@@ -1,0 +1,408 @@
+//! The OCI runtime spec of one action: the base spec and seccomp profile
+//! kept as data in `runtime-spec/`, plus the image config, the request and
+//! the size. Pure: no I/O but reading the optional override files once at
+//! start-up, so every rule here is unit-tested.
+//!
+//! Does not decide *which* user or limits apply (the runner resolves the
+//! user from the rootfs, the config maps sizes); it only writes them in.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::ImageConfiguration;
+use oci_spec::runtime::{
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxSeccomp, MountBuilder, Spec, UserBuilder,
+};
+
+/// The base spec and seccomp profile compiled into the binary.
+const BASE_SPEC: &str = include_str!("../runtime-spec/base.json");
+const SECCOMP: &str = include_str!("../runtime-spec/seccomp.json");
+
+/// Where the action's data directory appears inside the container.
+pub const DATA_MOUNT: &str = "/direktiv-data";
+
+/// CFS period: 100 ms, the kernel's and runc's default.
+const CPU_PERIOD: u64 = 100_000;
+
+/// Why a spec could not be built.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SpecError {
+    /// cannot read {path}: {reason}
+    Read { path: PathBuf, reason: String },
+    /// {what} is not valid: {reason}
+    Parse { what: String, reason: String },
+    /// the image has no entrypoint or cmd and the request no command
+    NoCommand,
+    /// user {user:?} of the image: {reason}
+    User { user: String, reason: String },
+    /// the spec cannot be encoded: {0}
+    Encode(String),
+}
+
+/// A user as the kernel sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// Everything that varies from one action to the next.
+pub struct SpecInput<'a> {
+    pub image: &'a ImageConfiguration,
+    /// The request's `command`, split; replaces entrypoint and cmd.
+    pub argv: Option<&'a [String]>,
+    /// Variables added to (and overriding) the image's environment.
+    pub env: Vec<(String, String)>,
+    pub user: ProcessUser,
+    pub data_dir: &'a Path,
+    pub memory_bytes: i64,
+    pub cpus: f64,
+    pub cgroups_path: String,
+}
+
+/// The base spec with the seccomp profile merged in, parsed once.
+#[derive(Clone)]
+pub struct SpecTemplate {
+    base: Spec,
+}
+
+impl SpecTemplate {
+    /// Loads the built-in data, or the override files when given. A
+    /// seccomp path of `unconfined` leaves seccomp off.
+    pub fn load(base: Option<&Path>, seccomp: Option<&Path>) -> Result<Self, SpecError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| SpecError::Read {
+                path: p.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let base_text = match base {
+            Some(p) => read(p)?,
+            None => BASE_SPEC.to_string(),
+        };
+        let mut spec: Spec = serde_json::from_str(&base_text).map_err(|e| SpecError::Parse {
+            what: "base spec".into(),
+            reason: e.to_string(),
+        })?;
+        let seccomp: Option<LinuxSeccomp> = match seccomp {
+            Some(p) if p.as_os_str() == "unconfined" => None,
+            Some(p) => Some(parse_seccomp(&read(p)?)?),
+            None => Some(parse_seccomp(SECCOMP)?),
+        };
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_seccomp(seccomp);
+        }
+        Ok(SpecTemplate { base: spec })
+    }
+
+    pub fn build(&self, input: &SpecInput) -> Result<Spec, SpecError> {
+        let mut spec = self.base.clone();
+        let cfg = input.image.config().as_ref();
+
+        let argv: Vec<String> = match input.argv {
+            Some(argv) => argv.to_vec(),
+            None => {
+                let mut v = cfg.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
+                v.extend(cfg.and_then(|c| c.cmd().clone()).unwrap_or_default());
+                v
+            }
+        };
+        if argv.is_empty() {
+            return Err(SpecError::NoCommand);
+        }
+
+        let base_env = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().clone())
+            .unwrap_or_default();
+        let image_env = cfg.and_then(|c| c.env().clone()).unwrap_or_default();
+        let env = merge_env(&base_env, &image_env, &input.env);
+        let cwd = cfg
+            .and_then(|c| c.working_dir().clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+
+        let user = UserBuilder::default()
+            .uid(input.user.uid)
+            .gid(input.user.gid)
+            .additional_gids(input.user.additional_gids.clone())
+            .build()
+            .map_err(|e| SpecError::Encode(e.to_string()))?;
+        let process = spec.process_mut().get_or_insert_with(Default::default);
+        process.set_args(Some(argv));
+        process.set_env(Some(env));
+        process.set_cwd(PathBuf::from(cwd));
+        process.set_user(user);
+
+        let data_mount = MountBuilder::default()
+            .destination(DATA_MOUNT)
+            .typ("bind")
+            .source(input.data_dir)
+            .options(vec!["rbind".into(), "rw".into(), "nosuid".into(), "nodev".into()])
+            .build()
+            .map_err(|e| SpecError::Encode(e.to_string()))?;
+        spec.mounts_mut().get_or_insert_with(Vec::new).push(data_mount);
+
+        let linux = spec.linux_mut().get_or_insert_with(Default::default);
+        linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+        let resources = linux.resources_mut().get_or_insert_with(LinuxResources::default);
+        // Swap equal to memory: the limit covers memory and swap together,
+        // so an action cannot escape its size into swap.
+        let memory = LinuxMemoryBuilder::default()
+            .limit(input.memory_bytes)
+            .swap(input.memory_bytes)
+            .build()
+            .map_err(|e| SpecError::Encode(e.to_string()))?;
+        resources.set_memory(Some(memory));
+        let cpu = LinuxCpuBuilder::default()
+            .quota((input.cpus * CPU_PERIOD as f64).round() as i64)
+            .period(CPU_PERIOD)
+            .build()
+            .map_err(|e| SpecError::Encode(e.to_string()))?;
+        resources.set_cpu(Some(cpu));
+        Ok(spec)
+    }
+}
+
+fn parse_seccomp(text: &str) -> Result<LinuxSeccomp, SpecError> {
+    serde_json::from_str(text).map_err(|e| SpecError::Parse {
+        what: "seccomp profile".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Later layers override earlier ones key by key, keeping first-seen order.
+fn merge_env(base: &[String], image: &[String], extra: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| match out.iter_mut().find(|(ek, _)| ek == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => out.push((k.to_string(), v.to_string())),
+    };
+    for kv in base.iter().chain(image) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        set(k, v);
+    }
+    for (k, v) in extra {
+        set(k, v);
+    }
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Resolves an image's `User` (`""`, `uid`, `uid:gid`, `name`,
+/// `name:group`) against the image's own `/etc/passwd` and `/etc/group`
+/// (given as their contents; `None` when the image has none).
+pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Result<ProcessUser, SpecError> {
+    let err = |reason: &str| SpecError::User {
+        user: user.to_string(),
+        reason: reason.to_string(),
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd_entry = |pred: &dyn Fn(&[&str]) -> bool| {
+        passwd.and_then(|p| {
+            p.lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() >= 4 && pred(f))
+                .and_then(|f| Some((f[0].to_string(), f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)))
+        })
+    };
+    let (uid, name, primary_gid) = if u.is_empty() {
+        (0, Some("root".to_string()), 0)
+    } else if let Ok(uid) = u.parse::<u32>() {
+        match passwd_entry(&|f| f[2] == u) {
+            Some((name, _, gid)) => (uid, Some(name), gid),
+            None => (uid, None, 0),
+        }
+    } else {
+        match passwd_entry(&|f| f[0] == u) {
+            Some((name, uid, gid)) => (uid, Some(name), gid),
+            None => return Err(err("no such user in the image's /etc/passwd")),
+        }
+    };
+    let groups: Vec<(String, u32, Vec<String>)> = group
+        .map(|g| {
+            g.lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() >= 3).then_some(())?;
+                    let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
+                    Some((f[0].to_string(), f[2].parse().ok()?, members.unwrap_or_default()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let gid = match g {
+        None | Some("") => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => groups
+                .iter()
+                .find(|(n, _, _)| n == g)
+                .map(|(_, gid, _)| *gid)
+                .ok_or_else(|| err("no such group in the image's /etc/group"))?,
+        },
+    };
+    let mut additional_gids: Vec<u32> = match &name {
+        Some(name) if g.is_none() => groups
+            .iter()
+            .filter(|(_, _, members)| members.contains(name))
+            .map(|(_, gid, _)| *gid)
+            .collect(),
+        _ => Vec::new(),
+    };
+    additional_gids.retain(|x| *x != gid);
+    additional_gids.dedup();
+    Ok(ProcessUser {
+        uid,
+        gid,
+        additional_gids,
+    })
+}
+
+/// The spec as containerd stores it: JSON in a protobuf `Any`.
+pub fn to_any(spec: &Spec) -> Result<prost_types::Any, SpecError> {
+    Ok(prost_types::Any {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+        value: serde_json::to_vec(spec).map_err(|e| SpecError::Encode(e.to_string()))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
+
+    fn image(entrypoint: Option<Vec<&str>>, cmd: Option<Vec<&str>>, env: Vec<&str>, wd: Option<&str>) -> ImageConfiguration {
+        let mut c = ConfigBuilder::default();
+        if let Some(e) = entrypoint {
+            c = c.entrypoint(e.into_iter().map(String::from).collect::<Vec<_>>());
+        }
+        if let Some(e) = cmd {
+            c = c.cmd(e.into_iter().map(String::from).collect::<Vec<_>>());
+        }
+        c = c.env(env.into_iter().map(String::from).collect::<Vec<_>>());
+        if let Some(w) = wd {
+            c = c.working_dir(w.to_string());
+        }
+        ImageConfigurationBuilder::default().config(c.build().unwrap()).build().unwrap()
+    }
+
+    fn input<'a>(img: &'a ImageConfiguration, argv: Option<&'a [String]>) -> SpecInput<'a> {
+        SpecInput {
+            image: img,
+            argv,
+            env: vec![("DIREKTIV_DIR".into(), DATA_MOUNT.into()), ("FOO".into(), "override".into())],
+            user: ProcessUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![],
+            },
+            data_dir: Path::new("/var/lib/isolated/actions/x/data"),
+            memory_bytes: 256 << 20,
+            cpus: 1.5,
+            cgroups_path: "/isolated/ns/a".into(),
+        }
+    }
+
+    fn template() -> SpecTemplate {
+        SpecTemplate::load(None, None).unwrap()
+    }
+
+    #[test]
+    fn entrypoint_and_cmd_are_joined_and_command_replaces_both() {
+        let img = image(Some(vec!["/bin/sh"]), Some(vec!["/action.sh", "x"]), vec![], None);
+        let spec = template().build(&input(&img, None)).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &["/bin/sh", "/action.sh", "x"]);
+        let argv = vec!["echo".to_string(), "a b".to_string()];
+        let spec = template().build(&input(&img, Some(&argv))).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &argv);
+        let empty = image(None, None, vec![], None);
+        assert!(matches!(template().build(&input(&empty, None)), Err(SpecError::NoCommand)));
+    }
+
+    #[test]
+    fn environment_layers_and_workdir() {
+        let img = image(Some(vec!["x"]), None, vec!["PATH=/img/bin", "FOO=bar", "KEEP=1"], Some("/work"));
+        let spec = template().build(&input(&img, None)).unwrap();
+        let p = spec.process().as_ref().unwrap();
+        let env = p.env().as_ref().unwrap();
+        assert!(env.contains(&"PATH=/img/bin".to_string()), "{env:?}");
+        assert!(env.contains(&"FOO=override".to_string()));
+        assert!(env.contains(&"KEEP=1".to_string()));
+        assert!(env.contains(&"DIREKTIV_DIR=/direktiv-data".to_string()));
+        assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
+        assert_eq!(p.cwd(), &PathBuf::from("/work"));
+        assert_eq!(p.user().uid(), 1000);
+        let no_wd = image(Some(vec!["x"]), None, vec![], None);
+        let spec = template().build(&input(&no_wd, None)).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().cwd(), &PathBuf::from("/"));
+    }
+
+    #[test]
+    fn limits_mount_and_security_defaults() {
+        let img = image(Some(vec!["x"]), None, vec![], None);
+        let spec = template().build(&input(&img, None)).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let res = linux.resources().as_ref().unwrap();
+        let mem = res.memory().as_ref().unwrap();
+        assert_eq!(mem.limit(), Some(256 << 20));
+        assert_eq!(mem.swap(), Some(256 << 20));
+        let cpu = res.cpu().as_ref().unwrap();
+        assert_eq!(cpu.quota(), Some(150_000));
+        assert_eq!(cpu.period(), Some(100_000));
+        assert!(res.pids().as_ref().is_some_and(|p| p.limit() > 0), "base spec must set a pids limit");
+        assert_eq!(linux.cgroups_path().as_ref().unwrap(), &PathBuf::from("/isolated/ns/a"));
+        assert!(linux.seccomp().is_some());
+        let ns: Vec<String> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{:?}", n.typ()))
+            .collect();
+        for want in ["Pid", "Mount", "Ipc", "Uts", "Network"] {
+            assert!(ns.iter().any(|n| n == want), "{want} namespace missing: {ns:?}");
+        }
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.no_new_privileges(), Some(true));
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(!caps.bounding().as_ref().unwrap().contains(&oci_spec::runtime::Capability::SysAdmin));
+        let mounts = spec.mounts().as_ref().unwrap();
+        let data = mounts.iter().find(|m| m.destination() == Path::new(DATA_MOUNT)).unwrap();
+        assert_eq!(data.source().as_ref().unwrap(), Path::new("/var/lib/isolated/actions/x/data"));
+        // No other host path is bind-mounted.
+        assert_eq!(mounts.iter().filter(|m| m.typ().as_deref() == Some("bind")).count(), 1);
+        assert!(linux.masked_paths().as_ref().is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
+        assert!(linux.readonly_paths().as_ref().is_some_and(|m| m.iter().any(|p| p == "/proc/sys")));
+        let any = to_any(&spec).unwrap();
+        assert!(any.type_url.ends_with("runtime-spec/1/Spec"));
+    }
+
+    #[test]
+    fn unconfined_drops_seccomp() {
+        let t = SpecTemplate::load(None, Some(Path::new("unconfined"))).unwrap();
+        let img = image(Some(vec!["x"]), None, vec![], None);
+        let spec = t.build(&input(&img, None)).unwrap();
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_none());
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\napp:x:1001:\nextra:x:2000:app,other\n";
+
+    #[test]
+    fn users_resolve_like_docker() {
+        let r = |u| resolve_user(u, Some(PASSWD), Some(GROUP));
+        assert_eq!(r("").unwrap(), ProcessUser { uid: 0, gid: 0, additional_gids: vec![] });
+        assert_eq!(r("app").unwrap(), ProcessUser { uid: 1000, gid: 1001, additional_gids: vec![2000] });
+        assert_eq!(r("1000").unwrap().gid, 1001);
+        assert_eq!(r("4242").unwrap(), ProcessUser { uid: 4242, gid: 0, additional_gids: vec![] });
+        assert_eq!(r("app:extra").unwrap(), ProcessUser { uid: 1000, gid: 2000, additional_gids: vec![] });
+        assert_eq!(r("5:6").unwrap(), ProcessUser { uid: 5, gid: 6, additional_gids: vec![] });
+        assert!(r("ghost").is_err());
+        assert!(r("app:ghosts").is_err());
+        assert!(resolve_user("app", None, None).is_err());
+    }
+}
