@@ -8,3 +8,8 @@ pub mod proto;
 pub mod request;
 pub mod spec;
 pub mod report;
+pub mod reaper;
+pub mod runner;
+pub mod actions;
+pub mod error;
+pub mod server;

@@ -1,1 +1,147 @@
-fn main(){}
+//! `isolated`: the node daemon. Reads its settings, checks it can work
+//! (root, containerd, the port), serves the gRPC services and stops
+//! gracefully on SIGTERM/SIGINT. Errors end here as one line and a
+//! non-zero exit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use direktiv_isolate::actions::Actions;
+use direktiv_isolate::config::{Config, Options};
+use direktiv_isolate::containerd::Containerd;
+use direktiv_isolate::image::ImageService;
+use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
+use direktiv_isolate::report::flow::Reporter;
+use direktiv_isolate::runner::Runner;
+use direktiv_isolate::server::IsolateService;
+use direktiv_isolate::spec::SpecTemplate;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(name = "isolated", version, about = "Runs Direktiv actions as containers through containerd")]
+struct Cli {
+    /// TOML file with settings (flags and environment win over it).
+    #[arg(long, env = "ISOLATED_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: Options,
+}
+
+/// How long running actions get to finish after SIGTERM before isolated
+/// exits anyway (their containers keep running under containerd).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn main() {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.options, cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("isolated: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&cfg.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("isolated: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cfg)) {
+        tracing::error!("{e:#}");
+        eprintln!("isolated: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().with_current_span(true).with_span_list(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("isolated must run as root: it creates containers, cgroups and mounts");
+    }
+    let template = SpecTemplate::load(
+        non_empty(&cfg.base_spec).as_deref(),
+        non_empty(&cfg.seccomp_profile).as_deref(),
+    )?;
+    std::fs::create_dir_all(cfg.actions_dir())
+        .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
+    let (cd, version) = Containerd::connect(&cfg.containerd_address).await?;
+    info!(containerd = %version, address = %cfg.containerd_address.display(), "connected to containerd");
+
+    let max_message = cfg.max_input_bytes.max(cfg.max_output_bytes) + (1 << 20);
+    let reporter = Reporter::new(&cfg.flow_endpoint, max_message)?;
+    let listener = tokio::net::TcpListener::bind(cfg.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.bind))?;
+    let cfg = Arc::new(cfg);
+    let images = ImageService::new(
+        cd.clone(),
+        cfg.snapshotter.clone(),
+        cfg.insecure_registries.clone(),
+        cfg.tag_ttl(),
+    );
+    let runner = Arc::new(Runner {
+        cfg: cfg.clone(),
+        cd,
+        images,
+        template,
+        reporter,
+    });
+    let actions = Arc::new(Actions::default());
+    let isolate = IsolateService {
+        runner,
+        actions: actions.clone(),
+        limits: cfg.limits(),
+    };
+    info!(bind = %cfg.bind, flow = %cfg.flow_endpoint, "serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(
+            DirektivIsolateServer::new(isolate)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .context("gRPC server failed")?;
+
+    info!(running = actions.len(), "stopped accepting; letting running actions finish");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while !actions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !actions.is_empty() {
+        warn!(unfinished = actions.len(), "exiting with actions unfinished");
+    }
+    Ok(())
+}
+
+fn non_empty(p: &std::path::Path) -> Option<PathBuf> {
+    (!p.as_os_str().is_empty()).then(|| p.to_owned())
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the default action (exit) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+}

@@ -1,0 +1,68 @@
+//! The crate's error: every module's error composed into one, and the one
+//! explicit mapping from it onto gRPC status codes. Report error codes are
+//! mapped where the failures are (`runner::RunError::code`).
+
+use tonic::Status;
+
+use crate::config::ConfigError;
+use crate::containerd::ConnectError;
+use crate::report::flow::EndpointError;
+use crate::request::ValidationError;
+use crate::spec::SpecError;
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum Error {
+    /// {0}
+    Validation(#[from] ValidationError),
+    /// action {action_id} in namespace {namespace} is still running or not yet reported
+    AlreadyExists { namespace: String, action_id: String },
+    /// {0} actions are accepted and not yet reported, the configured limit
+    Busy(usize),
+    /// isolated is shutting down and accepts no more actions
+    ShuttingDown,
+    /// no action {action_id} in namespace {namespace}
+    NotFound { namespace: String, action_id: String },
+    /// {0}
+    Config(#[from] ConfigError),
+    /// {0}
+    Connect(#[from] ConnectError),
+    /// {0}
+    Spec(#[from] SpecError),
+    /// {0}
+    Endpoint(#[from] EndpointError),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::Validation(_) => Status::invalid_argument(msg),
+            Error::AlreadyExists { .. } => Status::already_exists(msg),
+            Error::Busy(_) => Status::resource_exhausted(msg),
+            Error::ShuttingDown => Status::unavailable(msg),
+            Error::NotFound { .. } => Status::not_found(msg),
+            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) => Status::failed_precondition(msg),
+            Error::Connect(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn status_codes() {
+        let s: Status = Error::Validation(ValidationError::Size(7)).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "size 7 is outside 0..2 (0 small, 1 medium, 2 large)");
+        let s: Status = Error::AlreadyExists {
+            namespace: "n".into(),
+            action_id: "a".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::AlreadyExists);
+        assert_eq!(Status::from(Error::Busy(3)).code(), Code::ResourceExhausted);
+    }
+}

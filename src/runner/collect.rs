@@ -1,0 +1,127 @@
+//! After the task exited: whether the kernel's OOM killer ended it, the
+//! files the action left in its data directory, and its output streams.
+//!
+//! Every file here was written by untrusted code, so nothing is followed:
+//! a symlink, a FIFO or a directory where a result file should be is
+//! reported as an I/O error instead of being opened.
+
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::{delete_task, stdio::Stdio, Action, Runner};
+use crate::report::{Collected, Stopped, ERROR_JSON_MAX};
+
+/// Collects everything the report needs; the task is deleted on the way,
+/// because only then has the shim flushed the output streams.
+pub async fn collect(
+    runner: &Runner,
+    a: &Action,
+    stdio: Stdio,
+    exit_code: u32,
+    stopped: Option<Stopped>,
+    memory_limit: i64,
+) -> Collected {
+    // The cgroup is gone once the task is deleted: read it first.
+    let oom = oom_killed(&a.cgroups_path());
+    let deleted_status = delete_task(&runner.cd, &a.cns, a.id()).await;
+    let (_stdout, stderr_tail) = stdio.finish(Duration::from_secs(5)).await;
+    debug!(exit_code, ?deleted_status, oom, "task ended");
+
+    let data = a.data_dir();
+    let error_json = match read_result_file(&data, "error.json", ERROR_JSON_MAX) {
+        Ok(v) => v,
+        // Not a readable small regular file: hand the reason to the
+        // error.json rule, which reports it as an I/O error.
+        Err(why) => Some(why.into_bytes()),
+    };
+    let data_out = read_result_file(&data, "data.out", runner.cfg.max_output_bytes);
+    Collected {
+        exit_code,
+        oom,
+        memory_limit,
+        stopped,
+        error_json,
+        data_out,
+        stderr_tail,
+    }
+}
+
+/// Reads `dir/name` if it is a regular file of at most `max` bytes.
+/// `Ok(None)` when absent; `Err` says why it cannot be used.
+pub fn read_result_file(dir: &Path, name: &str, max: usize) -> Result<Option<Vec<u8>>, String> {
+    let path = dir.join(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+        .open(&path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open {name}: {e}")),
+    };
+    let meta = file.metadata().map_err(|e| format!("cannot stat {name}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{name} is not a regular file"));
+    }
+    if meta.len() > max as u64 {
+        return Err(format!(
+            "{name} is {} bytes, above the limit of {max} bytes",
+            meta.len()
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    // Read one byte more than allowed in case the file grew.
+    file.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    if buf.len() > max {
+        return Err(format!("{name} is above the limit of {max} bytes"));
+    }
+    Ok(Some(buf))
+}
+
+/// Whether the kernel's OOM killer killed a process of the task's cgroup
+/// (cgroup v1 `memory.oom_control`, v2 `memory.events`). A plain SIGKILL
+/// from inside the action leaves the counter at zero.
+pub fn oom_killed(cgroups_path: &str) -> bool {
+    let rel = cgroups_path.trim_start_matches('/');
+    let candidates = [
+        (format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"), "oom_kill "),
+        (format!("/sys/fs/cgroup/{rel}/memory.events"), "oom_kill "),
+    ];
+    for (file, key) in candidates {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            return text
+                .lines()
+                .filter_map(|l| l.strip_prefix(key))
+                .any(|n| n.trim().parse::<u64>().unwrap_or(0) > 0);
+        }
+    }
+    warn!(cgroups_path, "cannot read the task's memory cgroup; OOM is not known");
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_files_are_read_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(read_result_file(d, "data.out", 10).unwrap(), None);
+        std::fs::write(d.join("data.out"), b"12345").unwrap();
+        assert_eq!(read_result_file(d, "data.out", 10).unwrap(), Some(b"12345".to_vec()));
+        assert!(read_result_file(d, "data.out", 4).unwrap_err().contains("above the limit"));
+        std::os::unix::fs::symlink("/etc/hostname", d.join("link")).unwrap();
+        assert!(read_result_file(d, "link", 1000).is_err());
+        nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(read_result_file(d, "fifo", 1000).unwrap_err().contains("not a regular file"));
+        std::fs::create_dir(d.join("dir")).unwrap();
+        assert!(read_result_file(d, "dir", 1000).is_err());
+    }
+}

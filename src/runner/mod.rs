@@ -1,0 +1,501 @@
+//! The runner: one accepted action from its data directory to its report
+//! and the removal of everything it used.
+//!
+//! Phases, each a tracing span under the action's span: `pull`, `create`
+//! (snapshot, spec, container, task), `wait` (start, then exit, timeout or
+//! cancel), `collect` (exit status, OOM, files, logs), `report`, `cleanup`.
+//! The containerd call order follows containerd's own client
+//! (CONTAINERD-NOTES.md): Wait before Start, a lease across creation.
+//! Stopping a task at its deadline is the reaper's (`crate::reaper`).
+
+pub mod collect;
+pub mod stdio;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::services::v1::{
+    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteTaskRequest, StartRequest, WaitRequest,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::Config;
+use crate::containerd::{self as cd_mod, with_ns, Containerd};
+use crate::image::{Image, ImageError, ImageService};
+use crate::reaper;
+use crate::report::flow::Reporter;
+use crate::report::{ErrorCode, Outcome, Report, Stopped};
+use crate::request::ActionRequest;
+use crate::spec::{self, SpecError, SpecInput, SpecTemplate};
+
+use self::stdio::Stdio;
+
+/// Why an action could not be run to its end. Each names what failed.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RunError {
+    /// cannot prepare the action's data directory {path}: {source}
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// {0}
+    Image(#[from] ImageError),
+    /// {0}
+    Spec(#[from] SpecError),
+    /// containerd failed to {what}: {message}
+    Containerd { what: &'static str, message: String },
+}
+
+impl RunError {
+    fn containerd(what: &'static str) -> impl FnOnce(tonic::Status) -> RunError {
+        move |s| RunError::Containerd {
+            what,
+            message: s.message().to_string(),
+        }
+    }
+
+    /// The report code: the image's fault, the data dir's, or ours.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RunError::DataDir { .. } => ErrorCode::Io,
+            RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
+            RunError::Image(_) => ErrorCode::Image,
+            RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
+            RunError::Spec(_) | RunError::Containerd { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What the runner needs, shared by every action.
+pub struct Runner {
+    pub cfg: Arc<Config>,
+    pub cd: Containerd,
+    pub images: Arc<ImageService>,
+    pub template: SpecTemplate,
+    pub reporter: Reporter,
+}
+
+/// One action in the runner's hands.
+pub struct Action {
+    pub req: ActionRequest,
+    /// The containerd namespace.
+    pub cns: String,
+    /// `<state>/actions/<cns>/<actionId>`.
+    pub dir: PathBuf,
+    pub cancel: CancellationToken,
+}
+
+impl Action {
+    pub fn new(cfg: &Config, req: ActionRequest, cancel: CancellationToken) -> Action {
+        let cns = cfg.containerd_namespace(&req.namespace);
+        let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
+        Action { req, cns, dir, cancel }
+    }
+
+    fn id(&self) -> &str {
+        &self.req.action_id
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn cgroups_path(&self) -> String {
+        format!("/isolated/{}/{}", self.cns, self.req.action_id)
+    }
+}
+
+impl Runner {
+    /// Runs, reports and cleans up one action. Never fails: every failure
+    /// becomes the action's report.
+    pub async fn run(self: Arc<Self>, action: Action) {
+        let span = info_span!(
+            "action",
+            namespace = %action.req.namespace,
+            instance_id = action.req.instance_id.as_deref().unwrap_or(""),
+            action_id = %action.req.action_id,
+        );
+        async {
+            let started = Instant::now();
+            let outcome = self.execute(&action).await;
+            info!(
+                code = outcome.code().unwrap_or("ok"),
+                ms = started.elapsed().as_millis() as u64,
+                "action finished"
+            );
+            let report = Report {
+                instance_id: action.req.instance_id.clone(),
+                step: action.req.step,
+                action_id: action.req.action_id.clone(),
+                outcome,
+            };
+            self.reporter.deliver(&report).instrument(info_span!("report")).await;
+            self.cleanup(&action).instrument(info_span!("cleanup")).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn execute(&self, a: &Action) -> Outcome {
+        if let Err(e) = prepare_dir(a) {
+            return Outcome::failed(e.code(), e.to_string());
+        }
+        let image = match self
+            .images
+            .ensure(&a.cns, &a.req.reference, &a.req.registries)
+            .instrument(info_span!("pull", image = %a.req.image))
+            .await
+        {
+            Ok(image) => image,
+            Err(e) => {
+                let e = RunError::from(e);
+                return Outcome::failed(e.code(), e.to_string());
+            }
+        };
+        if a.cancel.is_cancelled() {
+            return Outcome::failed(ErrorCode::Cancelled, "action was cancelled before it started");
+        }
+        let (mut stdio, memory) = match self.create(a, &image).instrument(info_span!("create")).await {
+            Ok(created) => created,
+            Err(e) => return Outcome::failed(e.code(), e.to_string()),
+        };
+        stdio.release();
+        let waited = self.wait(a).instrument(info_span!("wait")).await;
+        let (exit_code, stopped) = match waited {
+            Ok(w) => w,
+            Err(e) => return Outcome::failed(e.code(), e.to_string()),
+        };
+        collect::collect(self, a, stdio, exit_code, stopped, memory)
+            .instrument(info_span!("collect"))
+            .await
+            .outcome()
+    }
+
+    /// Snapshot, spec, container and task, in that order, under one lease.
+    async fn create(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
+        let lease = self
+            .cd
+            .lease(&a.cns)
+            .await
+            .map_err(RunError::containerd("create a lease"))?;
+        let result = self.create_leased(a, image, &lease).await;
+        self.cd.drop_lease(&a.cns, &lease).await;
+        result
+    }
+
+    async fn create_leased(&self, a: &Action, image: &Image, lease: &str) -> Result<(Stdio, i64), RunError> {
+        let labels = action_labels(a);
+        let prepare = PrepareSnapshotRequest {
+            snapshotter: self.cfg.snapshotter.clone(),
+            key: a.id().to_string(),
+            parent: image.top_chain.clone().unwrap_or_default(),
+            labels: labels.clone(),
+        };
+        let mounts = self
+            .cd
+            .snapshots()
+            .prepare(with_ns(prepare, &a.cns, Some(lease)))
+            .await
+            .map_err(RunError::containerd("prepare the action's snapshot"))?
+            .into_inner()
+            .mounts;
+
+        let image_user = image
+            .config
+            .config()
+            .as_ref()
+            .and_then(|c| c.user().clone())
+            .unwrap_or_default();
+        let user = if image_user.is_empty() {
+            spec::resolve_user("", None, None)?
+        } else {
+            let passwd = read_from_rootfs(&mounts, "etc/passwd");
+            let group = read_from_rootfs(&mounts, "etc/group");
+            spec::resolve_user(&image_user, passwd.as_deref(), group.as_deref())?
+        };
+        // The action's user must be able to write its results.
+        let data_dir = a.data_dir();
+        nix::unistd::chown(
+            &data_dir,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| RunError::DataDir {
+            path: data_dir.clone(),
+            source: e.into(),
+        })?;
+
+        let size = a.req.size.index();
+        let memory = (self.cfg.size_memory_mib[size] as i64) << 20;
+        let step = a.req.step.map(|s| s.to_string()).unwrap_or_default();
+        let input = SpecInput {
+            image: &image.config,
+            argv: a.req.argv.as_deref(),
+            env: vec![
+                ("DIREKTIV_DIR".into(), spec::DATA_MOUNT.into()),
+                ("DIREKTIV_NAMESPACE".into(), a.req.namespace.clone()),
+                ("DIREKTIV_INSTANCE_ID".into(), a.req.instance_id.clone().unwrap_or_default()),
+                ("DIREKTIV_ACTION_ID".into(), a.req.action_id.clone()),
+                ("DIREKTIV_STEP".into(), step),
+            ],
+            user,
+            data_dir: &data_dir,
+            memory_bytes: memory,
+            cpus: self.cfg.size_cpus[size],
+            cgroups_path: a.cgroups_path(),
+        };
+        let spec = self.template.build(&input)?;
+        let container = Container {
+            id: a.id().to_string(),
+            labels,
+            image: image.name.clone(),
+            runtime: Some(Runtime {
+                name: self.cfg.runtime.clone(),
+                options: None,
+            }),
+            spec: Some(spec::to_any(&spec)?),
+            snapshotter: self.cfg.snapshotter.clone(),
+            snapshot_key: a.id().to_string(),
+            ..Default::default()
+        };
+        let create = CreateContainerRequest {
+            container: Some(container),
+        };
+        self.cd
+            .containers()
+            .create(with_ns(create, &a.cns, Some(lease)))
+            .await
+            .map_err(RunError::containerd("create the container"))?;
+
+        let stdio = Stdio::open(&a.dir).map_err(|source| RunError::DataDir {
+            path: a.dir.clone(),
+            source,
+        })?;
+        let task = CreateTaskRequest {
+            container_id: a.id().to_string(),
+            rootfs: mounts,
+            stdout: stdio.stdout.display().to_string(),
+            stderr: stdio.stderr.display().to_string(),
+            ..Default::default()
+        };
+        self.cd
+            .tasks()
+            .create(with_ns(task, &a.cns, None))
+            .await
+            .map_err(RunError::containerd("create the task"))?;
+        Ok((stdio, memory))
+    }
+
+    /// Starts the task and waits for its exit, its deadline or its
+    /// cancellation. Returns the exit code and why isolated stopped it.
+    async fn wait(&self, a: &Action) -> Result<(u32, Option<Stopped>), RunError> {
+        // Wait is registered before Start so that an instant exit is seen.
+        let mut exit = Box::pin(wait_exit(self.cd.clone(), a.cns.clone(), a.id().to_string()));
+        let start = StartRequest {
+            container_id: a.id().to_string(),
+            exec_id: String::new(),
+        };
+        self.cd
+            .tasks()
+            .start(with_ns(start, &a.cns, None))
+            .await
+            .map_err(RunError::containerd("start the task"))?;
+        let deadline = tokio::time::Instant::now() + a.req.timeout;
+        tokio::select! {
+            code = &mut exit => Ok((code?, None)),
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(timeout_s = a.req.timeout.as_secs(), "deadline passed, stopping the task");
+                let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
+                Ok((code, Some(Stopped::Timeout(a.req.timeout))))
+            }
+            _ = a.cancel.cancelled() => {
+                info!("cancelled, stopping the task");
+                let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
+                Ok((code, Some(Stopped::Cancelled("action was cancelled".into()))))
+            }
+        }
+    }
+
+    /// Removes the task, container, snapshot and directory of an action.
+    /// Each step tolerates what is already gone, so it can run after any
+    /// failure and again after a crash.
+    pub async fn cleanup(&self, a: &Action) {
+        delete_task(&self.cd, &a.cns, a.id()).await;
+        let del = DeleteContainerRequest { id: a.id().to_string() };
+        if let Err(e) = self.cd.containers().delete(with_ns(del, &a.cns, None)).await {
+            if e.code() != Code::NotFound {
+                warn!(error = %e.message(), "cannot delete container");
+            }
+        }
+        let rm = RemoveSnapshotRequest {
+            snapshotter: self.cfg.snapshotter.clone(),
+            key: a.id().to_string(),
+        };
+        if let Err(e) = self.cd.snapshots().remove(with_ns(rm, &a.cns, None)).await {
+            if e.code() != Code::NotFound {
+                warn!(error = %e.message(), "cannot remove snapshot");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
+            }
+        }
+    }
+}
+
+/// Deletes a task, which also ends its shim; retried because containerd
+/// can time out under I/O load (containerd #9309).
+pub async fn delete_task(cd: &Containerd, cns: &str, id: &str) -> Option<u32> {
+    for attempt in 1..=3 {
+        let del = DeleteTaskRequest {
+            container_id: id.to_string(),
+        };
+        match cd.tasks().delete(with_ns(del, cns, None)).await {
+            Ok(r) => return Some(r.into_inner().exit_status),
+            Err(e) if e.code() == Code::NotFound => return None,
+            Err(e) => {
+                warn!(attempt, error = %e.message(), "cannot delete task");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+        }
+    }
+    None
+}
+
+/// The exit code of the task's init process. A dropped connection to
+/// containerd is not an exit: the wait is made again until it answers.
+async fn wait_exit(cd: Containerd, cns: String, id: String) -> Result<u32, RunError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let req = WaitRequest {
+            container_id: id.clone(),
+            exec_id: String::new(),
+        };
+        match cd.tasks().wait(with_ns(req, &cns, None)).await {
+            Ok(r) => return Ok(r.into_inner().exit_status),
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                warn!(error = %e.message(), "lost the wait on the task, waiting again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(RunError::containerd("wait for the task")(e)),
+        }
+    }
+}
+
+fn action_labels(a: &Action) -> std::collections::HashMap<String, String> {
+    let mut l = std::collections::HashMap::from([
+        (cd_mod::LABEL_MANAGED.to_string(), "true".to_string()),
+        (cd_mod::LABEL_NAMESPACE.to_string(), a.req.namespace.clone()),
+        (cd_mod::LABEL_ACTION_ID.to_string(), a.req.action_id.clone()),
+    ]);
+    if let Some(i) = &a.req.instance_id {
+        l.insert(cd_mod::LABEL_INSTANCE_ID.to_string(), i.clone());
+    }
+    if let Some(s) = a.req.step {
+        l.insert(cd_mod::LABEL_STEP.to_string(), s.to_string());
+    }
+    l
+}
+
+/// A fresh data directory holding exactly the request's bytes as data.in.
+fn prepare_dir(a: &Action) -> Result<(), RunError> {
+    let data = a.data_dir();
+    let io = |source| RunError::DataDir {
+        path: data.clone(),
+        source,
+    };
+    if a.dir.exists() {
+        // Left by an earlier action of the same id that crashed: its
+        // content must not leak into this one.
+        std::fs::remove_dir_all(&a.dir).map_err(io)?;
+    }
+    std::fs::create_dir_all(&data).map_err(io)?;
+    std::fs::write(data.join("data.in"), &a.req.data).map_err(io)?;
+    Ok(())
+}
+
+/// Reads a file of the image from the snapshot's mounts without mounting
+/// them: the upper directory first, then the lower ones, top to bottom.
+/// The image is untrusted, so no symlink is followed on the way: a link in
+/// place of `etc` or `passwd` could point anywhere on the host.
+fn read_from_rootfs(mounts: &[containerd_client::types::Mount], rel: &str) -> Option<String> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for m in mounts {
+        if m.r#type == "bind" {
+            dirs.push(PathBuf::from(&m.source));
+        }
+        for o in &m.options {
+            if let Some(u) = o.strip_prefix("upperdir=") {
+                dirs.push(PathBuf::from(u));
+            }
+        }
+        for o in &m.options {
+            if let Some(l) = o.strip_prefix("lowerdir=") {
+                dirs.extend(l.split(':').map(PathBuf::from));
+            }
+        }
+    }
+    let (parent_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    for base in dirs {
+        let mut parent = base.clone();
+        let mut ok = true;
+        for c in parent_rel.split('/').filter(|c| !c.is_empty()) {
+            parent.push(c);
+            if !std::fs::symlink_metadata(&parent).is_ok_and(|m| m.is_dir()) {
+                ok = false;
+                break;
+            }
+        }
+        if !ok || std::fs::symlink_metadata(parent.join(name)).is_err() {
+            continue;
+        }
+        // The topmost layer that has the name decides, even if what it has
+        // is a whiteout or a link: then the image has no usable file.
+        return collect::read_result_file(&parent, name, 1 << 20)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn overlay(lower: &[&Path], upper: &Path) -> Vec<containerd_client::types::Mount> {
+        let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        vec![containerd_client::types::Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![format!("upperdir={}", upper.display()), format!("lowerdir={}", lower.join(":"))],
+        }]
+    }
+
+    #[test]
+    fn rootfs_files_come_from_the_topmost_layer_and_never_through_links() {
+        let t = tempfile::tempdir().unwrap();
+        let (l1, l2, up) = (t.path().join("l1"), t.path().join("l2"), t.path().join("up"));
+        for d in [&l1, &l2, &up] {
+            std::fs::create_dir_all(d.join("etc")).unwrap();
+        }
+        std::fs::write(l2.join("etc/passwd"), "bottom").unwrap();
+        std::fs::write(l1.join("etc/passwd"), "top").unwrap();
+        assert_eq!(read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd").as_deref(), Some("top"));
+        std::os::unix::fs::symlink("/etc/hostname", up.join("etc/passwd")).unwrap();
+        assert_eq!(read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd"), None);
+        let evil = t.path().join("evil");
+        std::fs::create_dir_all(&evil).unwrap();
+        std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
+        assert_eq!(read_from_rootfs(&overlay(&[&evil], &up.join("none")), "etc/hostname"), None);
+    }
+}
