@@ -74,6 +74,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("isolated must run as root: it creates containers, cgroups and mounts");
     }
+    // Root inside a restricted container may still lack what containerd's
+    // shims and the data directories need.
+    for cap in [caps::Capability::CAP_SYS_ADMIN, caps::Capability::CAP_CHOWN] {
+        if !caps::has_cap(None, caps::CapSet::Effective, cap).unwrap_or(false) {
+            bail!("isolated needs {cap} in its effective capability set");
+        }
+    }
     let template = SpecTemplate::load(
         non_empty(&cfg.base_spec).as_deref(),
         non_empty(&cfg.seccomp_profile).as_deref(),
