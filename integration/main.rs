@@ -1,1 +1,48 @@
-fn main(){}
+//! Integration tests of `isolated` against a real containerd, real registries and a real
+//! flow receiver. One environment is shared by all trials; see `harness`.
+
+mod core;
+mod harness;
+mod harness_selftest;
+
+use std::process::ExitCode;
+
+use libtest_mimic::Arguments;
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    let mut trials = harness_selftest::trials();
+    trials.extend(core::trials());
+
+    let runs_something = !args.list
+        && trials
+            .iter()
+            .any(|t| !args.is_filtered_out(t) && !args.is_ignored(t));
+    if !runs_something {
+        return libtest_mimic::run(&args, trials).exit_code();
+    }
+
+    let env = match harness::Env::init() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("integration: the test environment did not start: {e:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "integration: environment in {} (containerd pid {}, isolated on {}, flow on {})",
+        env.dir().display(),
+        env.containerd.pid(),
+        env.isolated.addr(),
+        env.flow.addr()
+    );
+    let conclusion = libtest_mimic::run(&args, trials);
+    let leaks = env.teardown();
+    if !leaks.is_empty() {
+        eprintln!(
+            "integration: teardown cleaned up what the run left behind:\n  {}",
+            leaks.join("\n  ")
+        );
+    }
+    conclusion.exit_code()
+}

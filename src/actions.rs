@@ -67,7 +67,10 @@ mod tests {
     fn claim_release() {
         let a = Actions::default();
         a.claim("n", "x").unwrap();
-        assert!(matches!(a.claim("n", "x"), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(
+            a.claim("n", "x"),
+            Err(Error::AlreadyExists { .. })
+        ));
         a.claim("m", "x").unwrap();
         assert_eq!(a.len(), 2);
         assert!(a.cancel("n", "x"));

@@ -170,7 +170,7 @@ impl Config {
         if self.size_memory_mib.len() != 3 || self.size_memory_mib.iter().any(|&m| m < 4) {
             return invalid("size_memory_mib", "needs three values of at least 4 MiB");
         }
-        if self.size_cpus.len() != 3 || self.size_cpus.iter().any(|&c| !(c > 0.0)) {
+        if self.size_cpus.len() != 3 || self.size_cpus.iter().any(|&c| c.is_nan() || c <= 0.0) {
             return invalid("size_cpus", "needs three positive values");
         }
         if self.max_timeout_secs == 0 {
@@ -184,7 +184,9 @@ impl Config {
 
     pub fn limits(&self) -> Limits {
         Limits {
-            default_timeout: Duration::from_secs(self.default_timeout_secs.min(self.max_timeout_secs)),
+            default_timeout: Duration::from_secs(
+                self.default_timeout_secs.min(self.max_timeout_secs),
+            ),
             max_timeout: Duration::from_secs(self.max_timeout_secs),
             max_input_bytes: self.max_input_bytes,
         }
@@ -217,7 +219,11 @@ mod tests {
     fn flag_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "bind = \"127.0.0.1:1\"\nstate_dir = \"/x\"\nsize_cpus = [1, 2, 3]\n").unwrap();
+        std::fs::write(
+            &file,
+            "bind = \"127.0.0.1:1\"\nstate_dir = \"/x\"\nsize_cpus = [1, 2, 3]\n",
+        )
+        .unwrap();
         let cli = Options {
             bind: Some("127.0.0.1:2".parse().unwrap()),
             ..Default::default()

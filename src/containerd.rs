@@ -44,12 +44,13 @@ impl Containerd {
     /// reported at start-up rather than at the first action.
     pub async fn connect(path: &Path) -> Result<(Containerd, String), ConnectError> {
         let shown = path.display().to_string();
-        let channel = containerd_client::connect(path)
-            .await
-            .map_err(|e| ConnectError::Connect {
-                path: shown.clone(),
-                reason: error_chain(&e),
-            })?;
+        let channel =
+            containerd_client::connect(path)
+                .await
+                .map_err(|e| ConnectError::Connect {
+                    path: shown.clone(),
+                    reason: error_chain(&e),
+                })?;
         let c = Containerd { channel };
         let version = tokio::time::timeout(
             Duration::from_secs(10),
@@ -99,7 +100,10 @@ impl Containerd {
     /// between create and delete leaks nothing forever.
     pub async fn lease(&self, ns: &str) -> Result<String, Status> {
         let id = format!("isolated-{:016x}", rand::random::<u64>());
-        let expire = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(86400)).to_string();
+        let expire = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::now() + Duration::from_secs(86400),
+        )
+        .to_string();
         let req = CreateRequest {
             id: id.clone(),
             labels: [("containerd.io/gc.expire".to_string(), expire)].into(),

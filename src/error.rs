@@ -15,13 +15,19 @@ pub enum Error {
     /// {0}
     Validation(#[from] ValidationError),
     /// action {action_id} in namespace {namespace} is still running or not yet reported
-    AlreadyExists { namespace: String, action_id: String },
+    AlreadyExists {
+        namespace: String,
+        action_id: String,
+    },
     /// {0} actions are accepted and not yet reported, the configured limit
     Busy(usize),
     /// isolated is shutting down and accepts no more actions
     ShuttingDown,
     /// no action {action_id} in namespace {namespace}
-    NotFound { namespace: String, action_id: String },
+    NotFound {
+        namespace: String,
+        action_id: String,
+    },
     /// {0}
     Config(#[from] ConfigError),
     /// {0}
@@ -41,7 +47,9 @@ impl From<Error> for Status {
             Error::Busy(_) => Status::resource_exhausted(msg),
             Error::ShuttingDown => Status::unavailable(msg),
             Error::NotFound { .. } => Status::not_found(msg),
-            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) => Status::failed_precondition(msg),
+            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) => {
+                Status::failed_precondition(msg)
+            }
             Error::Connect(_) => Status::unavailable(msg),
         }
     }
@@ -56,7 +64,10 @@ mod tests {
     fn status_codes() {
         let s: Status = Error::Validation(ValidationError::Size(7)).into();
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.message(), "size 7 is outside 0..2 (0 small, 1 medium, 2 large)");
+        assert_eq!(
+            s.message(),
+            "size 7 is outside 0..2 (0 small, 1 medium, 2 large)"
+        );
         let s: Status = Error::AlreadyExists {
             namespace: "n".into(),
             action_id: "a".into(),

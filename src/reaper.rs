@@ -13,7 +13,13 @@ use crate::containerd::{with_ns, Containerd};
 use crate::runner::RunError;
 
 /// Signals the task and waits for `exit`; returns its exit code.
-pub async fn stop<F>(cd: &Containerd, cns: &str, id: &str, grace: Duration, exit: &mut F) -> Result<u32, RunError>
+pub async fn stop<F>(
+    cd: &Containerd,
+    cns: &str,
+    id: &str,
+    grace: Duration,
+    exit: &mut F,
+) -> Result<u32, RunError>
 where
     F: Future<Output = Result<u32, RunError>> + Unpin,
 {

@@ -163,7 +163,8 @@ fn is_identifier(s: &str, max: usize, upper: bool) -> bool {
     if s.is_empty() || s.len() > max {
         return false;
     }
-    let alnum = |c: char| c.is_ascii_digit() || c.is_ascii_lowercase() || (upper && c.is_ascii_uppercase());
+    let alnum =
+        |c: char| c.is_ascii_digit() || c.is_ascii_lowercase() || (upper && c.is_ascii_uppercase());
     let sep = |c: char| matches!(c, '.' | '_' | '-');
     let mut prev_sep = true; // a leading separator is refused like a doubled one
     for c in s.chars() {
@@ -223,16 +224,25 @@ mod tests {
             let r = with(|r| r.namespace = Some(bad.into()));
             assert!(r.is_err(), "{bad:?} accepted");
         }
-        assert_eq!(with(|r| r.namespace = None).unwrap_err(), ValidationError::Missing("namespace"));
+        assert_eq!(
+            with(|r| r.namespace = None).unwrap_err(),
+            ValidationError::Missing("namespace")
+        );
         for ok in ["a", "a.b-c_d", "0", &"a".repeat(63)] {
-            assert!(with(|r| r.namespace = Some(ok.into())).is_ok(), "{ok:?} refused");
+            assert!(
+                with(|r| r.namespace = Some(ok.into())).is_ok(),
+                "{ok:?} refused"
+            );
         }
     }
 
     #[test]
     fn action_id_rules() {
         for bad in ["", "a..b", "_a", "a_", "a/b", "a:b", &"a".repeat(65)] {
-            assert!(with(|r| r.action_id = Some(bad.into())).is_err(), "{bad:?} accepted");
+            assert!(
+                with(|r| r.action_id = Some(bad.into())).is_err(),
+                "{bad:?} accepted"
+            );
         }
         assert!(with(|r| r.action_id = Some("A".repeat(64))).is_ok());
     }
@@ -244,30 +254,53 @@ mod tests {
             with(|r| r.image = Some("UPPER/Case::bad".into())).unwrap_err(),
             ValidationError::Image { .. }
         ));
-        let a = with(|r| r.image = Some("127.0.0.1:5000/x/y:1@sha256:".to_string() + &"a".repeat(64))).unwrap();
+        let a =
+            with(|r| r.image = Some("127.0.0.1:5000/x/y:1@sha256:".to_string() + &"a".repeat(64)))
+                .unwrap();
         assert_eq!(a.reference.registry(), "127.0.0.1:5000");
         assert!(a.reference.digest().is_some());
     }
 
     #[test]
     fn timeout_rules() {
-        assert_eq!(with(|r| r.timeout = Some(-1)).unwrap_err(), ValidationError::NegativeTimeout(-1));
-        assert_eq!(with(|r| r.timeout = Some(0)).unwrap().timeout, limits().default_timeout);
-        assert_eq!(with(|r| r.timeout = Some(7)).unwrap().timeout, Duration::from_secs(7));
-        assert_eq!(with(|r| r.timeout = Some(1 << 40)).unwrap().timeout, limits().max_timeout);
+        assert_eq!(
+            with(|r| r.timeout = Some(-1)).unwrap_err(),
+            ValidationError::NegativeTimeout(-1)
+        );
+        assert_eq!(
+            with(|r| r.timeout = Some(0)).unwrap().timeout,
+            limits().default_timeout
+        );
+        assert_eq!(
+            with(|r| r.timeout = Some(7)).unwrap().timeout,
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            with(|r| r.timeout = Some(1 << 40)).unwrap().timeout,
+            limits().max_timeout
+        );
     }
 
     #[test]
     fn size_rules() {
         assert_eq!(with(|r| r.size = Some(2)).unwrap().size, Size::Large);
-        assert_eq!(with(|r| r.size = Some(3)).unwrap_err(), ValidationError::Size(3));
-        assert_eq!(with(|r| r.size = Some(-1)).unwrap_err(), ValidationError::Size(-1));
+        assert_eq!(
+            with(|r| r.size = Some(3)).unwrap_err(),
+            ValidationError::Size(3)
+        );
+        assert_eq!(
+            with(|r| r.size = Some(-1)).unwrap_err(),
+            ValidationError::Size(-1)
+        );
     }
 
     #[test]
     fn command_is_split_by_shell_rules() {
         let a = with(|r| r.command = Some(r#"/bin/sh -c 'echo "$0"' "a b" c\ d"#.into())).unwrap();
-        assert_eq!(a.argv.unwrap(), vec!["/bin/sh", "-c", "echo \"$0\"", "a b", "c d"]);
+        assert_eq!(
+            a.argv.unwrap(),
+            vec!["/bin/sh", "-c", "echo \"$0\"", "a b", "c d"]
+        );
         assert!(matches!(
             with(|r| r.command = Some("echo 'unbalanced".into())).unwrap_err(),
             ValidationError::Command(_)
@@ -281,6 +314,9 @@ mod tests {
         l.max_input_bytes = 2;
         let mut r = good();
         r.data = Some(vec![0; 3]);
-        assert!(matches!(ActionRequest::validate(r, &l), Err(ValidationError::DataTooLarge { .. })));
+        assert!(matches!(
+            ActionRequest::validate(r, &l),
+            Err(ValidationError::DataTooLarge { .. })
+        ));
     }
 }

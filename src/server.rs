@@ -23,8 +23,12 @@ pub struct IsolateService {
 
 #[tonic::async_trait]
 impl DirektivIsolate for IsolateService {
-    async fn run_isolate(&self, request: Request<RunIsolateRequest>) -> Result<Response<()>, Status> {
-        let req = ActionRequest::validate(request.into_inner(), &self.limits).map_err(Error::from)?;
+    async fn run_isolate(
+        &self,
+        request: Request<RunIsolateRequest>,
+    ) -> Result<Response<()>, Status> {
+        let req =
+            ActionRequest::validate(request.into_inner(), &self.limits).map_err(Error::from)?;
         let cancel = self.actions.claim(&req.namespace, &req.action_id)?;
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");

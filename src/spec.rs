@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxSeccomp, MountBuilder, Spec, UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxSeccomp, MountBuilder, Spec,
+    UserBuilder,
 };
 
 /// The base spec and seccomp profile compiled into the binary.
@@ -139,14 +140,23 @@ impl SpecTemplate {
             .destination(DATA_MOUNT)
             .typ("bind")
             .source(input.data_dir)
-            .options(vec!["rbind".into(), "rw".into(), "nosuid".into(), "nodev".into()])
+            .options(vec![
+                "rbind".into(),
+                "rw".into(),
+                "nosuid".into(),
+                "nodev".into(),
+            ])
             .build()
             .map_err(|e| SpecError::Encode(e.to_string()))?;
-        spec.mounts_mut().get_or_insert_with(Vec::new).push(data_mount);
+        spec.mounts_mut()
+            .get_or_insert_with(Vec::new)
+            .push(data_mount);
 
         let linux = spec.linux_mut().get_or_insert_with(Default::default);
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
-        let resources = linux.resources_mut().get_or_insert_with(LinuxResources::default);
+        let resources = linux
+            .resources_mut()
+            .get_or_insert_with(LinuxResources::default);
         // Swap equal to memory: the limit covers memory and swap together,
         // so an action cannot escape its size into swap.
         let memory = LinuxMemoryBuilder::default()
@@ -192,7 +202,11 @@ fn merge_env(base: &[String], image: &[String], extra: &[(String, String)]) -> V
 /// Resolves an image's `User` (`""`, `uid`, `uid:gid`, `name`,
 /// `name:group`) against the image's own `/etc/passwd` and `/etc/group`
 /// (given as their contents; `None` when the image has none).
-pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Result<ProcessUser, SpecError> {
+pub fn resolve_user(
+    user: &str,
+    passwd: Option<&str>,
+    group: Option<&str>,
+) -> Result<ProcessUser, SpecError> {
     let err = |reason: &str| SpecError::User {
         user: user.to_string(),
         reason: reason.to_string(),
@@ -206,7 +220,13 @@ pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Re
             p.lines()
                 .map(|l| l.split(':').collect::<Vec<_>>())
                 .find(|f| f.len() >= 4 && pred(f))
-                .and_then(|f| Some((f[0].to_string(), f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)))
+                .and_then(|f| {
+                    Some((
+                        f[0].to_string(),
+                        f[2].parse::<u32>().ok()?,
+                        f[3].parse::<u32>().ok()?,
+                    ))
+                })
         })
     };
     let (uid, name, primary_gid) = if u.is_empty() {
@@ -228,8 +248,17 @@ pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Re
                 .filter_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
                     (f.len() >= 3).then_some(())?;
-                    let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect());
-                    Some((f[0].to_string(), f[2].parse().ok()?, members.unwrap_or_default()))
+                    let members = f.get(3).map(|m| {
+                        m.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    });
+                    Some((
+                        f[0].to_string(),
+                        f[2].parse().ok()?,
+                        members.unwrap_or_default(),
+                    ))
                 })
                 .collect()
         })
@@ -275,7 +304,12 @@ mod tests {
     use super::*;
     use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
 
-    fn image(entrypoint: Option<Vec<&str>>, cmd: Option<Vec<&str>>, env: Vec<&str>, wd: Option<&str>) -> ImageConfiguration {
+    fn image(
+        entrypoint: Option<Vec<&str>>,
+        cmd: Option<Vec<&str>>,
+        env: Vec<&str>,
+        wd: Option<&str>,
+    ) -> ImageConfiguration {
         let mut c = ConfigBuilder::default();
         if let Some(e) = entrypoint {
             c = c.entrypoint(e.into_iter().map(String::from).collect::<Vec<_>>());
@@ -287,14 +321,20 @@ mod tests {
         if let Some(w) = wd {
             c = c.working_dir(w.to_string());
         }
-        ImageConfigurationBuilder::default().config(c.build().unwrap()).build().unwrap()
+        ImageConfigurationBuilder::default()
+            .config(c.build().unwrap())
+            .build()
+            .unwrap()
     }
 
     fn input<'a>(img: &'a ImageConfiguration, argv: Option<&'a [String]>) -> SpecInput<'a> {
         SpecInput {
             image: img,
             argv,
-            env: vec![("DIREKTIV_DIR".into(), DATA_MOUNT.into()), ("FOO".into(), "override".into())],
+            env: vec![
+                ("DIREKTIV_DIR".into(), DATA_MOUNT.into()),
+                ("FOO".into(), "override".into()),
+            ],
             user: ProcessUser {
                 uid: 1000,
                 gid: 1000,
@@ -313,19 +353,38 @@ mod tests {
 
     #[test]
     fn entrypoint_and_cmd_are_joined_and_command_replaces_both() {
-        let img = image(Some(vec!["/bin/sh"]), Some(vec!["/action.sh", "x"]), vec![], None);
+        let img = image(
+            Some(vec!["/bin/sh"]),
+            Some(vec!["/action.sh", "x"]),
+            vec![],
+            None,
+        );
         let spec = template().build(&input(&img, None)).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &["/bin/sh", "/action.sh", "x"]);
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &["/bin/sh", "/action.sh", "x"]
+        );
         let argv = vec!["echo".to_string(), "a b".to_string()];
         let spec = template().build(&input(&img, Some(&argv))).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &argv);
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &argv
+        );
         let empty = image(None, None, vec![], None);
-        assert!(matches!(template().build(&input(&empty, None)), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            template().build(&input(&empty, None)),
+            Err(SpecError::NoCommand)
+        ));
     }
 
     #[test]
     fn environment_layers_and_workdir() {
-        let img = image(Some(vec!["x"]), None, vec!["PATH=/img/bin", "FOO=bar", "KEEP=1"], Some("/work"));
+        let img = image(
+            Some(vec!["x"]),
+            None,
+            vec!["PATH=/img/bin", "FOO=bar", "KEEP=1"],
+            Some("/work"),
+        );
         let spec = template().build(&input(&img, None)).unwrap();
         let p = spec.process().as_ref().unwrap();
         let env = p.env().as_ref().unwrap();
@@ -353,8 +412,14 @@ mod tests {
         let cpu = res.cpu().as_ref().unwrap();
         assert_eq!(cpu.quota(), Some(150_000));
         assert_eq!(cpu.period(), Some(100_000));
-        assert!(res.pids().as_ref().is_some_and(|p| p.limit() > 0), "base spec must set a pids limit");
-        assert_eq!(linux.cgroups_path().as_ref().unwrap(), &PathBuf::from("/isolated/ns/a"));
+        assert!(
+            res.pids().as_ref().is_some_and(|p| p.limit() > 0),
+            "base spec must set a pids limit"
+        );
+        assert_eq!(
+            linux.cgroups_path().as_ref().unwrap(),
+            &PathBuf::from("/isolated/ns/a")
+        );
         assert!(linux.seccomp().is_some());
         let ns: Vec<String> = linux
             .namespaces()
@@ -364,19 +429,44 @@ mod tests {
             .map(|n| format!("{:?}", n.typ()))
             .collect();
         for want in ["Pid", "Mount", "Ipc", "Uts", "Network"] {
-            assert!(ns.iter().any(|n| n == want), "{want} namespace missing: {ns:?}");
+            assert!(
+                ns.iter().any(|n| n == want),
+                "{want} namespace missing: {ns:?}"
+            );
         }
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
-        assert!(!caps.bounding().as_ref().unwrap().contains(&oci_spec::runtime::Capability::SysAdmin));
+        assert!(!caps
+            .bounding()
+            .as_ref()
+            .unwrap()
+            .contains(&oci_spec::runtime::Capability::SysAdmin));
         let mounts = spec.mounts().as_ref().unwrap();
-        let data = mounts.iter().find(|m| m.destination() == Path::new(DATA_MOUNT)).unwrap();
-        assert_eq!(data.source().as_ref().unwrap(), Path::new("/var/lib/isolated/actions/x/data"));
+        let data = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new(DATA_MOUNT))
+            .unwrap();
+        assert_eq!(
+            data.source().as_ref().unwrap(),
+            Path::new("/var/lib/isolated/actions/x/data")
+        );
         // No other host path is bind-mounted.
-        assert_eq!(mounts.iter().filter(|m| m.typ().as_deref() == Some("bind")).count(), 1);
-        assert!(linux.masked_paths().as_ref().is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
-        assert!(linux.readonly_paths().as_ref().is_some_and(|m| m.iter().any(|p| p == "/proc/sys")));
+        assert_eq!(
+            mounts
+                .iter()
+                .filter(|m| m.typ().as_deref() == Some("bind"))
+                .count(),
+            1
+        );
+        assert!(linux
+            .masked_paths()
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
+        assert!(linux
+            .readonly_paths()
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|p| p == "/proc/sys")));
         let any = to_any(&spec).unwrap();
         assert!(any.type_url.ends_with("runtime-spec/1/Spec"));
     }
@@ -395,12 +485,47 @@ mod tests {
     #[test]
     fn users_resolve_like_docker() {
         let r = |u| resolve_user(u, Some(PASSWD), Some(GROUP));
-        assert_eq!(r("").unwrap(), ProcessUser { uid: 0, gid: 0, additional_gids: vec![] });
-        assert_eq!(r("app").unwrap(), ProcessUser { uid: 1000, gid: 1001, additional_gids: vec![2000] });
+        assert_eq!(
+            r("").unwrap(),
+            ProcessUser {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            r("app").unwrap(),
+            ProcessUser {
+                uid: 1000,
+                gid: 1001,
+                additional_gids: vec![2000]
+            }
+        );
         assert_eq!(r("1000").unwrap().gid, 1001);
-        assert_eq!(r("4242").unwrap(), ProcessUser { uid: 4242, gid: 0, additional_gids: vec![] });
-        assert_eq!(r("app:extra").unwrap(), ProcessUser { uid: 1000, gid: 2000, additional_gids: vec![] });
-        assert_eq!(r("5:6").unwrap(), ProcessUser { uid: 5, gid: 6, additional_gids: vec![] });
+        assert_eq!(
+            r("4242").unwrap(),
+            ProcessUser {
+                uid: 4242,
+                gid: 0,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            r("app:extra").unwrap(),
+            ProcessUser {
+                uid: 1000,
+                gid: 2000,
+                additional_gids: vec![]
+            }
+        );
+        assert_eq!(
+            r("5:6").unwrap(),
+            ProcessUser {
+                uid: 5,
+                gid: 6,
+                additional_gids: vec![]
+            }
+        );
         assert!(r("ghost").is_err());
         assert!(r("app:ghosts").is_err());
         assert!(resolve_user("app", None, None).is_err());

@@ -22,7 +22,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(name = "isolated", version, about = "Runs Direktiv actions as containers through containerd")]
+#[command(
+    name = "isolated",
+    version,
+    about = "Runs Direktiv actions as containers through containerd"
+)]
 struct Cli {
     /// TOML file with settings (flags and environment win over it).
     #[arg(long, env = "ISOLATED_CONFIG")]
@@ -62,9 +66,15 @@ fn main() {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
-        builder.json().with_current_span(true).with_span_list(true).init();
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
         builder.init();
     }
@@ -127,13 +137,19 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("gRPC server failed")?;
 
-    info!(running = actions.len(), "stopped accepting; letting running actions finish");
+    info!(
+        running = actions.len(),
+        "stopped accepting; letting running actions finish"
+    );
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while !actions.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if !actions.is_empty() {
-        warn!(unfinished = actions.len(), "exiting with actions unfinished");
+        warn!(
+            unfinished = actions.len(),
+            "exiting with actions unfinished"
+        );
     }
     Ok(())
 }
@@ -143,7 +159,10 @@ fn non_empty(p: &std::path::Path) -> Option<PathBuf> {
 }
 
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the default action (exit) still applies.
         return std::future::pending().await;
     };

@@ -26,7 +26,6 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// The value keyed by `host` is not `user!password`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
 /// credentials for registry {host} are malformed: expected user!password
 pub struct MalformedCredentials {
@@ -45,7 +44,9 @@ impl Credentials {
     pub fn parse(host: &str, value: &str) -> Result<Self, MalformedCredentials> {
         match value.split_once('!') {
             Some((user, password)) if !user.is_empty() => Ok(Credentials::new(user, password)),
-            _ => Err(MalformedCredentials { host: host.to_string() }),
+            _ => Err(MalformedCredentials {
+                host: host.to_string(),
+            }),
         }
     }
 
@@ -98,7 +99,10 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -107,13 +111,19 @@ mod tests {
         assert_eq!(c, Credentials::new("user", "pa!ss"));
         assert!(Credentials::parse("h", "nobang").is_err());
         assert!(Credentials::parse("h", "!pw").is_err());
-        assert_eq!(Credentials::parse("h", "u!").unwrap(), Credentials::new("u", ""));
+        assert_eq!(
+            Credentials::parse("h", "u!").unwrap(),
+            Credentials::new("u", "")
+        );
     }
 
     #[test]
     fn docker_hub_names_are_one_host() {
         let m = map(&[("https://index.docker.io/v1/", "u!p")]);
-        assert_eq!(lookup(&m, "docker.io").unwrap(), Some(Credentials::new("u", "p")));
+        assert_eq!(
+            lookup(&m, "docker.io").unwrap(),
+            Some(Credentials::new("u", "p"))
+        );
         let m = map(&[("registry-1.docker.io", "u!p")]);
         assert!(lookup(&m, "docker.io").unwrap().is_some());
         assert!(lookup(&m, "quay.io").unwrap().is_none());

@@ -90,7 +90,9 @@ where
         }
     };
     while let Some(piece) = data.next().await {
-        let piece = piece.map_err(|e| tonic::Status::unavailable(format!("reading blob {}: {e}", blob.digest)))?;
+        let piece = piece.map_err(|e| {
+            tonic::Status::unavailable(format!("reading blob {}: {e}", blob.digest))
+        })?;
         pending.extend_from_slice(&piece);
         while pending.len() >= CHUNK {
             let chunk = pending.split_to(CHUNK).to_vec();
@@ -163,5 +165,8 @@ pub async fn label(
         }),
         update_mask: Some(prost_types::FieldMask { paths }),
     };
-    cd.content().update(with_ns(req, ns, None)).await.map(|_| ())
+    cd.content()
+        .update(with_ns(req, ns, None))
+        .await
+        .map(|_| ())
 }

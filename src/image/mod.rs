@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use containerd_client::services::v1::{CreateImageRequest, Image as ImageRecord, UpdateImageRequest};
+use containerd_client::services::v1::{
+    CreateImageRequest, Image as ImageRecord, UpdateImageRequest,
+};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use oci_client::Reference;
 use oci_spec::image::ImageConfiguration;
@@ -75,7 +77,12 @@ pub struct ImageService {
 }
 
 impl ImageService {
-    pub fn new(cd: Containerd, snapshotter: String, insecure: Vec<String>, tag_ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        cd: Containerd,
+        snapshotter: String,
+        insecure: Vec<String>,
+        tag_ttl: Duration,
+    ) -> Arc<Self> {
         Arc::new(ImageService {
             cd,
             snapshotter,
@@ -98,14 +105,19 @@ impl ImageService {
 
         let cached = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.get(&key).map(|c| (c.image.clone(), c.resolved_at.elapsed()))
+            cache
+                .get(&key)
+                .map(|c| (c.image.clone(), c.resolved_at.elapsed()))
         };
         if let Some((image, age)) = cached {
             if reference.digest().is_some() || age < self.tag_ttl {
                 return Ok(image);
             }
             // The tag may have moved: a HEAD request says where it points now.
-            match Registry::new(reference, creds.clone(), &self.insecure).head(reference).await {
+            match Registry::new(reference, creds.clone(), &self.insecure)
+                .head(reference)
+                .await
+            {
                 Ok(digest) if digest == image.manifest_digest => {
                     self.remember(&key, image.clone());
                     return Ok(image);
@@ -134,7 +146,10 @@ impl ImageService {
                         if let Ok(image) = &result {
                             this.remember(&key, image.clone());
                         }
-                        this.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        this.inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key);
                         result
                     }
                     .instrument(span)
@@ -156,14 +171,21 @@ impl ImageService {
         );
     }
 
-    async fn pull(&self, ns: &str, reference: &Reference, creds: Option<Credentials>) -> Result<Image, ImageError> {
+    async fn pull(
+        &self,
+        ns: &str,
+        reference: &Reference,
+        creds: Option<Credentials>,
+    ) -> Result<Image, ImageError> {
         let started = Instant::now();
         let registry = Registry::new(reference, creds, &self.insecure);
         let resolved = registry.resolve(reference).await?;
         let whole = reference.whole();
         let internal = |what: &str, e: tonic::Status| {
             let reason = format!("{what}: {}", e.message());
-            if e.code() == Code::Unavailable || e.code() == Code::Unknown && e.message().contains("transport") {
+            if e.code() == Code::Unavailable
+                || e.code() == Code::Unknown && e.message().contains("transport")
+            {
                 ImageError::Internal {
                     reference: whole.clone(),
                     reason,
@@ -178,11 +200,21 @@ impl ImageService {
 
         let diff_ids: Vec<String> = resolved.image_config.rootfs().diff_ids().to_vec();
         let chains = unpack::chain_ids(&diff_ids);
-        let lease = self.cd.lease(ns).await.map_err(|e| internal("create lease", e))?;
+        let lease = self
+            .cd
+            .lease(ns)
+            .await
+            .map_err(|e| internal("create lease", e))?;
         let result = async {
-            content::write_bytes(&self.cd, ns, &lease, &resolved.config, &resolved.config_bytes)
-                .await
-                .map_err(|e| internal("write config", e))?;
+            content::write_bytes(
+                &self.cd,
+                ns,
+                &lease,
+                &resolved.config,
+                &resolved.config_bytes,
+            )
+            .await
+            .map_err(|e| internal("write config", e))?;
 
             let top_done = match chains.last() {
                 Some(top) => unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, top)
@@ -191,10 +223,20 @@ impl ImageService {
                 None => true,
             };
             if !top_done {
-                self.unpack(ns, &lease, reference, &registry, &resolved.layers, &diff_ids, &chains)
-                    .await?;
+                self.unpack(
+                    ns,
+                    &lease,
+                    reference,
+                    &registry,
+                    &resolved.layers,
+                    &diff_ids,
+                    &chains,
+                )
+                .await?;
             }
-            self.record(ns, &lease, &whole, &resolved, chains.last()).await.map_err(|e| internal("record image", e))
+            self.record(ns, &lease, &whole, &resolved, chains.last())
+                .await
+                .map_err(|e| internal("record image", e))
         }
         .await;
         self.cd.drop_lease(ns, &lease).await;
@@ -240,10 +282,22 @@ impl ImageService {
                 let stream = registry.blob_stream(reference, layer).await?;
                 content::write(&self.cd, ns, lease, layer, stream)
                     .await
-                    .map_err(|e| unpack_err(format!("storing layer {}: {}", layer.digest, e.message())))?;
+                    .map_err(|e| {
+                        unpack_err(format!("storing layer {}: {}", layer.digest, e.message()))
+                    })?;
             }
-            let parent = if i == 0 { None } else { Some(chains[i - 1].as_str()) };
-            unpack::apply_layer(&self.cd, ns, lease, &self.snapshotter, layer, &diff_ids[i], &chains[i], parent)
+            let parent = if i == 0 {
+                None
+            } else {
+                Some(chains[i - 1].as_str())
+            };
+            let target = unpack::Target {
+                cd: &self.cd,
+                ns,
+                lease,
+                snapshotter: &self.snapshotter,
+            };
+            unpack::apply_layer(&target, layer, &diff_ids[i], &chains[i], parent)
                 .await
                 .map_err(|e| unpack_err(e.to_string()))?;
         }
@@ -263,13 +317,32 @@ impl ImageService {
     ) -> Result<(), tonic::Status> {
         if let Some(top) = top_chain {
             let label = format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter);
-            content::label(&self.cd, ns, &resolved.config.digest, [(label, top.clone())].into()).await?;
+            content::label(
+                &self.cd,
+                ns,
+                &resolved.config.digest,
+                [(label, top.clone())].into(),
+            )
+            .await?;
         }
-        content::write_bytes(&self.cd, ns, lease, &resolved.manifest, &resolved.manifest_bytes).await?;
-        let mut labels: HashMap<String, String> =
-            [("containerd.io/gc.ref.content.config".to_string(), resolved.config.digest.clone())].into();
+        content::write_bytes(
+            &self.cd,
+            ns,
+            lease,
+            &resolved.manifest,
+            &resolved.manifest_bytes,
+        )
+        .await?;
+        let mut labels: HashMap<String, String> = [(
+            "containerd.io/gc.ref.content.config".to_string(),
+            resolved.config.digest.clone(),
+        )]
+        .into();
         for (i, l) in resolved.layers.iter().enumerate() {
-            labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
+            labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            );
         }
         content::label(&self.cd, ns, &resolved.manifest.digest, labels).await?;
 
@@ -277,8 +350,13 @@ impl ImageService {
             Some((blob, bytes, pos)) => {
                 content::write_bytes(&self.cd, ns, lease, blob, bytes).await?;
                 let label = format!("containerd.io/gc.ref.content.m.{pos}");
-                content::label(&self.cd, ns, &blob.digest, [(label, resolved.manifest.digest.clone())].into())
-                    .await?;
+                content::label(
+                    &self.cd,
+                    ns,
+                    &blob.digest,
+                    [(label, resolved.manifest.digest.clone())].into(),
+                )
+                .await?;
                 blob
             }
             None => &resolved.manifest,
@@ -287,7 +365,13 @@ impl ImageService {
     }
 
     /// Creates the image record, or points an existing one at `target`.
-    pub async fn put_record(&self, ns: &str, lease: &str, name: &str, target: &Blob) -> Result<(), tonic::Status> {
+    pub async fn put_record(
+        &self,
+        ns: &str,
+        lease: &str,
+        name: &str,
+        target: &Blob,
+    ) -> Result<(), tonic::Status> {
         let record = ImageRecord {
             name: name.to_string(),
             labels: Default::default(),
@@ -299,7 +383,12 @@ impl ImageService {
             image: Some(record.clone()),
             ..Default::default()
         };
-        match self.cd.images().create(with_ns(create, ns, Some(lease))).await {
+        match self
+            .cd
+            .images()
+            .create(with_ns(create, ns, Some(lease)))
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Code::AlreadyExists => {
                 let update = UpdateImageRequest {
@@ -309,7 +398,11 @@ impl ImageService {
                     }),
                     ..Default::default()
                 };
-                self.cd.images().update(with_ns(update, ns, Some(lease))).await.map(|_| ())
+                self.cd
+                    .images()
+                    .update(with_ns(update, ns, Some(lease)))
+                    .await
+                    .map(|_| ())
             }
             Err(e) => Err(e),
         }

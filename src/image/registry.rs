@@ -72,7 +72,10 @@ pub struct Registry {
 impl Registry {
     pub fn new(reference: &Reference, creds: Option<Credentials>, insecure: &[String]) -> Self {
         let registry = reference.resolve_registry().to_string();
-        let plain_http = is_loopback(&registry) || insecure.iter().any(|h| h == &registry || h == reference.registry());
+        let plain_http = is_loopback(&registry)
+            || insecure
+                .iter()
+                .any(|h| h == &registry || h == reference.registry());
         let config = ClientConfig {
             protocol: if plain_http {
                 ClientProtocol::Http
@@ -83,7 +86,10 @@ impl Registry {
             read_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         };
-        let auth = creds.as_ref().map(Credentials::to_auth).unwrap_or(RegistryAuth::Anonymous);
+        let auth = creds
+            .as_ref()
+            .map(Credentials::to_auth)
+            .unwrap_or(RegistryAuth::Anonymous);
         Registry {
             client: Client::new(config),
             auth,
@@ -122,10 +128,13 @@ impl Registry {
             .await
             .map_err(|e| self.fail(reference, "cannot fetch manifest", e))?;
         let bytes = bytes.to_vec();
-        let media_type = media_type_of(&bytes).map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
+        let media_type =
+            media_type_of(&bytes).map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
 
         let mut index = None;
-        let (manifest_bytes, manifest) = if media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST {
+        let (manifest_bytes, manifest) = if media_type == MEDIA_OCI_INDEX
+            || media_type == MEDIA_DOCKER_LIST
+        {
             let parsed = ImageIndex::from_reader(&bytes[..])
                 .map_err(|e| self.fail(reference, "index is invalid", e))?;
             let (pos, entry) = select_platform(&parsed).ok_or_else(|| ImageError::Platform {
@@ -143,7 +152,8 @@ impl Registry {
                 .await
                 .map_err(|e| self.fail(reference, "cannot fetch platform manifest", e))?;
             let mbytes = mbytes.to_vec();
-            let mtype = media_type_of(&mbytes).map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
+            let mtype = media_type_of(&mbytes)
+                .map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
             index = Some((
                 Blob {
                     media_type: media_type.clone(),
@@ -206,7 +216,7 @@ impl Registry {
         }
         Ok(Resolved {
             index,
-            manifest: manifest,
+            manifest,
             manifest_bytes,
             config,
             config_bytes,
@@ -220,7 +230,8 @@ impl Registry {
         &self,
         reference: &Reference,
         blob: &Blob,
-    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, ImageError> {
+    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, ImageError>
+    {
         self.client
             .pull_blob_stream(reference, blob.digest.as_str())
             .await
@@ -275,7 +286,10 @@ pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
     } else {
-        registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry)
+        registry
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(registry)
     };
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
@@ -286,10 +300,22 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for h in ["localhost", "localhost:5000", "127.0.0.1:5000", "127.3.2.1", "[::1]:5000", "[::1]"] {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.2.1",
+            "[::1]:5000",
+            "[::1]",
+        ] {
             assert!(is_loopback(h), "{h}");
         }
-        for h in ["docker.io", "10.0.0.1:5000", "example.com:443", "[fe80::1]:80"] {
+        for h in [
+            "docker.io",
+            "10.0.0.1:5000",
+            "example.com:443",
+            "[fe80::1]:80",
+        ] {
             assert!(!is_loopback(h), "{h}");
         }
     }
@@ -297,8 +323,14 @@ mod tests {
     #[test]
     fn media_type_detection() {
         assert_eq!(media_type_of(br#"{"mediaType":"x"}"#).unwrap(), "x");
-        assert_eq!(media_type_of(br#"{"manifests":[]}"#).unwrap(), MEDIA_OCI_INDEX);
-        assert_eq!(media_type_of(br#"{"layers":[]}"#).unwrap(), MEDIA_OCI_MANIFEST);
+        assert_eq!(
+            media_type_of(br#"{"manifests":[]}"#).unwrap(),
+            MEDIA_OCI_INDEX
+        );
+        assert_eq!(
+            media_type_of(br#"{"layers":[]}"#).unwrap(),
+            MEDIA_OCI_MANIFEST
+        );
         assert!(media_type_of(b"nope").is_err());
     }
 

@@ -33,10 +33,12 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Whether a committed snapshot named `key` exists.
@@ -74,19 +76,30 @@ pub enum UnpackError {
     },
 }
 
+/// Where layers are unpacked: one namespace's snapshotter, under a lease.
+pub struct Target<'a> {
+    pub cd: &'a Containerd,
+    pub ns: &'a str,
+    pub lease: &'a str,
+    pub snapshotter: &'a str,
+}
+
 /// Applies one layer blob (already in the content store) on `parent` and
 /// commits it as `chain_id`. Another pull committing the same chain first
 /// is success, not an error.
 pub async fn apply_layer(
-    cd: &Containerd,
-    ns: &str,
-    lease: &str,
-    snapshotter: &str,
+    t: &Target<'_>,
     layer: &super::registry::Blob,
     diff_id: &str,
     chain_id: &str,
     parent: Option<&str>,
 ) -> Result<(), UnpackError> {
+    let Target {
+        cd,
+        ns,
+        lease,
+        snapshotter,
+    } = *t;
     let fail = |what: &'static str, s: tonic::Status| UnpackError::Containerd {
         what,
         layer: layer.digest.clone(),
@@ -97,9 +110,17 @@ pub async fn apply_layer(
         snapshotter: snapshotter.to_string(),
         key: key.clone(),
         parent: parent.unwrap_or_default().to_string(),
-        labels: [("containerd.io/snapshot.ref".to_string(), chain_id.to_string())].into(),
+        labels: [(
+            "containerd.io/snapshot.ref".to_string(),
+            chain_id.to_string(),
+        )]
+        .into(),
     };
-    let mounts = match cd.snapshots().prepare(with_ns(prepare, ns, Some(lease))).await {
+    let mounts = match cd
+        .snapshots()
+        .prepare(with_ns(prepare, ns, Some(lease)))
+        .await
+    {
         Ok(r) => r.into_inner().mounts,
         Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
         Err(e) => return Err(fail("prepare a snapshot for", e)),
@@ -132,7 +153,11 @@ pub async fn apply_layer(
             key: key.clone(),
             labels: Default::default(),
         };
-        match cd.snapshots().commit(with_ns(commit, ns, Some(lease))).await {
+        match cd
+            .snapshots()
+            .commit(with_ns(commit, ns, Some(lease)))
+            .await
+        {
             Ok(_) => Ok(()),
             // Another pull committed the same chain first: same content.
             Err(e) if e.code() == Code::AlreadyExists => Ok(()),
@@ -140,14 +165,21 @@ pub async fn apply_layer(
         }
     }
     .await;
-    if result.is_err() || snapshot_exists(cd, ns, snapshotter, &key).await.unwrap_or(false) {
+    if result.is_err()
+        || snapshot_exists(cd, ns, snapshotter, &key)
+            .await
+            .unwrap_or(false)
+    {
         // Failed, or lost the race to another commit: the extract snapshot
         // is ours alone to remove.
         let remove = RemoveSnapshotRequest {
             snapshotter: snapshotter.to_string(),
             key,
         };
-        let _ = cd.snapshots().remove(with_ns(remove, ns, Some(lease))).await;
+        let _ = cd
+            .snapshots()
+            .remove(with_ns(remove, ns, Some(lease)))
+            .await;
     }
     result
 }
@@ -162,7 +194,10 @@ mod tests {
         let b = format!("sha256:{}", "b".repeat(64));
         let ids = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(ids[0], a);
-        let want = format!("sha256:{}", hex(&Sha256::digest(format!("{a} {b}").as_bytes())));
+        let want = format!(
+            "sha256:{}",
+            hex(&Sha256::digest(format!("{a} {b}").as_bytes()))
+        );
         assert_eq!(ids[1], want);
         assert!(chain_ids(&[]).is_empty());
     }

@@ -10,7 +10,6 @@ use tracing::{debug, warn};
 use super::Report;
 use crate::proto::flow::direktiv_flow_client::DirektivFlowClient;
 
-/// The flow endpoint setting is not a usable address.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 /// flow endpoint {endpoint:?} is not a valid address: {reason}
 pub struct EndpointError {
@@ -92,8 +91,8 @@ fn jitter(d: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    #[test]
-    fn endpoints() {
+    #[tokio::test]
+    async fn endpoints() {
         assert!(Reporter::new("127.0.0.1:7777", 1 << 20).is_ok());
         assert!(Reporter::new("http://flow:7777", 1 << 20).is_ok());
         assert!(Reporter::new("not a uri at all", 1 << 20).is_err());

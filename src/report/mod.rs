@@ -45,7 +45,10 @@ pub enum Outcome {
     Output(Vec<u8>),
     /// A failure; the code is a string because error.json's codes are the
     /// action's own.
-    Failed { code: String, message: String },
+    Failed {
+        code: String,
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -143,7 +146,10 @@ impl Collected {
     pub fn outcome(self) -> Outcome {
         match self.stopped {
             Some(Stopped::Timeout(t)) => {
-                return Outcome::failed(ErrorCode::Timeout, format!("action timed out after {} s", t.as_secs()))
+                return Outcome::failed(
+                    ErrorCode::Timeout,
+                    format!("action timed out after {} s", t.as_secs()),
+                )
             }
             Some(Stopped::Cancelled(why)) => return Outcome::failed(ErrorCode::Cancelled, why),
             None => {}
@@ -198,7 +204,10 @@ fn parse_error_json(bytes: &[u8]) -> Outcome {
             ErrorCode::Io,
             format!("error.json has no errorCode: {}", head()),
         ),
-        Err(e) => Outcome::failed(ErrorCode::Io, format!("error.json is not valid JSON ({e}): {}", head())),
+        Err(e) => Outcome::failed(
+            ErrorCode::Io,
+            format!("error.json is not valid JSON ({e}): {}", head()),
+        ),
     }
 }
 
@@ -251,7 +260,9 @@ mod tests {
         for exit_code in [0, 5] {
             let c = Collected {
                 exit_code,
-                error_json: Some(br#"{"errorCode":"com.x.bad","errorMessage":"it broke"}"#.to_vec()),
+                error_json: Some(
+                    br#"{"errorCode":"com.x.bad","errorMessage":"it broke"}"#.to_vec(),
+                ),
                 ..done()
             };
             assert_eq!(
@@ -272,7 +283,9 @@ mod tests {
         };
         let o = c.outcome();
         assert_eq!(code(&o), ErrorCode::Io.as_str());
-        let Outcome::Failed { message, .. } = o else { unreachable!() };
+        let Outcome::Failed { message, .. } = o else {
+            unreachable!()
+        };
         assert!(message.contains("{not json"), "{message}");
         let c = Collected {
             error_json: Some(br#"{"errorMessage":"x"}"#.to_vec()),
@@ -290,7 +303,9 @@ mod tests {
         };
         let o = c.outcome();
         assert_eq!(code(&o), ErrorCode::Exit.as_str());
-        let Outcome::Failed { message, .. } = o else { unreachable!() };
+        let Outcome::Failed { message, .. } = o else {
+            unreachable!()
+        };
         assert_eq!(message, "action exited with code 3: line one | boom");
     }
 
@@ -311,7 +326,9 @@ mod tests {
         };
         let o = c.outcome();
         assert_eq!(code(&o), ErrorCode::Oom.as_str());
-        let Outcome::Failed { message, .. } = o else { unreachable!() };
+        let Outcome::Failed { message, .. } = o else {
+            unreachable!()
+        };
         assert!(message.contains("256 MiB"), "{message}");
         let c = Collected {
             stopped: Some(Stopped::Cancelled("by op".into())),

@@ -63,7 +63,9 @@ pub fn read_result_file(dir: &Path, name: &str, max: usize) -> Result<Option<Vec
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot open {name}: {e}")),
     };
-    let meta = file.metadata().map_err(|e| format!("cannot stat {name}: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {name}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{name} is not a regular file"));
     }
@@ -90,7 +92,10 @@ pub fn read_result_file(dir: &Path, name: &str, max: usize) -> Result<Option<Vec
 pub fn oom_killed(cgroups_path: &str) -> bool {
     let rel = cgroups_path.trim_start_matches('/');
     let candidates = [
-        (format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"), "oom_kill "),
+        (
+            format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
+            "oom_kill ",
+        ),
         (format!("/sys/fs/cgroup/{rel}/memory.events"), "oom_kill "),
     ];
     for (file, key) in candidates {
@@ -101,7 +106,10 @@ pub fn oom_killed(cgroups_path: &str) -> bool {
                 .any(|n| n.trim().parse::<u64>().unwrap_or(0) > 0);
         }
     }
-    warn!(cgroups_path, "cannot read the task's memory cgroup; OOM is not known");
+    warn!(
+        cgroups_path,
+        "cannot read the task's memory cgroup; OOM is not known"
+    );
     false
 }
 
@@ -115,12 +123,23 @@ mod tests {
         let d = dir.path();
         assert_eq!(read_result_file(d, "data.out", 10).unwrap(), None);
         std::fs::write(d.join("data.out"), b"12345").unwrap();
-        assert_eq!(read_result_file(d, "data.out", 10).unwrap(), Some(b"12345".to_vec()));
-        assert!(read_result_file(d, "data.out", 4).unwrap_err().contains("above the limit"));
+        assert_eq!(
+            read_result_file(d, "data.out", 10).unwrap(),
+            Some(b"12345".to_vec())
+        );
+        assert!(read_result_file(d, "data.out", 4)
+            .unwrap_err()
+            .contains("above the limit"));
         std::os::unix::fs::symlink("/etc/hostname", d.join("link")).unwrap();
         assert!(read_result_file(d, "link", 1000).is_err());
-        nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        assert!(read_result_file(d, "fifo", 1000).unwrap_err().contains("not a regular file"));
+        nix::unistd::mkfifo(
+            &d.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        assert!(read_result_file(d, "fifo", 1000)
+            .unwrap_err()
+            .contains("not a regular file"));
         std::fs::create_dir(d.join("dir")).unwrap();
         assert!(read_result_file(d, "dir", 1000).is_err());
     }

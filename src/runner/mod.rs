@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
-    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteTaskRequest, StartRequest, WaitRequest,
+    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteTaskRequest, StartRequest, WaitRequest,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -94,7 +94,12 @@ impl Action {
     pub fn new(cfg: &Config, req: ActionRequest, cancel: CancellationToken) -> Action {
         let cns = cfg.containerd_namespace(&req.namespace);
         let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
-        Action { req, cns, dir, cancel }
+        Action {
+            req,
+            cns,
+            dir,
+            cancel,
+        }
     }
 
     fn id(&self) -> &str {
@@ -134,8 +139,13 @@ impl Runner {
                 action_id: action.req.action_id.clone(),
                 outcome,
             };
-            self.reporter.deliver(&report).instrument(info_span!("report")).await;
-            self.cleanup(&action).instrument(info_span!("cleanup")).await;
+            self.reporter
+                .deliver(&report)
+                .instrument(info_span!("report"))
+                .await;
+            self.cleanup(&action)
+                .instrument(info_span!("cleanup"))
+                .await;
         }
         .instrument(span)
         .await
@@ -158,9 +168,16 @@ impl Runner {
             }
         };
         if a.cancel.is_cancelled() {
-            return Outcome::failed(ErrorCode::Cancelled, "action was cancelled before it started");
+            return Outcome::failed(
+                ErrorCode::Cancelled,
+                "action was cancelled before it started",
+            );
         }
-        let (mut stdio, memory) = match self.create(a, &image).instrument(info_span!("create")).await {
+        let (mut stdio, memory) = match self
+            .create(a, &image)
+            .instrument(info_span!("create"))
+            .await
+        {
             Ok(created) => created,
             Err(e) => return Outcome::failed(e.code(), e.to_string()),
         };
@@ -188,7 +205,12 @@ impl Runner {
         result
     }
 
-    async fn create_leased(&self, a: &Action, image: &Image, lease: &str) -> Result<(Stdio, i64), RunError> {
+    async fn create_leased(
+        &self,
+        a: &Action,
+        image: &Image,
+        lease: &str,
+    ) -> Result<(Stdio, i64), RunError> {
         let labels = action_labels(a);
         let prepare = PrepareSnapshotRequest {
             snapshotter: self.cfg.snapshotter.clone(),
@@ -239,7 +261,10 @@ impl Runner {
             env: vec![
                 ("DIREKTIV_DIR".into(), spec::DATA_MOUNT.into()),
                 ("DIREKTIV_NAMESPACE".into(), a.req.namespace.clone()),
-                ("DIREKTIV_INSTANCE_ID".into(), a.req.instance_id.clone().unwrap_or_default()),
+                (
+                    "DIREKTIV_INSTANCE_ID".into(),
+                    a.req.instance_id.clone().unwrap_or_default(),
+                ),
                 ("DIREKTIV_ACTION_ID".into(), a.req.action_id.clone()),
                 ("DIREKTIV_STEP".into(), step),
             ],
@@ -295,7 +320,11 @@ impl Runner {
     /// cancellation. Returns the exit code and why isolated stopped it.
     async fn wait(&self, a: &Action) -> Result<(u32, Option<Stopped>), RunError> {
         // Wait is registered before Start so that an instant exit is seen.
-        let mut exit = Box::pin(wait_exit(self.cd.clone(), a.cns.clone(), a.id().to_string()));
+        let mut exit = Box::pin(wait_exit(
+            self.cd.clone(),
+            a.cns.clone(),
+            a.id().to_string(),
+        ));
         let start = StartRequest {
             container_id: a.id().to_string(),
             exec_id: String::new(),
@@ -326,8 +355,15 @@ impl Runner {
     /// failure and again after a crash.
     pub async fn cleanup(&self, a: &Action) {
         delete_task(&self.cd, &a.cns, a.id()).await;
-        let del = DeleteContainerRequest { id: a.id().to_string() };
-        if let Err(e) = self.cd.containers().delete(with_ns(del, &a.cns, None)).await {
+        let del = DeleteContainerRequest {
+            id: a.id().to_string(),
+        };
+        if let Err(e) = self
+            .cd
+            .containers()
+            .delete(with_ns(del, &a.cns, None))
+            .await
+        {
             if e.code() != Code::NotFound {
                 warn!(error = %e.message(), "cannot delete container");
             }
@@ -379,7 +415,12 @@ async fn wait_exit(cd: Containerd, cns: String, id: String) -> Result<u32, RunEr
         };
         match cd.tasks().wait(with_ns(req, &cns, None)).await {
             Ok(r) => return Ok(r.into_inner().exit_status),
-            Err(e) if matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ) =>
+            {
                 warn!(error = %e.message(), "lost the wait on the task, waiting again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -477,25 +518,41 @@ mod tests {
             r#type: "overlay".into(),
             source: "overlay".into(),
             target: String::new(),
-            options: vec![format!("upperdir={}", upper.display()), format!("lowerdir={}", lower.join(":"))],
+            options: vec![
+                format!("upperdir={}", upper.display()),
+                format!("lowerdir={}", lower.join(":")),
+            ],
         }]
     }
 
     #[test]
     fn rootfs_files_come_from_the_topmost_layer_and_never_through_links() {
         let t = tempfile::tempdir().unwrap();
-        let (l1, l2, up) = (t.path().join("l1"), t.path().join("l2"), t.path().join("up"));
+        let (l1, l2, up) = (
+            t.path().join("l1"),
+            t.path().join("l2"),
+            t.path().join("up"),
+        );
         for d in [&l1, &l2, &up] {
             std::fs::create_dir_all(d.join("etc")).unwrap();
         }
         std::fs::write(l2.join("etc/passwd"), "bottom").unwrap();
         std::fs::write(l1.join("etc/passwd"), "top").unwrap();
-        assert_eq!(read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd").as_deref(), Some("top"));
+        assert_eq!(
+            read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd").as_deref(),
+            Some("top")
+        );
         std::os::unix::fs::symlink("/etc/hostname", up.join("etc/passwd")).unwrap();
-        assert_eq!(read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd"), None);
+        assert_eq!(
+            read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd"),
+            None
+        );
         let evil = t.path().join("evil");
         std::fs::create_dir_all(&evil).unwrap();
         std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
-        assert_eq!(read_from_rootfs(&overlay(&[&evil], &up.join("none")), "etc/hostname"), None);
+        assert_eq!(
+            read_from_rootfs(&overlay(&[&evil], &up.join("none")), "etc/hostname"),
+            None
+        );
     }
 }

@@ -1,0 +1,161 @@
+//! The core contract of isolated: what an action sees and what its report says
+//! (ISOLATE.md §4), request validation (§2), images and registry credentials (§6), memory
+//! limits (§5). Every trial ends with the harness checking that nothing of its namespaces
+//! is left (§6).
+
+mod action;
+mod images;
+mod limits;
+mod validation;
+
+use anyhow::{ensure, Result};
+use direktiv_isolate::proto::flow::ReportActionResultsRequest;
+use direktiv_isolate::proto::isolate::RunIsolateRequest;
+use libtest_mimic::Trial;
+
+use crate::harness::{trial, Ctx, ImageSpec, PushedImage};
+
+pub const CODE_IMAGE: &str = "au.com.direktiv.error.image";
+pub const CODE_EXIT: &str = "au.com.direktiv.error.exit";
+pub const CODE_OOM: &str = "au.com.direktiv.error.oom";
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("core::echo_round_trip", action::echo_round_trip),
+        trial("core::error_json_with_exit_0", |t| action::error_json(t, 0)),
+        trial("core::error_json_with_nonzero_exit", |t| {
+            action::error_json(t, 5)
+        }),
+        trial(
+            "core::nonzero_exit_without_error_json",
+            action::nonzero_exit_without_error_json,
+        ),
+        trial(
+            "core::command_override_splits_like_a_shell",
+            action::command_override_splits_like_a_shell,
+        ),
+        trial(
+            "core::command_is_not_run_by_a_shell",
+            action::command_is_not_run_by_a_shell,
+        ),
+        trial(
+            "core::environment_and_working_dir",
+            action::environment_and_working_dir,
+        ),
+        trial(
+            "core::image_user_is_honoured",
+            action::image_user_is_honoured,
+        ),
+        trial("core::missing_image", images::missing_image),
+        trial("core::unreachable_registry", images::unreachable_registry),
+        trial(
+            "core::unparseable_image_reference",
+            images::unparseable_image_reference,
+        ),
+        trial(
+            "core::private_registry_credentials",
+            images::private_registry_credentials,
+        ),
+        trial(
+            "core::validation_rejects_bad_requests",
+            validation::rejects_bad_requests,
+        ),
+        trial(
+            "core::duplicate_action_id_while_running",
+            validation::duplicate_action_id_while_running,
+        ),
+        trial("core::memory_limit_by_size", limits::memory_limit_by_size),
+    ]
+}
+
+/// The image most tests use: data.in copied to data.out.
+pub fn echo_spec() -> ImageSpec {
+    ImageSpec::with_script("cat /direktiv-data/data.in > /direktiv-data/data.out")
+}
+
+/// instanceId, step and actionId come back as sent.
+pub fn ensure_ids_echoed(
+    req: &RunIsolateRequest,
+    report: &ReportActionResultsRequest,
+) -> Result<()> {
+    ensure!(
+        report.instance_id == req.instance_id
+            && report.step == req.step
+            && report.action_id == req.action_id,
+        "ids not echoed: sent instanceId {:?} step {:?} actionId {:?}, report has {:?} {:?} {:?}",
+        req.instance_id,
+        req.step,
+        req.action_id,
+        report.instance_id,
+        report.step,
+        report.action_id
+    );
+    Ok(())
+}
+
+/// A success report: no error fields; returns the output (unset means empty).
+pub fn expect_success(report: &ReportActionResultsRequest) -> Result<Vec<u8>> {
+    ensure!(
+        report.error_code.is_none() && report.error_message.is_none(),
+        "action {:?} failed: errorCode {:?}, errorMessage {:?}",
+        report.action_id,
+        report.error_code,
+        report.error_message
+    );
+    Ok(report.output.clone().unwrap_or_default())
+}
+
+/// An error report with `code` and no output; returns the message.
+pub fn expect_error(report: &ReportActionResultsRequest, code: &str) -> Result<String> {
+    ensure!(
+        report.error_code.as_deref() == Some(code),
+        "action {:?}: expected errorCode {code}, got {:?} (errorMessage {:?}, output {:?})",
+        report.action_id,
+        report.error_code,
+        report.error_message,
+        report
+            .output
+            .as_ref()
+            .map(|o| String::from_utf8_lossy(o).into_owned())
+    );
+    ensure!(
+        report.output.is_none(),
+        "action {:?}: an error report carries output {:?}",
+        report.action_id,
+        report
+            .output
+            .as_ref()
+            .map(|o| String::from_utf8_lossy(o).into_owned())
+    );
+    Ok(report.error_message.clone().unwrap_or_default())
+}
+
+/// Runs `image` as an echo action in `ns` and checks the output: proof that the daemon
+/// still serves after whatever the test did before.
+pub async fn ensure_echo_works(
+    t: &Ctx,
+    ns: &str,
+    image: &PushedImage,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let id = t.action_id("echo");
+    let mut req = t.request_in(ns, &image.reference, &id);
+    let input = format!("still serving {id}").into_bytes();
+    req.data = Some(input.clone());
+    let report = t.run_and_wait(req.clone(), timeout).await?;
+    ensure_ids_echoed(&req, &report)?;
+    let output = expect_success(&report)?;
+    ensure!(
+        output == input,
+        "echo action {id}: output {:?}, expected {:?}",
+        String::from_utf8_lossy(&output),
+        String::from_utf8_lossy(&input)
+    );
+    Ok(())
+}
+
+/// Whether `text` contains `n` as a whole number (not as part of a longer one).
+pub fn mentions_number(text: &str, n: u64) -> bool {
+    text.split(|c: char| !c.is_ascii_digit())
+        .any(|w| w == n.to_string())
+}

@@ -1,0 +1,142 @@
+//! What a finished action must not leave behind (ISOLATE.md §6): containers, tasks and
+//! non-committed snapshots in its containerd namespace, its cgroup, and its data
+//! directories; and the removal of the per-namespace cgroup directories after a run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::Kind;
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{ListContainersRequest, ListTasksRequest};
+
+use super::containerd::{list_snapshots, with_ns};
+use super::env::Env;
+
+impl Env {
+    /// Everything that belongs to Direktiv namespace `ns` and should be gone once all its
+    /// actions are reported; empty when clean. Committed snapshots (unpacked image layers)
+    /// are the image cache and may stay.
+    pub async fn leftovers(&self, ns: &str) -> Result<Vec<String>> {
+        let cns = Self::containerd_namespace(ns);
+        let channel = self.containerd.channel().await?;
+        let mut left = Vec::new();
+
+        let containers = ContainersClient::new(channel.clone())
+            .list(with_ns(ListContainersRequest::default(), &cns))
+            .await?
+            .into_inner()
+            .containers;
+        left.extend(
+            containers
+                .iter()
+                .map(|c| format!("container {cns}/{}", c.id)),
+        );
+
+        let tasks = TasksClient::new(channel.clone())
+            .list(with_ns(ListTasksRequest::default(), &cns))
+            .await?
+            .into_inner()
+            .tasks;
+        left.extend(tasks.iter().map(|t| {
+            format!(
+                "task {cns}/{} (pid {}, status {})",
+                t.container_id, t.pid, t.status
+            )
+        }));
+
+        let mut snaps = SnapshotsClient::new(channel);
+        for s in list_snapshots(&mut snaps, &cns).await? {
+            if s.kind != Kind::Committed as i32 {
+                let kind = Kind::try_from(s.kind).map_or("unknown", |k| k.as_str_name());
+                left.push(format!("snapshot {cns}/{} ({kind})", s.name));
+            }
+        }
+
+        for cgroup in namespace_cgroups(&cns) {
+            if let Ok(entries) = std::fs::read_dir(&cgroup) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+
+        let dir = self.actions_dir(ns);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                left.push(format!("state dir entry {}", e.path().display()));
+            }
+        }
+        Ok(left)
+    }
+
+    /// Polls until nothing of `ns` is left; at the deadline fails listing what is.
+    pub async fn assert_nothing_left(&self, ns: &str, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = Duration::from_millis(20);
+        loop {
+            let left = self.leftovers(ns).await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "namespace {ns}: still left {timeout:?} after the test's last report:\n  {}",
+                    left.join("\n  ")
+                );
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Cgroup directories named after containerd namespace `cns`, in every hierarchy (v1
+/// controllers or the v2 tree), wherever below the root isolated puts them.
+pub fn namespace_cgroups(cns: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == name {
+                out.push(path);
+            } else if depth > 0 {
+                walk(&path, name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new(CGROUP_ROOT), cns, 3, &mut out);
+    out
+}
+
+/// Removes the (empty) cgroup directories of containerd namespace `cns`; a cgroup that
+/// still has processes refuses, and is returned.
+pub fn remove_namespace_cgroups(cns: &str) -> Vec<String> {
+    fn rmdir_tree(dir: &Path, failed: &mut Vec<String>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdir_tree(&e.path(), failed);
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(dir) {
+            failed.push(format!("cgroup {}: {e}", dir.display()));
+        }
+    }
+    let mut failed = Vec::new();
+    for dir in namespace_cgroups(cns) {
+        rmdir_tree(&dir, &mut failed);
+    }
+    failed
+}

@@ -1,0 +1,246 @@
+//! The test run's own containerd: its generated config, start-up, gRPC clients for it, and
+//! the sweep that removes whatever a run left in it before it is stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::namespaces_client::NamespacesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    self, ListSnapshotsRequest, RemoveSnapshotRequest,
+};
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::services::v1::{
+    DeleteContainerRequest, DeleteTaskRequest, KillRequest, ListContainersRequest,
+    ListNamespacesRequest, ListTasksRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Request;
+
+use super::process::{wait_ready, ChildProcess};
+
+/// The snapshotter isolated is told to use (ISOLATE.md §6).
+pub const SNAPSHOTTER: &str = "overlayfs";
+
+pub struct Containerd {
+    process: std::sync::Mutex<ChildProcess>,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    /// Writes a config confined to `dir` and starts containerd on it. The CRI plugin is
+    /// disabled: it would want CNI and the host's /var/lib paths.
+    pub async fn start(dir: &Path, timeout: Duration) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("c.sock");
+        let config = dir.join("config.toml");
+        let d = dir.display();
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{d}/c.sock"
+
+[ttrpc]
+  address = "{d}/c.sock.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#
+            ),
+        )?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        let mut child = ChildProcess::spawn("containerd", cmd, &dir.join("containerd.log"))?;
+        wait_ready("containerd", &mut child, timeout, || {
+            let socket = socket.clone();
+            async move {
+                let channel = containerd_client::connect(&socket).await?;
+                VersionClient::new(channel).version(()).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        Ok(Self {
+            process: std::sync::Mutex::new(child),
+            socket,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("containerd.log")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.lock().unwrap().pid()
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        containerd_client::connect(&self.socket)
+            .await
+            .with_context(|| format!("connect to containerd at {}", self.socket.display()))
+    }
+
+    /// `ctr` aimed at this containerd and containerd namespace.
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(namespace);
+        cmd
+    }
+
+    pub async fn namespaces(&self) -> Result<Vec<String>> {
+        let resp = NamespacesClient::new(self.channel().await?)
+            .list(ListNamespacesRequest::default())
+            .await?;
+        Ok(resp
+            .into_inner()
+            .namespaces
+            .into_iter()
+            .map(|n| n.name)
+            .collect())
+    }
+
+    /// Kills and deletes every task, deletes every container and removes every snapshot
+    /// that is not a committed image layer, in every namespace. Returns what it removed:
+    /// anything in that list is a leak of the run. Shims exit once their task is deleted,
+    /// so this is also what stops them.
+    pub async fn sweep(&self) -> Result<Vec<String>> {
+        let channel = self.channel().await?;
+        let mut removed = Vec::new();
+        for ns in self.namespaces().await? {
+            let mut tasks = TasksClient::new(channel.clone());
+            let listed = tasks
+                .list(with_ns(ListTasksRequest::default(), &ns))
+                .await?
+                .into_inner()
+                .tasks;
+            for task in listed {
+                let id = task.container_id.clone();
+                let _ = tasks
+                    .kill(with_ns(
+                        KillRequest {
+                            container_id: id.clone(),
+                            exec_id: String::new(),
+                            signal: 9,
+                            all: true,
+                        },
+                        &ns,
+                    ))
+                    .await;
+                let mut deleted = false;
+                for _ in 0..100 {
+                    let req = DeleteTaskRequest {
+                        container_id: id.clone(),
+                    };
+                    match tasks.delete(with_ns(req, &ns)).await {
+                        Ok(_) => {
+                            deleted = true;
+                            break;
+                        }
+                        Err(s) if s.code() == tonic::Code::NotFound => {
+                            deleted = true;
+                            break;
+                        }
+                        // Still running until the kill lands.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                removed.push(format!(
+                    "task {ns}/{id} (pid {}){}",
+                    task.pid,
+                    if deleted { "" } else { " [delete failed]" }
+                ));
+            }
+
+            let mut containers = ContainersClient::new(channel.clone());
+            let listed = containers
+                .list(with_ns(ListContainersRequest::default(), &ns))
+                .await?
+                .into_inner()
+                .containers;
+            for c in listed {
+                let res = containers
+                    .delete(with_ns(DeleteContainerRequest { id: c.id.clone() }, &ns))
+                    .await;
+                removed.push(format!(
+                    "container {ns}/{}{}",
+                    c.id,
+                    if res.is_ok() { "" } else { " [delete failed]" }
+                ));
+            }
+
+            let mut snaps = SnapshotsClient::new(channel.clone());
+            for info in list_snapshots(&mut snaps, &ns).await? {
+                if info.kind == snapshots::Kind::Committed as i32 {
+                    continue;
+                }
+                let res = snaps
+                    .remove(with_ns(
+                        RemoveSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key: info.name.clone(),
+                        },
+                        &ns,
+                    ))
+                    .await;
+                removed.push(format!(
+                    "snapshot {ns}/{}{}",
+                    info.name,
+                    if res.is_ok() { "" } else { " [remove failed]" }
+                ));
+            }
+        }
+        Ok(removed)
+    }
+
+    pub fn stop(&self, grace: Duration) {
+        self.process.lock().unwrap().stop(grace);
+    }
+}
+
+/// Attaches the containerd namespace header.
+pub fn with_ns<T>(message: T, namespace: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        namespace.parse().expect("namespace is valid ASCII"),
+    );
+    req
+}
+
+pub async fn list_snapshots(
+    client: &mut SnapshotsClient<Channel>,
+    namespace: &str,
+) -> Result<Vec<snapshots::Info>> {
+    let req = ListSnapshotsRequest {
+        snapshotter: SNAPSHOTTER.into(),
+        ..Default::default()
+    };
+    let mut stream = client.list(with_ns(req, namespace)).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.extend(msg.info);
+    }
+    Ok(out)
+}

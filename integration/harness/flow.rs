@@ -1,0 +1,233 @@
+//! The flow engine's side of the result callback: a real tonic server implementing
+//! `flow.DirektivFlow` that records every report, can refuse them for a while, and lets
+//! tests wait for a given action's report.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use direktiv_isolate::proto::flow::direktiv_flow_server::{DirektivFlow, DirektivFlowServer};
+use direktiv_isolate::proto::flow::ReportActionResultsRequest;
+use tokio::sync::{oneshot, watch};
+use tonic::{Request, Response, Status};
+
+/// Outputs may be up to 32 MiB (ISOLATE.md §4); leave room for the envelope.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+#[derive(Default)]
+struct State {
+    accepted: Vec<ReportActionResultsRequest>,
+    refused: Vec<ReportActionResultsRequest>,
+    unavailable_until: Option<Instant>,
+    unavailable: bool,
+    /// Action ids whose reports are refused, whatever the global switch says.
+    refused_actions: std::collections::HashSet<String>,
+}
+
+#[derive(Clone)]
+pub struct FlowReceiver {
+    state: Arc<Mutex<State>>,
+    /// Bumped on every call, accepted or refused, so waiters re-check.
+    changed: watch::Sender<u64>,
+    addr: SocketAddr,
+    shutdown: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+struct Service {
+    state: Arc<Mutex<State>>,
+    changed: watch::Sender<u64>,
+}
+
+#[tonic::async_trait]
+impl DirektivFlow for Service {
+    async fn report_action_results(
+        &self,
+        request: Request<ReportActionResultsRequest>,
+    ) -> Result<Response<()>, Status> {
+        let report = request.into_inner();
+        let refuse = {
+            let mut st = self.state.lock().unwrap();
+            let refuse = st.unavailable
+                || st.unavailable_until.is_some_and(|t| Instant::now() < t)
+                || report
+                    .action_id
+                    .as_ref()
+                    .is_some_and(|id| st.refused_actions.contains(id));
+            if refuse {
+                st.refused.push(report);
+            } else {
+                st.accepted.push(report);
+            }
+            refuse
+        };
+        self.changed.send_modify(|n| *n += 1);
+        if refuse {
+            return Err(Status::unavailable(
+                "flow receiver is switched off by the test",
+            ));
+        }
+        Ok(Response::new(()))
+    }
+}
+
+impl FlowReceiver {
+    /// Serves on a fresh 127.0.0.1 port in the current tokio runtime.
+    pub async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let (changed, _) = watch::channel(0u64);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = DirektivFlowServer::new(Service {
+            state: state.clone(),
+            changed: changed.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(async move {
+            let res = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = res {
+                eprintln!("harness: flow receiver stopped with an error: {e}");
+            }
+        });
+        Ok(Self {
+            state,
+            changed,
+            addr,
+            shutdown: Arc::new(Mutex::new(Some(stop_tx))),
+        })
+    }
+
+    /// What isolated's `--flow-endpoint` is set to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits for the first accepted report of `action_id`; at the deadline fails listing
+    /// everything that did arrive.
+    pub async fn wait_report(
+        &self,
+        action_id: &str,
+        timeout: Duration,
+    ) -> Result<ReportActionResultsRequest> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if let Some(r) = self.reports(action_id).into_iter().next() {
+                return Ok(r);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => bail!("flow receiver closed while waiting for {action_id}"),
+                Err(_) => bail!(
+                    "no report for action {action_id} within {timeout:?}; received so far: {}",
+                    self.summary()
+                ),
+            }
+        }
+    }
+
+    /// Accepted reports for `action_id`, in arrival order.
+    pub fn reports(&self, action_id: &str) -> Vec<ReportActionResultsRequest> {
+        let st = self.state.lock().unwrap();
+        st.accepted
+            .iter()
+            .filter(|r| r.action_id.as_deref() == Some(action_id))
+            .cloned()
+            .collect()
+    }
+
+    /// How many reports for `action_id` were accepted (delivery is exactly once towards a
+    /// receiver that always acknowledges).
+    pub fn count(&self, action_id: &str) -> usize {
+        self.reports(action_id).len()
+    }
+
+    /// How many reports for `action_id` were answered UNAVAILABLE.
+    pub fn refused_count(&self, action_id: &str) -> usize {
+        let st = self.state.lock().unwrap();
+        st.refused
+            .iter()
+            .filter(|r| r.action_id.as_deref() == Some(action_id))
+            .count()
+    }
+
+    /// Answers reports of `action_id` with UNAVAILABLE until switched back. Unlike the
+    /// global switches this leaves the trials running in parallel alone.
+    pub fn refuse_action(&self, action_id: &str, on: bool) {
+        let mut st = self.state.lock().unwrap();
+        if on {
+            st.refused_actions.insert(action_id.to_string());
+        } else {
+            st.refused_actions.remove(action_id);
+        }
+    }
+
+    /// Answers every report with UNAVAILABLE until switched back. This delays the reports
+    /// of every trial running in parallel too.
+    pub fn set_unavailable(&self, on: bool) {
+        self.state.lock().unwrap().unavailable = on;
+    }
+
+    /// Answers every report with UNAVAILABLE for `duration` from now (affects parallel
+    /// trials too).
+    pub fn unavailable_for(&self, duration: Duration) {
+        self.state.lock().unwrap().unavailable_until = Some(Instant::now() + duration);
+    }
+
+    /// Waits until at least `n` reports for `action_id` have been refused.
+    pub async fn wait_refused(&self, action_id: &str, n: usize, timeout: Duration) -> Result<()> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if self.refused_count(action_id) >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                bail!(
+                    "action {action_id}: {} refused deliveries within {timeout:?}, wanted {n}",
+                    self.refused_count(action_id)
+                );
+            }
+        }
+    }
+
+    /// One line per accepted report: action id, error code, output size.
+    pub fn summary(&self) -> String {
+        let st = self.state.lock().unwrap();
+        if st.accepted.is_empty() {
+            return format!("nothing ({} refused)", st.refused.len());
+        }
+        let lines: Vec<String> = st
+            .accepted
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} [{}] output {} bytes",
+                    r.action_id.as_deref().unwrap_or("<no actionId>"),
+                    r.error_code.as_deref().unwrap_or("ok"),
+                    r.output.as_ref().map_or(0, |o| o.len())
+                )
+            })
+            .collect();
+        format!("\n  {}", lines.join("\n  "))
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(tx) = self.shutdown.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
+}

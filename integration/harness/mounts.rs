@@ -1,0 +1,59 @@
+//! Mounts the run leaves under its temp dir (containerd's overlay rootfs mounts, bind
+//! mounts of data dirs): finding them in /proc/self/mountinfo and detaching them.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{umount2, MntFlags};
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// Lazily unmounts everything at or below `dir`; returns what was mounted.
+pub fn unmount_under(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    // Stacked mounts on one path need one detach each.
+    for _ in 0..8 {
+        let found = mounts_under(dir);
+        if found.is_empty() {
+            break;
+        }
+        for m in &found {
+            if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
+                eprintln!("harness: umount -l {}: {e}", m.display());
+            }
+        }
+        all.extend(found);
+    }
+    all
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let digits = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(digits, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
