@@ -121,6 +121,14 @@ settings! {
     base_spec: PathBuf = PathBuf::new(), "ISOLATED_BASE_SPEC", "(built in)";
     /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
     seccomp_profile: PathBuf = PathBuf::new(), "ISOLATED_SECCOMP_PROFILE", "(built in)";
+    /// Network of each action: cni (its own namespace on a CNI network) or none (loopback only).
+    network: String = "none".into(), "ISOLATED_NETWORK", "none";
+    /// Directory of the CNI plugin binaries.
+    cni_bin_dir: PathBuf = "/usr/lib/cni".into(), "ISOLATED_CNI_BIN_DIR", "/usr/lib/cni";
+    /// Directory of the CNI network config (*.conflist); empty: the built-in one.
+    cni_conf_dir: PathBuf = PathBuf::new(), "ISOLATED_CNI_CONF_DIR", "(built in)";
+    /// DNS servers for actions (comma separated); empty: the host's resolv.conf.
+    dns_servers: Vec<String> = Vec::new(), "ISOLATED_DNS_SERVERS", "(host's)", value_delimiter = ',';
     /// Log format: text or json.
     log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
 }

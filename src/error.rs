@@ -6,6 +6,7 @@ use tonic::Status;
 
 use crate::config::ConfigError;
 use crate::containerd::ConnectError;
+use crate::network::NetworkError;
 use crate::report::flow::EndpointError;
 use crate::request::ValidationError;
 use crate::spec::SpecError;
@@ -36,6 +37,8 @@ pub enum Error {
     Spec(#[from] SpecError),
     /// {0}
     Endpoint(#[from] EndpointError),
+    /// {0}
+    Network(#[from] NetworkError),
 }
 
 impl From<Error> for Status {
@@ -47,7 +50,7 @@ impl From<Error> for Status {
             Error::Busy(_) => Status::resource_exhausted(msg),
             Error::ShuttingDown => Status::unavailable(msg),
             Error::NotFound { .. } => Status::not_found(msg),
-            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) => {
+            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) | Error::Network(_) => {
                 Status::failed_precondition(msg)
             }
             Error::Connect(_) => Status::unavailable(msg),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod containerd;
 pub mod error;
 pub mod image;
+pub mod network;
 pub mod proto;
 pub mod reaper;
 pub mod report;

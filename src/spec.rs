@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
-    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxResources, LinuxSeccomp, MountBuilder, Spec,
-    UserBuilder,
+    LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType, LinuxResources, LinuxSeccomp,
+    MountBuilder, Spec, UserBuilder,
 };
 
 /// The base spec and seccomp profile compiled into the binary.
@@ -59,6 +59,10 @@ pub struct SpecInput<'a> {
     pub memory_bytes: i64,
     pub cpus: f64,
     pub cgroups_path: String,
+    /// The network namespace to join; `None` keeps the base spec's fresh one.
+    pub netns: Option<PathBuf>,
+    /// Host files bind-mounted read-only at container paths (resolv.conf, hosts).
+    pub files: Vec<(PathBuf, String)>,
 }
 
 /// The base spec with the seccomp profile merged in, parsed once.
@@ -154,6 +158,13 @@ impl SpecTemplate {
 
         let linux = spec.linux_mut().get_or_insert_with(Default::default);
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+        if let Some(path) = &input.netns {
+            for ns in linux.namespaces_mut().iter_mut().flatten() {
+                if ns.typ() == LinuxNamespaceType::Network {
+                    ns.set_path(Some(path.clone()));
+                }
+            }
+        }
         let resources = linux
             .resources_mut()
             .get_or_insert_with(LinuxResources::default);
@@ -344,6 +355,8 @@ mod tests {
             memory_bytes: 256 << 20,
             cpus: 1.5,
             cgroups_path: "/isolated/ns/a".into(),
+            netns: None,
+            files: vec![],
         }
     }
 

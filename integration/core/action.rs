@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::{ensure, Context, Result};
 
 use super::{
-    echo_spec, ensure_ids_echoed, expect_error, expect_success, mentions_number, CODE_EXIT,
+    echo_spec, ensure_ids_echoed, expect_error, expect_success, mentions_number, CODE_EXIT, CODE_IO,
 };
 use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
 
@@ -47,6 +47,36 @@ exit "$(cat /direktiv-data/data.in)""#,
     ensure!(
         message == "it broke",
         "errorMessage {message:?}, expected error.json's \"it broke\""
+    );
+    Ok(())
+}
+
+/// Exit 0 without data.out is a success with empty output.
+pub async fn success_without_data_out(t: Ctx) -> Result<()> {
+    let image = t.push(&ImageSpec::with_script("true")).await?;
+    let id = t.action_id("noout");
+    let req = t.request(&image.reference, &id);
+    let report = t.run_and_wait(req.clone(), FIRST_PULL).await?;
+    ensure_ids_echoed(&req, &report)?;
+    let output = expect_success(&report)?;
+    ensure!(output.is_empty(), "output {output:?} without a data.out");
+    Ok(())
+}
+
+/// An error.json that is not JSON is an I/O error quoting the file's first bytes.
+pub async fn invalid_error_json(t: Ctx) -> Result<()> {
+    let image = t
+        .push(&ImageSpec::with_script(
+            "printf 'not json {' > /direktiv-data/error.json",
+        ))
+        .await?;
+    let id = t.action_id("badjson");
+    let req = t.request(&image.reference, &id);
+    let report = t.run_and_wait(req, FIRST_PULL).await?;
+    let message = expect_error(&report, CODE_IO)?;
+    ensure!(
+        message.contains("not json"),
+        "errorMessage {message:?} does not quote the file's first bytes"
     );
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::harness::{trial, Ctx, ImageSpec, PushedImage};
 
 pub const CODE_IMAGE: &str = "au.com.direktiv.error.image";
 pub const CODE_EXIT: &str = "au.com.direktiv.error.exit";
+pub const CODE_IO: &str = "au.com.direktiv.error.io";
 pub const CODE_OOM: &str = "au.com.direktiv.error.oom";
 
 pub fn trials() -> Vec<Trial> {
@@ -26,6 +27,11 @@ pub fn trials() -> Vec<Trial> {
         trial("core::error_json_with_nonzero_exit", |t| {
             action::error_json(t, 5)
         }),
+        trial(
+            "core::success_without_data_out",
+            action::success_without_data_out,
+        ),
+        trial("core::invalid_error_json", action::invalid_error_json),
         trial(
             "core::nonzero_exit_without_error_json",
             action::nonzero_exit_without_error_json,

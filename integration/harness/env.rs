@@ -30,6 +30,16 @@ const CONTAINERD_NS_PREFIX: &str = "direktiv.";
 
 static ENV: OnceLock<Env> = OnceLock::new();
 
+/// What `Env::start` brings up, before the runtime joins it in `Env`.
+struct Started {
+    containerd: Containerd,
+    open_registry: Registry,
+    private_registry: Registry,
+    flow: FlowReceiver,
+    isolated: Isolated,
+    isolated_error: Option<String>,
+}
+
 /// The environment, once `Env::init` has succeeded.
 pub fn env() -> Option<&'static Env> {
     ENV.get()
@@ -62,18 +72,17 @@ impl Env {
             .tempdir_in("/tmp")?
             .keep();
         stale::claim(&dir)?;
-        let started = rt.block_on(Self::start(&dir));
-        match started {
-            Ok(parts) => {
+        match rt.block_on(Self::start(&dir)) {
+            Ok(s) => {
                 let env = Env {
                     rt,
                     dir,
-                    containerd: parts.0,
-                    open_registry: parts.1,
-                    private_registry: parts.2,
-                    flow: parts.3,
-                    isolated: parts.4,
-                    isolated_error: Mutex::new(parts.5),
+                    containerd: s.containerd,
+                    open_registry: s.open_registry,
+                    private_registry: s.private_registry,
+                    flow: s.flow,
+                    isolated: s.isolated,
+                    isolated_error: Mutex::new(s.isolated_error),
                 };
                 if ENV.set(env).is_err() {
                     panic!("Env::init called twice");
@@ -88,17 +97,7 @@ impl Env {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn start(
-        dir: &Path,
-    ) -> Result<(
-        Containerd,
-        Registry,
-        Registry,
-        FlowReceiver,
-        Isolated,
-        Option<String>,
-    )> {
+    async fn start(dir: &Path) -> Result<Started> {
         let containerd = Containerd::start(&dir.join("cd"), STARTUP)
             .await
             .context("start containerd")?;
@@ -123,6 +122,7 @@ impl Env {
             log: dir.join("isolated.log"),
             extra_args: Vec::new(),
         });
+        // The harness's own trials still run when the daemon does not start.
         let isolated_error = match isolated.start(STARTUP).await {
             Ok(()) => None,
             Err(e) => {
@@ -131,14 +131,14 @@ impl Env {
                 Some(msg)
             }
         };
-        Ok((
+        Ok(Started {
             containerd,
             open_registry,
             private_registry,
             flow,
             isolated,
             isolated_error,
-        ))
+        })
     }
 
     /// Runs `fut` to completion on the shared runtime (from a trial's thread).
@@ -252,6 +252,8 @@ impl Env {
         self.open_registry.stop(Duration::from_secs(5));
         self.private_registry.stop(Duration::from_secs(5));
         if std::env::var_os("ISOLATE_TEST_KEEP").is_some() {
+            // Unclaimed, so that the next run does not take it for a crashed run's.
+            stale::release(&self.dir);
             eprintln!(
                 "harness: ISOLATE_TEST_KEEP set, keeping {}",
                 self.dir.display()

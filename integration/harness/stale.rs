@@ -34,6 +34,11 @@ pub fn claim(dir: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join(OWNER_FILE), me)
 }
 
+/// Gives up the claim on `dir`: it is then nobody's to clean up.
+pub fn release(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+}
+
 /// Records a containerd namespace the run uses, so a later run can clean up after it.
 pub fn record_namespace(dir: &Path, containerd_namespace: &str) {
     use std::io::Write;

@@ -13,6 +13,7 @@ use direktiv_isolate::actions::Actions;
 use direktiv_isolate::config::{Config, Options};
 use direktiv_isolate::containerd::Containerd;
 use direktiv_isolate::image::ImageService;
+use direktiv_isolate::network::Networks;
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
 use direktiv_isolate::report::flow::Reporter;
 use direktiv_isolate::runner::Runner;
@@ -102,6 +103,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let max_message = cfg.max_input_bytes.max(cfg.max_output_bytes) + (1 << 20);
     let reporter = Reporter::new(&cfg.flow_endpoint, max_message)?;
+    let networks = Networks::new(&cfg)?;
     let listener = tokio::net::TcpListener::bind(cfg.bind)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.bind))?;
@@ -118,6 +120,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         images,
         template,
         reporter,
+        networks,
     });
     let actions = Arc::new(Actions::default());
     let isolate = IsolateService {

@@ -27,6 +27,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::config::Config;
 use crate::containerd::{self as cd_mod, with_ns, Containerd};
 use crate::image::{Image, ImageError, ImageService};
+use crate::network::{NetTarget, NetworkError, Networks};
 use crate::reaper;
 use crate::report::flow::Reporter;
 use crate::report::{ErrorCode, Outcome, Report, Stopped};
@@ -49,6 +50,8 @@ pub enum RunError {
     Spec(#[from] SpecError),
     /// containerd failed to {what}: {message}
     Containerd { what: &'static str, message: String },
+    /// {0}
+    Network(#[from] NetworkError),
 }
 
 impl RunError {
@@ -63,6 +66,7 @@ impl RunError {
     pub fn code(&self) -> ErrorCode {
         match self {
             RunError::DataDir { .. } => ErrorCode::Io,
+            RunError::Network(_) => ErrorCode::Network,
             RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
             RunError::Image(_) => ErrorCode::Image,
             RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
@@ -78,6 +82,7 @@ pub struct Runner {
     pub images: Arc<ImageService>,
     pub template: SpecTemplate,
     pub reporter: Reporter,
+    pub networks: Networks,
 }
 
 /// One action in the runner's hands.
@@ -108,6 +113,14 @@ impl Action {
 
     fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    fn net(&self) -> NetTarget<'_> {
+        NetTarget {
+            cns: &self.cns,
+            action_id: &self.req.action_id,
+            dir: &self.dir,
+        }
     }
 
     fn cgroups_path(&self) -> String {
@@ -252,6 +265,11 @@ impl Runner {
             source: e.into(),
         })?;
 
+        let net = self
+            .networks
+            .attach(&a.net())
+            .instrument(info_span!("network"))
+            .await?;
         let size = a.req.size.index();
         let memory = (self.cfg.size_memory_mib[size] as i64) << 20;
         let step = a.req.step.map(|s| s.to_string()).unwrap_or_default();
@@ -273,6 +291,8 @@ impl Runner {
             memory_bytes: memory,
             cpus: self.cfg.size_cpus[size],
             cgroups_path: a.cgroups_path(),
+            netns: net.netns,
+            files: net.files,
         };
         let spec = self.template.build(&input)?;
         let container = Container {
@@ -355,6 +375,7 @@ impl Runner {
     /// failure and again after a crash.
     pub async fn cleanup(&self, a: &Action) {
         delete_task(&self.cd, &a.cns, a.id()).await;
+        self.networks.detach(&a.net()).await;
         let del = DeleteContainerRequest {
             id: a.id().to_string(),
         };
