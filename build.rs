@@ -2,7 +2,11 @@
 //! flow callback) into Rust with tonic.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/isolate/isolate.proto", "proto/flow/flow.proto"];
+    let protos = [
+        "proto/isolate/isolate.proto",
+        "proto/flow/flow.proto",
+        "proto/isolated/control.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

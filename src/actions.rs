@@ -1,81 +1,341 @@
-//! The table of accepted actions: which (namespace, actionId) pairs are in
-//! flight, so a duplicate is refused, and the handle to cancel each.
-//! In memory; durability is the store's job.
+//! The table of actions this daemon knows: each one's state as the control
+//! API shows it, its cancel switch, its live output tails, and who may be
+//! watching it. A (namespace, actionId) pair is taken from acceptance until
+//! its report is acknowledged; reported actions stay visible for a while
+//! (the newest [`KEEP_REPORTED`]) so an operator can still look at them.
+//!
+//! In memory only: what must survive a restart is the store's.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::proto::control::{ActionInfo, ActionState};
+use crate::report::Outcome;
+use crate::request::ActionRequest;
+
+/// How many reported actions stay visible.
+pub const KEEP_REPORTED: usize = 1000;
 
 type Key = (String, String);
 
+/// The tails of an action's stdout and stderr, shared by the reader that
+/// fills them and the control API that shows them.
+#[derive(Default)]
+pub struct Logs {
+    pub stdout: Mutex<Vec<u8>>,
+    pub stderr: Mutex<Vec<u8>>,
+}
+
+impl Logs {
+    pub fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
+        let get = |m: &Mutex<Vec<u8>>| m.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (get(&self.stdout), get(&self.stderr))
+    }
+}
+
+struct Entry {
+    info: watch::Sender<ActionInfo>,
+    cancel: CancellationToken,
+    cancel_reason: Arc<Mutex<Option<String>>>,
+    logs: Arc<Logs>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<Key, Entry>,
+    /// Reported actions, oldest first, for eviction.
+    reported: VecDeque<Key>,
+}
+
 #[derive(Default)]
 pub struct Actions {
-    inner: Mutex<HashMap<Key, CancellationToken>>,
+    table: Mutex<Table>,
+    /// Signalled whenever an action is reported, for shutdown to wait on.
+    drained: tokio::sync::Notify,
+}
+
+/// The runner's handle on its action's entry.
+#[derive(Clone)]
+pub struct Handle {
+    actions: Arc<Actions>,
+    key: Key,
+    pub cancel: CancellationToken,
+    cancel_reason: Arc<Mutex<Option<String>>>,
+    pub logs: Arc<Logs>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn in_flight(info: &ActionInfo) -> bool {
+    info.state() != ActionState::Reported
 }
 
 impl Actions {
-    /// Claims the pair, or says it is taken.
-    pub fn claim(&self, namespace: &str, action_id: &str) -> Result<CancellationToken, Error> {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the pair for a new action, or says it is in flight.
+    pub fn claim(self: &Arc<Self>, req: &ActionRequest) -> Result<Handle, Error> {
+        let key = (req.namespace.clone(), req.action_id.clone());
+        let mut t = self.lock();
+        if let Some(e) = t.entries.get(&key) {
+            if in_flight(&e.info.borrow()) {
+                return Err(Error::AlreadyExists {
+                    namespace: req.namespace.clone(),
+                    action_id: req.action_id.clone(),
+                });
+            }
+            t.reported.retain(|k| k != &key);
+        }
+        let info = ActionInfo {
+            namespace: req.namespace.clone(),
+            action_id: req.action_id.clone(),
+            instance_id: req.instance_id.clone().unwrap_or_default(),
+            step: req.step.unwrap_or_default(),
+            image: req.image.clone(),
+            size: req.size.index() as i32,
+            timeout_seconds: req.timeout.as_secs() as i64,
+            state: ActionState::Accepted as i32,
+            accepted_at_ms: now_ms(),
+            ..Default::default()
+        };
+        let entry = Entry {
+            info: watch::Sender::new(info),
+            cancel: CancellationToken::new(),
+            cancel_reason: Arc::default(),
+            logs: Arc::default(),
+        };
+        let handle = Handle {
+            actions: self.clone(),
+            key: key.clone(),
+            cancel: entry.cancel.clone(),
+            cancel_reason: entry.cancel_reason.clone(),
+            logs: entry.logs.clone(),
+        };
+        t.entries.insert(key, entry);
+        Ok(handle)
+    }
+
+    /// Actions accepted and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.lock()
+            .entries
+            .values()
+            .filter(|e| in_flight(&e.info.borrow()))
+            .count()
+    }
+
+    /// Waits until no action is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn get(&self, namespace: &str, action_id: &str) -> Option<ActionInfo> {
+        let t = self.lock();
+        t.entries
+            .get(&(namespace.to_string(), action_id.to_string()))
+            .map(|e| e.info.borrow().clone())
+    }
+
+    /// Actions of one namespace (or all) in one state (or all), oldest first.
+    pub fn list(&self, namespace: Option<&str>, state: Option<ActionState>) -> Vec<ActionInfo> {
+        let t = self.lock();
+        let mut v: Vec<ActionInfo> = t
+            .entries
+            .values()
+            .map(|e| e.info.borrow().clone())
+            .filter(|i| namespace.is_none_or(|n| i.namespace == n))
+            .filter(|i| state.is_none_or(|s| i.state() == s))
+            .collect();
+        v.sort_by_key(|i| (i.accepted_at_ms, i.action_id.clone()));
+        v
+    }
+
+    pub fn watch(&self, namespace: &str, action_id: &str) -> Option<watch::Receiver<ActionInfo>> {
+        let t = self.lock();
+        t.entries
+            .get(&(namespace.to_string(), action_id.to_string()))
+            .map(|e| e.info.subscribe())
+    }
+
+    pub fn logs(&self, namespace: &str, action_id: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        let t = self.lock();
+        t.entries
+            .get(&(namespace.to_string(), action_id.to_string()))
+            .map(|e| e.logs.snapshot())
+    }
+
+    /// Cancels an action that has not finished yet.
+    pub fn cancel(
+        &self,
+        namespace: &str,
+        action_id: &str,
+        reason: &str,
+    ) -> Result<ActionInfo, Error> {
+        let t = self.lock();
         let key = (namespace.to_string(), action_id.to_string());
-        if map.contains_key(&key) {
-            return Err(Error::AlreadyExists {
+        let e = t.entries.get(&key).ok_or_else(|| Error::NotFound {
+            namespace: namespace.into(),
+            action_id: action_id.into(),
+        })?;
+        let info = e.info.borrow().clone();
+        if matches!(info.state(), ActionState::Finished | ActionState::Reported) {
+            return Err(Error::Finished {
                 namespace: namespace.into(),
                 action_id: action_id.into(),
             });
         }
-        let token = CancellationToken::new();
-        map.insert(key, token.clone());
-        Ok(token)
+        let reason = if reason.is_empty() {
+            "action was cancelled".to_string()
+        } else {
+            format!("action was cancelled: {reason}")
+        };
+        e.cancel_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        e.cancel.cancel();
+        Ok(info)
     }
 
-    /// Frees the pair once the action is reported and cleaned up.
-    pub fn release(&self, namespace: &str, action_id: &str) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(namespace.to_string(), action_id.to_string()));
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Cancels one action; false if it is not in flight.
-    pub fn cancel(&self, namespace: &str, action_id: &str) -> bool {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&(namespace.to_string(), action_id.to_string())) {
-            Some(t) => {
-                t.cancel();
-                true
-            }
-            None => false,
+    fn update(&self, key: &Key, f: impl FnOnce(&mut ActionInfo)) {
+        let t = self.lock();
+        if let Some(e) = t.entries.get(key) {
+            e.info.send_modify(f);
         }
+    }
+}
+
+impl Handle {
+    pub fn set_state(&self, state: ActionState) {
+        self.actions.update(&self.key, |i| {
+            i.state = state as i32;
+            if state == ActionState::Running {
+                i.started_at_ms = now_ms();
+            }
+        });
+    }
+
+    /// Why the action was cancelled, once it was.
+    pub fn cancel_reason(&self) -> String {
+        self.cancel_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "action was cancelled".into())
+    }
+
+    pub fn finished(&self, outcome: &Outcome) {
+        self.actions.update(&self.key, |i| {
+            i.state = ActionState::Finished as i32;
+            i.finished_at_ms = now_ms();
+            match outcome {
+                Outcome::Output(out) => i.output = out.clone(),
+                Outcome::Failed { code, message } => {
+                    i.error_code = code.clone();
+                    i.error_message = message.clone();
+                }
+            }
+        });
+    }
+
+    pub fn report_attempt(&self) {
+        self.actions.update(&self.key, |i| i.report_attempts += 1);
+    }
+
+    /// The report was acknowledged and the action cleaned up: the pair is
+    /// free again, and the entry is kept for a while for operators.
+    pub fn reported(&self) {
+        self.actions.update(&self.key, |i| {
+            i.state = ActionState::Reported as i32;
+            i.reported_at_ms = now_ms();
+        });
+        let mut t = self.actions.lock();
+        t.reported.push_back(self.key.clone());
+        while t.reported.len() > KEEP_REPORTED {
+            if let Some(old) = t.reported.pop_front() {
+                t.entries.remove(&old);
+            }
+        }
+        drop(t);
+        self.actions.drained.notify_waiters();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Limits;
+    use crate::proto::isolate::RunIsolateRequest;
+
+    fn req(ns: &str, id: &str) -> ActionRequest {
+        ActionRequest::validate(
+            RunIsolateRequest {
+                namespace: Some(ns.into()),
+                action_id: Some(id.into()),
+                image: Some("busybox".into()),
+                ..Default::default()
+            },
+            &Limits::default(),
+        )
+        .unwrap()
+    }
 
     #[test]
-    fn claim_release() {
-        let a = Actions::default();
-        a.claim("n", "x").unwrap();
+    fn lifecycle() {
+        let a = Arc::new(Actions::default());
+        let h = a.claim(&req("n", "x")).unwrap();
         assert!(matches!(
-            a.claim("n", "x"),
+            a.claim(&req("n", "x")),
             Err(Error::AlreadyExists { .. })
         ));
-        a.claim("m", "x").unwrap();
-        assert_eq!(a.len(), 2);
-        assert!(a.cancel("n", "x"));
-        a.release("n", "x");
-        assert!(!a.cancel("n", "x"));
-        a.claim("n", "x").unwrap();
+        a.claim(&req("m", "x")).unwrap();
+        assert_eq!(a.in_flight(), 2);
+        h.set_state(ActionState::Running);
+        assert_eq!(a.get("n", "x").unwrap().state(), ActionState::Running);
+        a.cancel("n", "x", "by test").unwrap();
+        assert!(h.cancel.is_cancelled());
+        assert_eq!(h.cancel_reason(), "action was cancelled: by test");
+        h.finished(&Outcome::Output(b"o".to_vec()));
+        assert!(matches!(
+            a.cancel("n", "x", ""),
+            Err(Error::Finished { .. })
+        ));
+        assert!(matches!(
+            a.cancel("n", "zz", ""),
+            Err(Error::NotFound { .. })
+        ));
+        h.reported();
+        assert_eq!(a.in_flight(), 1);
+        assert_eq!(a.list(Some("n"), Some(ActionState::Reported)).len(), 1);
+        // Reported: the id may be used again.
+        a.claim(&req("n", "x")).unwrap();
+    }
+
+    #[test]
+    fn reported_entries_are_evicted() {
+        let a = Arc::new(Actions::default());
+        for i in 0..KEEP_REPORTED + 5 {
+            a.claim(&req("n", &format!("a{i}"))).unwrap().reported();
+        }
+        assert_eq!(a.list(None, None).len(), KEEP_REPORTED);
+        assert!(a.get("n", "a0").is_none());
     }
 }

@@ -29,6 +29,11 @@ pub enum Error {
         namespace: String,
         action_id: String,
     },
+    /// action {action_id} in namespace {namespace} has already finished
+    Finished {
+        namespace: String,
+        action_id: String,
+    },
     /// {0}
     Config(#[from] ConfigError),
     /// {0}
@@ -50,6 +55,7 @@ impl From<Error> for Status {
             Error::Busy(_) => Status::resource_exhausted(msg),
             Error::ShuttingDown => Status::unavailable(msg),
             Error::NotFound { .. } => Status::not_found(msg),
+            Error::Finished { .. } => Status::failed_precondition(msg),
             Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) | Error::Network(_) => {
                 Status::failed_precondition(msg)
             }

@@ -4,6 +4,7 @@
 pub mod actions;
 pub mod config;
 pub mod containerd;
+pub mod control;
 pub mod error;
 pub mod image;
 pub mod network;

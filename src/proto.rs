@@ -12,3 +12,9 @@ pub mod isolate {
 pub mod flow {
     tonic::include_proto!("flow");
 }
+
+/// `package isolated.control.v1;`: isolated's own control service.
+#[allow(clippy::all, missing_docs)]
+pub mod control {
+    tonic::include_proto!("isolated.control.v1");
+}

@@ -29,19 +29,11 @@ impl DirektivIsolate for IsolateService {
     ) -> Result<Response<()>, Status> {
         let req =
             ActionRequest::validate(request.into_inner(), &self.limits).map_err(Error::from)?;
-        let cancel = self.actions.claim(&req.namespace, &req.action_id)?;
+        let handle = self.actions.claim(&req)?;
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
-        let action = Action::new(&self.runner.cfg, req, cancel);
-        let (runner, actions) = (self.runner.clone(), self.actions.clone());
-        tokio::spawn(
-            async move {
-                let (ns, id) = (action.req.namespace.clone(), action.req.action_id.clone());
-                runner.run(action).await;
-                actions.release(&ns, &id);
-            }
-            .in_current_span(),
-        );
+        let action = Action::new(&self.runner.cfg, req, handle);
+        tokio::spawn(self.runner.clone().run(action).in_current_span());
         Ok(Response::new(()))
     }
 }

@@ -12,8 +12,10 @@ use clap::Parser;
 use direktiv_isolate::actions::Actions;
 use direktiv_isolate::config::{Config, Options};
 use direktiv_isolate::containerd::Containerd;
+use direktiv_isolate::control::ControlService;
 use direktiv_isolate::image::ImageService;
 use direktiv_isolate::network::Networks;
+use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServer;
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
 use direktiv_isolate::report::flow::Reporter;
 use direktiv_isolate::runner::Runner;
@@ -123,6 +125,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         networks,
     });
     let actions = Arc::new(Actions::default());
+    let control = ControlService {
+        actions: actions.clone(),
+        images: runner.images.clone(),
+        namespace_prefix: cfg.namespace_prefix.clone(),
+    };
     let isolate = IsolateService {
         runner,
         actions: actions.clone(),
@@ -131,6 +138,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(bind = %cfg.bind, flow = %cfg.flow_endpoint, "serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .add_service(
+            IsolateControlServer::new(control)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
         .add_service(
             DirektivIsolateServer::new(isolate)
                 .max_decoding_message_size(max_message)
@@ -141,16 +153,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("gRPC server failed")?;
 
     info!(
-        running = actions.len(),
+        running = actions.in_flight(),
         "stopped accepting; letting running actions finish"
     );
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    while !actions.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if !actions.is_empty() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, actions.drained())
+        .await
+        .is_err()
+    {
         warn!(
-            unfinished = actions.len(),
+            unfinished = actions.in_flight(),
             "exiting with actions unfinished"
         );
     }

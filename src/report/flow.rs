@@ -58,11 +58,13 @@ impl Reporter {
             .map(|_| ())
     }
 
-    /// Sends until acknowledged. Never gives up: a report is never dropped.
-    pub async fn deliver(&self, report: &Report) {
+    /// Sends until acknowledged, calling `on_attempt` before each try.
+    /// Never gives up: a report is never dropped.
+    pub async fn deliver(&self, report: &Report, on_attempt: impl Fn()) {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
+            on_attempt();
             match self.send(report).await {
                 Ok(()) => {
                     debug!(attempt, "report acknowledged");

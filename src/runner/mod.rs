@@ -20,14 +20,15 @@ use containerd_client::services::v1::{
     container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteTaskRequest, StartRequest, WaitRequest,
 };
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::actions::Handle;
 use crate::config::Config;
 use crate::containerd::{self as cd_mod, with_ns, Containerd};
 use crate::image::{Image, ImageError, ImageService};
 use crate::network::{NetTarget, NetworkError, Networks};
+use crate::proto::control::ActionState;
 use crate::reaper;
 use crate::report::flow::Reporter;
 use crate::report::{ErrorCode, Outcome, Report, Stopped};
@@ -92,18 +93,18 @@ pub struct Action {
     pub cns: String,
     /// `<state>/actions/<cns>/<actionId>`.
     pub dir: PathBuf,
-    pub cancel: CancellationToken,
+    pub handle: Handle,
 }
 
 impl Action {
-    pub fn new(cfg: &Config, req: ActionRequest, cancel: CancellationToken) -> Action {
+    pub fn new(cfg: &Config, req: ActionRequest, handle: Handle) -> Action {
         let cns = cfg.containerd_namespace(&req.namespace);
         let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
         Action {
             req,
             cns,
             dir,
-            cancel,
+            handle,
         }
     }
 
@@ -141,6 +142,7 @@ impl Runner {
         async {
             let started = Instant::now();
             let outcome = self.execute(&action).await;
+            action.handle.finished(&outcome);
             info!(
                 code = outcome.code().unwrap_or("ok"),
                 ms = started.elapsed().as_millis() as u64,
@@ -153,12 +155,13 @@ impl Runner {
                 outcome,
             };
             self.reporter
-                .deliver(&report)
+                .deliver(&report, || action.handle.report_attempt())
                 .instrument(info_span!("report"))
                 .await;
             self.cleanup(&action)
                 .instrument(info_span!("cleanup"))
                 .await;
+            action.handle.reported();
         }
         .instrument(span)
         .await
@@ -168,6 +171,7 @@ impl Runner {
         if let Err(e) = prepare_dir(a) {
             return Outcome::failed(e.code(), e.to_string());
         }
+        a.handle.set_state(ActionState::Pulling);
         let image = match self
             .images
             .ensure(&a.cns, &a.req.reference, &a.req.registries)
@@ -180,11 +184,8 @@ impl Runner {
                 return Outcome::failed(e.code(), e.to_string());
             }
         };
-        if a.cancel.is_cancelled() {
-            return Outcome::failed(
-                ErrorCode::Cancelled,
-                "action was cancelled before it started",
-            );
+        if a.handle.cancel.is_cancelled() {
+            return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
         }
         let (mut stdio, memory) = match self
             .create(a, &image)
@@ -317,10 +318,11 @@ impl Runner {
             .await
             .map_err(RunError::containerd("create the container"))?;
 
-        let stdio = Stdio::open(&a.dir).map_err(|source| RunError::DataDir {
-            path: a.dir.clone(),
-            source,
-        })?;
+        let stdio =
+            Stdio::open(&a.dir, a.handle.logs.clone()).map_err(|source| RunError::DataDir {
+                path: a.dir.clone(),
+                source,
+            })?;
         let task = CreateTaskRequest {
             container_id: a.id().to_string(),
             rootfs: mounts,
@@ -354,6 +356,7 @@ impl Runner {
             .start(with_ns(start, &a.cns, None))
             .await
             .map_err(RunError::containerd("start the task"))?;
+        a.handle.set_state(ActionState::Running);
         let deadline = tokio::time::Instant::now() + a.req.timeout;
         tokio::select! {
             code = &mut exit => Ok((code?, None)),
@@ -362,10 +365,10 @@ impl Runner {
                 let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
                 Ok((code, Some(Stopped::Timeout(a.req.timeout))))
             }
-            _ = a.cancel.cancelled() => {
+            _ = a.handle.cancel.cancelled() => {
                 info!("cancelled, stopping the task");
                 let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
-                Ok((code, Some(Stopped::Cancelled("action was cancelled".into()))))
+                Ok((code, Some(Stopped::Cancelled(a.handle.cancel_reason()))))
             }
         }
     }

@@ -13,6 +13,8 @@ use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 use tracing::{debug, Instrument};
 
+use crate::actions::Logs;
+
 /// How much of each stream is kept.
 pub const TAIL_BYTES: usize = 1 << 20;
 
@@ -26,30 +28,41 @@ pub struct Stdio {
     // Our own write ends keep the readers from seeing end-of-file before the
     // shim has opened the FIFOs; dropped once the task exists.
     keepalive: Vec<pipe::Sender>,
-    readers: Vec<JoinHandle<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    logs: std::sync::Arc<Logs>,
 }
 
 impl Stdio {
     /// Creates `stdout` and `stderr` FIFOs in `dir` and starts reading them.
-    pub fn open(dir: &Path) -> std::io::Result<Stdio> {
+    pub fn open(dir: &Path, logs: std::sync::Arc<Logs>) -> std::io::Result<Stdio> {
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
         let mut keepalive = Vec::new();
         let mut readers = Vec::new();
-        for (path, name) in [(&stdout, "stdout"), (&stderr, "stderr")] {
+        for (path, name, stream) in [
+            (&stdout, "stdout", Stream::Stdout),
+            (&stderr, "stderr", Stream::Stderr),
+        ] {
             match nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600)) {
                 Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
                 Err(e) => return Err(e.into()),
             }
             let rx = pipe::OpenOptions::new().open_receiver(path)?;
             keepalive.push(pipe::OpenOptions::new().open_sender(path)?);
-            readers.push(tokio::spawn(drain(rx, name).in_current_span()));
+            let tail = Tail {
+                logs: logs.clone(),
+                stream,
+                name,
+                line: Vec::new(),
+            };
+            readers.push(tokio::spawn(drain(rx, tail).in_current_span()));
         }
         Ok(Stdio {
             stdout,
             stderr,
             keepalive,
             readers,
+            logs,
         })
     }
 
@@ -62,20 +75,13 @@ impl Stdio {
     /// deleted) and returns their tails: `(stdout, stderr)`.
     pub async fn finish(mut self, limit: std::time::Duration) -> (Vec<u8>, Vec<u8>) {
         self.release();
-        let mut tails = Vec::new();
         for r in self.readers.drain(..) {
             let abort = r.abort_handle();
-            match tokio::time::timeout(limit, r).await {
-                Ok(Ok(tail)) => tails.push(tail),
-                _ => {
-                    abort.abort();
-                    tails.push(Vec::new());
-                }
+            if tokio::time::timeout(limit, r).await.is_err() {
+                abort.abort();
             }
         }
-        let stderr = tails.pop().unwrap_or_default();
-        let stdout = tails.pop().unwrap_or_default();
-        (stdout, stderr)
+        self.logs.snapshot()
     }
 }
 
@@ -87,33 +93,44 @@ impl Drop for Stdio {
     }
 }
 
-async fn drain(mut rx: pipe::Receiver, stream: &'static str) -> Vec<u8> {
-    let mut tail = Tail::default();
+async fn drain(mut rx: pipe::Receiver, mut tail: Tail) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => tail.push(&buf[..n], stream),
+            Ok(n) => tail.push(&buf[..n]),
         }
     }
-    tail.flush(stream);
-    tail.bytes
+    tail.flush_line();
 }
 
-/// The last `TAIL_BYTES` of a stream, plus the unfinished line for the log.
-#[derive(Default)]
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Appends to the shared tail of one stream, and logs complete lines.
 struct Tail {
-    bytes: Vec<u8>,
+    logs: std::sync::Arc<Logs>,
+    stream: Stream,
+    name: &'static str,
     line: Vec<u8>,
 }
 
 impl Tail {
-    fn push(&mut self, data: &[u8], stream: &'static str) {
-        self.bytes.extend_from_slice(data);
-        if self.bytes.len() > 2 * TAIL_BYTES {
-            // Trim in big steps so the copy is amortised.
-            let cut = self.bytes.len() - TAIL_BYTES;
-            self.bytes.drain(..cut);
+    fn push(&mut self, data: &[u8]) {
+        {
+            let buf = match self.stream {
+                Stream::Stdout => &self.logs.stdout,
+                Stream::Stderr => &self.logs.stderr,
+            };
+            let mut bytes = buf.lock().unwrap_or_else(|p| p.into_inner());
+            bytes.extend_from_slice(data);
+            if bytes.len() > TAIL_BYTES {
+                let cut = bytes.len() - TAIL_BYTES;
+                bytes.drain(..cut);
+            }
         }
         for chunk in data.split_inclusive(|b| *b == b'\n') {
             if self.line.len() < LOG_LINE_MAX {
@@ -121,20 +138,16 @@ impl Tail {
                 self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             if chunk.ends_with(b"\n") {
-                self.flush(stream);
+                self.flush_line();
             }
         }
     }
 
-    fn flush(&mut self, stream: &'static str) {
+    fn flush_line(&mut self) {
         if !self.line.is_empty() {
             let line = String::from_utf8_lossy(&self.line);
-            debug!(stream, line = %line.trim_end(), "action output");
+            debug!(stream = self.name, line = %line.trim_end(), "action output");
             self.line.clear();
-        }
-        if self.bytes.len() > TAIL_BYTES {
-            let cut = self.bytes.len() - TAIL_BYTES;
-            self.bytes.drain(..cut);
         }
     }
 }
@@ -145,20 +158,27 @@ mod tests {
 
     #[test]
     fn keeps_only_the_tail() {
-        let mut t = Tail::default();
+        let logs = std::sync::Arc::new(Logs::default());
+        let mut t = Tail {
+            logs: logs.clone(),
+            stream: Stream::Stdout,
+            name: "stdout",
+            line: Vec::new(),
+        };
         for i in 0..5u8 {
-            t.push(&vec![i; TAIL_BYTES / 2], "stdout");
+            t.push(&vec![i; TAIL_BYTES / 2]);
         }
-        t.flush("stdout");
-        assert_eq!(t.bytes.len(), TAIL_BYTES);
-        assert!(t.bytes[..TAIL_BYTES / 2].iter().all(|b| *b == 3));
-        assert!(t.bytes[TAIL_BYTES / 2..].iter().all(|b| *b == 4));
+        let (out, err) = logs.snapshot();
+        assert_eq!(out.len(), TAIL_BYTES);
+        assert!(out[..TAIL_BYTES / 2].iter().all(|b| *b == 3));
+        assert!(out[TAIL_BYTES / 2..].iter().all(|b| *b == 4));
+        assert!(err.is_empty());
     }
 
     #[tokio::test]
     async fn reads_until_the_writer_closes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Stdio::open(dir.path()).unwrap();
+        let mut s = Stdio::open(dir.path(), Default::default()).unwrap();
         let mut w = pipe::OpenOptions::new().open_sender(&s.stderr).unwrap();
         s.release();
         use tokio::io::AsyncWriteExt;
