@@ -40,14 +40,14 @@ pub struct SettingDoc {
 }
 
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal, $default_doc:literal $(, $extra:ident = $val:literal)?; )*) => {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, $env:literal, $default_doc:literal $(, $extra:ident = $val:expr)*; )*) => {
         /// The flag/environment layer and the file layer: every field optional.
         #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
         #[serde(deny_unknown_fields)]
         pub struct Options {
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env $(, $extra = $val)?)]
+                #[arg(long, env = $env $(, $extra = $val)*)]
                 #[serde(default)]
                 pub $name: Option<$ty>,
             )*
@@ -87,10 +87,12 @@ macro_rules! settings {
 settings! {
     /// Address the gRPC services listen on.
     bind: SocketAddr = "127.0.0.1:8888".parse().unwrap(), "DIREKTIV_ISOLATE_BIND", "127.0.0.1:8888";
-    /// Where ReportActionResults is sent (host:port or http(s)://host:port).
+    /// Where ReportActionResults is sent (host:port or http(s)://host:port); "none" or empty: no flow engine, results are only kept for the control API.
     flow_endpoint: String = "127.0.0.1:7777".into(), "DIREKTIV_FLOW_ENDPOINT", "127.0.0.1:7777";
-    /// containerd's gRPC socket.
+    /// containerd's gRPC socket (ignored with embedded_containerd).
     containerd_address: PathBuf = "/run/containerd/containerd.sock".into(), "ISOLATED_CONTAINERD_ADDRESS", "/run/containerd/containerd.sock";
+    /// Start and supervise a private containerd (from PATH) with its root, state, socket and config under <state_dir>/containerd.
+    embedded_containerd: bool = false, "ISOLATED_EMBEDDED_CONTAINERD", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Directory for action data, logs and the daemon's state.
     state_dir: PathBuf = "/var/lib/isolated".into(), "ISOLATED_STATE_DIR", "/var/lib/isolated";
     /// Prefix of the containerd namespace of each Direktiv namespace.
@@ -103,6 +105,10 @@ settings! {
     default_timeout_secs: u64 = 1800, "ISOLATED_DEFAULT_TIMEOUT_SECS", "1800";
     /// Longest timeout in seconds; longer requests are clamped to it.
     max_timeout_secs: u64 = 1800, "ISOLATED_MAX_TIMEOUT_SECS", "1800";
+    /// Actions running at once; more wait in the queue.
+    max_running: usize = 32, "ISOLATED_MAX_RUNNING", "32";
+    /// Actions waiting for a slot before RunIsolate answers RESOURCE_EXHAUSTED.
+    max_queued: usize = 1024, "ISOLATED_MAX_QUEUED", "1024";
     /// Seconds between SIGTERM and SIGKILL when an action is stopped.
     kill_grace_secs: u64 = 5, "ISOLATED_KILL_GRACE_SECS", "5";
     /// Largest accepted input (data), in bytes.
@@ -131,6 +137,8 @@ settings! {
     dns_servers: Vec<String> = Vec::new(), "ISOLATED_DNS_SERVERS", "(host's)", value_delimiter = ',';
     /// Log format: text or json.
     log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
+    /// Address of the Prometheus /metrics endpoint (host:port); empty disables it.
+    metrics_bind: String = "127.0.0.1:9464".into(), "ISOLATED_METRICS_BIND", "127.0.0.1:9464";
 }
 
 /// Limits the edge enforces; a view of [`Config`].
@@ -181,11 +189,17 @@ impl Config {
         if self.size_cpus.len() != 3 || self.size_cpus.iter().any(|&c| c.is_nan() || c <= 0.0) {
             return invalid("size_cpus", "needs three positive values");
         }
+        if self.max_running == 0 {
+            return invalid("max_running", "must be positive");
+        }
         if self.max_timeout_secs == 0 {
             return invalid("max_timeout_secs", "must be positive");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "is text or json");
+        }
+        if let Err(e) = crate::metrics::parse_bind(&self.metrics_bind) {
+            return invalid("metrics_bind", &e.to_string());
         }
         Ok(())
     }
@@ -211,6 +225,11 @@ impl Config {
     /// The containerd namespace of a Direktiv namespace.
     pub fn containerd_namespace(&self, namespace: &str) -> String {
         format!("{}{}", self.namespace_prefix, namespace)
+    }
+
+    /// The store's database file.
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("isolated.redb")
     }
 
     /// Root of the per-action directories.

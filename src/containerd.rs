@@ -9,7 +9,7 @@ use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClien
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
-    tasks_client::TasksClient, version_client::VersionClient,
+    namespaces_client::NamespacesClient, tasks_client::TasksClient, version_client::VersionClient,
 };
 use containerd_client::services::v1::{CreateRequest, DeleteRequest};
 use tonic::metadata::MetadataValue;
@@ -67,6 +67,18 @@ impl Containerd {
         })?
         .into_inner();
         Ok((c, version.version))
+    }
+
+    /// Whether containerd answers at all.
+    pub async fn ping(&self) -> Result<(), Status> {
+        VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map(|_| ())
+    }
+
+    pub fn namespaces(&self) -> NamespacesClient<Channel> {
+        NamespacesClient::new(self.channel.clone())
     }
 
     pub fn containers(&self) -> ContainersClient<Channel> {

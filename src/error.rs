@@ -10,6 +10,7 @@ use crate::network::NetworkError;
 use crate::report::flow::EndpointError;
 use crate::request::ValidationError;
 use crate::spec::SpecError;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum Error {
@@ -44,6 +45,8 @@ pub enum Error {
     Endpoint(#[from] EndpointError),
     /// {0}
     Network(#[from] NetworkError),
+    /// {0}
+    Store(#[from] StoreError),
 }
 
 impl From<Error> for Status {
@@ -59,7 +62,7 @@ impl From<Error> for Status {
             Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) | Error::Network(_) => {
                 Status::failed_precondition(msg)
             }
-            Error::Connect(_) => Status::unavailable(msg),
+            Error::Connect(_) | Error::Store(_) => Status::unavailable(msg),
         }
     }
 }

@@ -1,24 +1,28 @@
 //! The gRPC face: `isolate.DirektivIsolate/RunIsolate`. Validates at the
-//! edge, claims the action id, hands the action to the runner and returns
-//! at once. Owns nothing of the action after that.
+//! edge, claims the action id, writes the action durably, hands it to the
+//! runner and returns. Owns nothing of the action after that.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::{info, Instrument};
+use tracing::{error, info, Instrument};
 
-use crate::actions::Actions;
+use crate::actions::{now_ms, Actions};
 use crate::config::Limits;
 use crate::error::Error;
+use crate::proto::control::ActionState;
 use crate::proto::isolate::direktiv_isolate_server::DirektivIsolate;
 use crate::proto::isolate::RunIsolateRequest;
 use crate::request::ActionRequest;
-use crate::runner::{Action, Runner};
+use crate::runner::{Action, Runner, Start};
+use crate::store::{StoredAction, Sync};
 
 pub struct IsolateService {
     pub runner: Arc<Runner>,
     pub actions: Arc<Actions>,
     pub limits: Limits,
+    pub max_queued: usize,
 }
 
 #[tonic::async_trait]
@@ -27,13 +31,37 @@ impl DirektivIsolate for IsolateService {
         &self,
         request: Request<RunIsolateRequest>,
     ) -> Result<Response<()>, Status> {
-        let req =
-            ActionRequest::validate(request.into_inner(), &self.limits).map_err(Error::from)?;
+        let wire = request.into_inner();
+        // The store keeps the request as it came, for recovery.
+        let req = ActionRequest::validate(wire.clone(), &self.limits).map_err(Error::from)?;
+        let queued = self.runner.queued.load(Ordering::SeqCst);
+        if queued >= self.max_queued {
+            return Err(Error::Busy(queued).into());
+        }
         let handle = self.actions.claim(&req)?;
+        let record = StoredAction {
+            request: Some(wire),
+            state: ActionState::Accepted as i32,
+            accepted_at_ms: now_ms(),
+            ..Default::default()
+        };
+        if let Err(e) = self.runner.store.put(&record, Sync::Durable).await {
+            // Not durable, so not accepted: the caller may try again.
+            error!(error = %e, "cannot store an accepted action");
+            handle.reported();
+            return Err(Status::unavailable(format!(
+                "cannot accept the action: {e}"
+            )));
+        }
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
         let action = Action::new(&self.runner.cfg, req, handle);
-        tokio::spawn(self.runner.clone().run(action).in_current_span());
+        tokio::spawn(
+            self.runner
+                .clone()
+                .run(action, record, Start::Fresh)
+                .in_current_span(),
+        );
         Ok(Response::new(()))
     }
 }

@@ -17,10 +17,12 @@ use direktiv_isolate::image::ImageService;
 use direktiv_isolate::network::Networks;
 use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServer;
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
+use direktiv_isolate::recover::recover;
 use direktiv_isolate::report::flow::Reporter;
 use direktiv_isolate::runner::Runner;
 use direktiv_isolate::server::IsolateService;
 use direktiv_isolate::spec::SpecTemplate;
+use direktiv_isolate::store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -106,6 +108,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let max_message = cfg.max_input_bytes.max(cfg.max_output_bytes) + (1 << 20);
     let reporter = Reporter::new(&cfg.flow_endpoint, max_message)?;
     let networks = Networks::new(&cfg)?;
+    let store = Store::open(&cfg.store_path())?;
     let listener = tokio::net::TcpListener::bind(cfg.bind)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.bind))?;
@@ -123,8 +126,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         template,
         reporter,
         networks,
+        store,
+        slots: tokio::sync::Semaphore::new(cfg.max_running),
+        queued: Default::default(),
     });
     let actions = Arc::new(Actions::default());
+    recover(&runner, &actions)
+        .await
+        .context("cannot read the store to recover accepted actions")?;
     let control = ControlService {
         actions: actions.clone(),
         images: runner.images.clone(),
@@ -134,6 +143,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         runner,
         actions: actions.clone(),
         limits: cfg.limits(),
+        max_queued: cfg.max_queued,
     };
     info!(bind = %cfg.bind, flow = %cfg.flow_endpoint, "serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

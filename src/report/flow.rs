@@ -7,8 +7,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
-use super::Report;
 use crate::proto::flow::direktiv_flow_client::DirektivFlowClient;
+use crate::proto::flow::ReportActionResultsRequest;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 /// flow endpoint {endpoint:?} is not a valid address: {reason}
@@ -50,17 +50,17 @@ impl Reporter {
     }
 
     /// One attempt.
-    pub async fn send(&self, report: &Report) -> Result<(), tonic::Status> {
+    pub async fn send(&self, report: &ReportActionResultsRequest) -> Result<(), tonic::Status> {
         self.client
             .clone()
-            .report_action_results(report.to_wire())
+            .report_action_results(report.clone())
             .await
             .map(|_| ())
     }
 
     /// Sends until acknowledged, calling `on_attempt` before each try.
     /// Never gives up: a report is never dropped.
-    pub async fn deliver(&self, report: &Report, on_attempt: impl Fn()) {
+    pub async fn deliver(&self, report: &ReportActionResultsRequest, on_attempt: impl Fn()) {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {

@@ -59,6 +59,17 @@ impl Outcome {
         }
     }
 
+    /// The outcome a stored report carries.
+    pub fn from_wire(r: &ReportActionResultsRequest) -> Self {
+        match &r.error_code {
+            Some(code) => Outcome::Failed {
+                code: code.clone(),
+                message: r.error_message.clone().unwrap_or_default(),
+            },
+            None => Outcome::Output(r.output.clone().unwrap_or_default()),
+        }
+    }
+
     /// The code of a failure, for logs and metrics.
     pub fn code(&self) -> Option<&str> {
         match self {

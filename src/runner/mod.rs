@@ -12,28 +12,31 @@ pub mod collect;
 pub mod stdio;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
     container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
-    DeleteContainerRequest, DeleteTaskRequest, StartRequest, WaitRequest,
+    DeleteContainerRequest, DeleteTaskRequest, GetRequest, StartRequest, WaitRequest,
 };
 use tonic::Code;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::actions::Handle;
+use crate::actions::{now_ms, Handle};
 use crate::config::Config;
 use crate::containerd::{self as cd_mod, with_ns, Containerd};
 use crate::image::{Image, ImageError, ImageService};
 use crate::network::{NetTarget, NetworkError, Networks};
 use crate::proto::control::ActionState;
+use crate::proto::flow::ReportActionResultsRequest;
 use crate::reaper;
 use crate::report::flow::Reporter;
 use crate::report::{ErrorCode, Outcome, Report, Stopped};
 use crate::request::ActionRequest;
 use crate::spec::{self, SpecError, SpecInput, SpecTemplate};
+use crate::store::{Store, StoreError, StoredAction, Sync};
 
 use self::stdio::Stdio;
 
@@ -50,7 +53,13 @@ pub enum RunError {
     /// {0}
     Spec(#[from] SpecError),
     /// containerd failed to {what}: {message}
-    Containerd { what: &'static str, message: String },
+    Containerd {
+        what: &'static str,
+        message: String,
+        code: Code,
+    },
+    /// {0}
+    Store(#[from] StoreError),
     /// {0}
     Network(#[from] NetworkError),
 }
@@ -60,7 +69,19 @@ impl RunError {
         move |s| RunError::Containerd {
             what,
             message: s.message().to_string(),
+            code: s.code(),
         }
+    }
+
+    /// Whether containerd could not be reached (as opposed to refusing).
+    pub fn containerd_unavailable(&self) -> bool {
+        matches!(
+            self,
+            RunError::Containerd {
+                code: Code::Unavailable,
+                ..
+            } | RunError::Image(ImageError::Internal { .. })
+        )
     }
 
     /// The report code: the image's fault, the data dir's, or ours.
@@ -71,7 +92,9 @@ impl RunError {
             RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
             RunError::Image(_) => ErrorCode::Image,
             RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
-            RunError::Spec(_) | RunError::Containerd { .. } => ErrorCode::Internal,
+            RunError::Spec(_) | RunError::Containerd { .. } | RunError::Store(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -84,6 +107,11 @@ pub struct Runner {
     pub template: SpecTemplate,
     pub reporter: Reporter,
     pub networks: Networks,
+    pub store: Store,
+    /// One permit per action allowed to run at once.
+    pub slots: tokio::sync::Semaphore,
+    /// Actions waiting for a permit.
+    pub queued: AtomicUsize,
 }
 
 /// One action in the runner's hands.
@@ -124,15 +152,27 @@ impl Action {
         }
     }
 
-    fn cgroups_path(&self) -> String {
+    pub fn cgroups_path(&self) -> String {
         format!("/isolated/{}/{}", self.cns, self.req.action_id)
     }
 }
 
+/// Where a run starts: a new action, one recovered after a restart whose
+/// task may still be running, or one whose report is still to deliver.
+pub enum Start {
+    Fresh,
+    Resume { deadline_ms: i64 },
+    Deliver(ReportActionResultsRequest),
+}
+
+/// How long a fresh action waits for an unreachable containerd before it
+/// is reported as an internal error.
+const CONTAINERD_WAIT: Duration = Duration::from_secs(300);
+
 impl Runner {
     /// Runs, reports and cleans up one action. Never fails: every failure
     /// becomes the action's report.
-    pub async fn run(self: Arc<Self>, action: Action) {
+    pub async fn run(self: Arc<Self>, action: Action, mut record: StoredAction, start: Start) {
         let span = info_span!(
             "action",
             namespace = %action.req.namespace,
@@ -140,24 +180,51 @@ impl Runner {
             action_id = %action.req.action_id,
         );
         async {
-            let started = Instant::now();
-            let outcome = self.execute(&action).await;
-            action.handle.finished(&outcome);
-            info!(
-                code = outcome.code().unwrap_or("ok"),
-                ms = started.elapsed().as_millis() as u64,
-                "action finished"
-            );
-            let report = Report {
-                instance_id: action.req.instance_id.clone(),
-                step: action.req.step,
-                action_id: action.req.action_id.clone(),
-                outcome,
+            let report = match start {
+                Start::Deliver(report) => {
+                    action.handle.finished(&Outcome::from_wire(&report));
+                    report
+                }
+                Start::Fresh | Start::Resume { .. } => {
+                    let started = Instant::now();
+                    let outcome = match start {
+                        Start::Resume { deadline_ms } => self.resume(&action, deadline_ms).await,
+                        _ => self.run_fresh(&action, &mut record).await,
+                    };
+                    action.handle.finished(&outcome);
+                    info!(
+                        code = outcome.code().unwrap_or("ok"),
+                        ms = started.elapsed().as_millis() as u64,
+                        "action finished"
+                    );
+                    let report = Report {
+                        instance_id: action.req.instance_id.clone(),
+                        step: action.req.step,
+                        action_id: action.req.action_id.clone(),
+                        outcome,
+                    }
+                    .to_wire();
+                    record.state = ActionState::Finished as i32;
+                    record.report = Some(report.clone());
+                    if let Err(e) = self.store.put(&record, Sync::Durable).await {
+                        // Still delivered from memory; only a crash before
+                        // delivery would lose it now.
+                        error!(error = %e, "cannot store the report");
+                    }
+                    report
+                }
             };
             self.reporter
                 .deliver(&report, || action.handle.report_attempt())
                 .instrument(info_span!("report"))
                 .await;
+            if let Err(e) = self
+                .store
+                .remove(&action.req.namespace, &action.req.action_id, Sync::Lazy)
+                .await
+            {
+                warn!(error = %e, "cannot remove the delivered action from the store");
+            }
             self.cleanup(&action)
                 .instrument(info_span!("cleanup"))
                 .await;
@@ -167,44 +234,174 @@ impl Runner {
         .await
     }
 
-    async fn execute(&self, a: &Action) -> Outcome {
-        if let Err(e) = prepare_dir(a) {
-            return Outcome::failed(e.code(), e.to_string());
+    /// A new action: waits for a slot, then runs it. While containerd is
+    /// unreachable before the task started, it waits and tries again rather
+    /// than report a failure that is nobody's fault.
+    async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
+        let permit = {
+            self.queued.fetch_add(1, Ordering::SeqCst);
+            let permit = self.slots.acquire().await;
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            permit
+        };
+        let _permit = match permit {
+            Ok(p) => p,
+            Err(_) => return Outcome::failed(ErrorCode::Internal, "isolated is shutting down"),
+        };
+        let give_up = Instant::now() + CONTAINERD_WAIT;
+        loop {
+            match self.attempt(a, record).await {
+                Ok(outcome) => return outcome,
+                Err(e)
+                    if e.containerd_unavailable()
+                        && record.state() != ActionState::Running
+                        && Instant::now() < give_up =>
+                {
+                    warn!(error = %e, "containerd is unreachable; waiting for it before trying again");
+                    self.cleanup_containerd(a).await;
+                    self.wait_for_containerd(give_up).await;
+                }
+                Err(e) => return Outcome::failed(e.code(), e.to_string()),
+            }
         }
+    }
+
+    async fn wait_for_containerd(&self, until: Instant) {
+        let mut backoff = Duration::from_millis(200);
+        while Instant::now() < until {
+            if self.cd.ping().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One try: pull, create, start, supervise, collect.
+    async fn attempt(&self, a: &Action, record: &mut StoredAction) -> Result<Outcome, RunError> {
+        prepare_dir(a)?;
         a.handle.set_state(ActionState::Pulling);
-        let image = match self
+        record.state = ActionState::Pulling as i32;
+        self.store.put(record, Sync::Lazy).await?;
+        let image = self
             .images
             .ensure(&a.cns, &a.req.reference, &a.req.registries)
             .instrument(info_span!("pull", image = %a.req.image))
-            .await
-        {
-            Ok(image) => image,
-            Err(e) => {
-                let e = RunError::from(e);
-                return Outcome::failed(e.code(), e.to_string());
-            }
-        };
+            .await?;
         if a.handle.cancel.is_cancelled() {
-            return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
+            return Ok(Outcome::failed(
+                ErrorCode::Cancelled,
+                a.handle.cancel_reason(),
+            ));
         }
-        let (mut stdio, memory) = match self
+        let (mut stdio, memory) = self
             .create(a, &image)
             .instrument(info_span!("create"))
-            .await
-        {
-            Ok(created) => created,
-            Err(e) => return Outcome::failed(e.code(), e.to_string()),
-        };
+            .await?;
         stdio.release();
-        let waited = self.wait(a).instrument(info_span!("wait")).await;
-        let (exit_code, stopped) = match waited {
-            Ok(w) => w,
-            Err(e) => return Outcome::failed(e.code(), e.to_string()),
+
+        let start = StartRequest {
+            container_id: a.id().to_string(),
+            exec_id: String::new(),
         };
-        collect::collect(self, a, stdio, exit_code, stopped, memory)
+        // Wait is registered before Start so that an instant exit is seen.
+        let mut exit = Box::pin(wait_exit(
+            self.cd.clone(),
+            a.cns.clone(),
+            a.id().to_string(),
+        ));
+        self.cd
+            .tasks()
+            .start(with_ns(start, &a.cns, None))
+            .instrument(info_span!("start"))
+            .await
+            .map_err(RunError::containerd("start the task"))?;
+        let deadline_ms = now_ms() + a.req.timeout.as_millis() as i64;
+        a.handle.set_state(ActionState::Running);
+        record.state = ActionState::Running as i32;
+        record.started_at_ms = now_ms();
+        record.deadline_ms = deadline_ms;
+        // The credentials did their job; they need not stay on disk.
+        if let Some(r) = record.request.as_mut() {
+            r.registries.clear();
+        }
+        if let Err(e) = self.store.put(record, Sync::Durable).await {
+            // The task runs; losing the deadline only matters after a crash.
+            error!(error = %e, "cannot store the running state");
+        }
+        let (code, stopped) = self
+            .supervise(a, deadline_ms, &mut exit)
+            .instrument(info_span!("wait"))
+            .await?;
+        Ok(collect::collect(self, a, stdio, code, stopped, memory)
             .instrument(info_span!("collect"))
             .await
-            .outcome()
+            .outcome())
+    }
+
+    /// An action whose task was started by an earlier run of isolated:
+    /// waits for it (or stops it, if its deadline passed meanwhile) and
+    /// collects it like any other.
+    async fn resume(&self, a: &Action, deadline_ms: i64) -> Outcome {
+        let get = GetRequest {
+            container_id: a.id().to_string(),
+            exec_id: String::new(),
+        };
+        if let Err(e) = self.cd.tasks().get(with_ns(get, &a.cns, None)).await {
+            let e = RunError::containerd("find the action's task after a restart")(e);
+            return Outcome::failed(e.code(), e.to_string());
+        }
+        info!("re-attached to the running task");
+        let stdio = Stdio::reopen(&a.dir, a.handle.logs.clone());
+        a.handle.set_state(ActionState::Running);
+        let mut exit = Box::pin(wait_exit(
+            self.cd.clone(),
+            a.cns.clone(),
+            a.id().to_string(),
+        ));
+        let waited = self
+            .supervise(a, deadline_ms, &mut exit)
+            .instrument(info_span!("wait"))
+            .await;
+        match waited {
+            Ok((code, stopped)) => {
+                let memory = (self.cfg.size_memory_mib[a.req.size.index()] as i64) << 20;
+                collect::collect(self, a, stdio, code, stopped, memory)
+                    .instrument(info_span!("collect"))
+                    .await
+                    .outcome()
+            }
+            Err(e) => Outcome::failed(e.code(), e.to_string()),
+        }
+    }
+
+    /// Waits for the task's exit, its deadline or its cancellation, and
+    /// returns the exit code and why isolated stopped it, if it did.
+    async fn supervise<F>(
+        &self,
+        a: &Action,
+        deadline_ms: i64,
+        exit: &mut F,
+    ) -> Result<(u32, Option<Stopped>), RunError>
+    where
+        F: std::future::Future<Output = Result<u32, RunError>> + Unpin,
+    {
+        let left = Duration::from_millis((deadline_ms - now_ms()).max(0) as u64);
+        let deadline = tokio::time::Instant::now() + left;
+        let grace = self.cfg.kill_grace();
+        tokio::select! {
+            code = &mut *exit => Ok((code?, None)),
+            _ = tokio::time::sleep_until(deadline) => {
+                warn!(timeout_s = a.req.timeout.as_secs(), "deadline passed, stopping the task");
+                let code = reaper::stop(&self.cd, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
+                Ok((code, Some(Stopped::Timeout(a.req.timeout))))
+            }
+            _ = a.handle.cancel.cancelled() => {
+                info!("cancelled, stopping the task");
+                let code = reaper::stop(&self.cd, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
+                Ok((code, Some(Stopped::Cancelled(a.handle.cancel_reason()))))
+            }
+        }
     }
 
     /// Snapshot, spec, container and task, in that order, under one lease.
@@ -232,11 +429,24 @@ impl Runner {
             parent: image.top_chain.clone().unwrap_or_default(),
             labels: labels.clone(),
         };
-        let mounts = self
+        let prepared = self
             .cd
             .snapshots()
-            .prepare(with_ns(prepare, &a.cns, Some(lease)))
-            .await
+            .prepare(with_ns(prepare.clone(), &a.cns, Some(lease)))
+            .await;
+        let prepared = match prepared {
+            Err(e) if e.code() == Code::AlreadyExists => {
+                // Left by a run of this action that died before its report:
+                // start from a clean slate.
+                self.cleanup_containerd(a).await;
+                self.cd
+                    .snapshots()
+                    .prepare(with_ns(prepare, &a.cns, Some(lease)))
+                    .await
+            }
+            other => other,
+        };
+        let mounts = prepared
             .map_err(RunError::containerd("prepare the action's snapshot"))?
             .into_inner()
             .mounts;
@@ -338,47 +548,22 @@ impl Runner {
         Ok((stdio, memory))
     }
 
-    /// Starts the task and waits for its exit, its deadline or its
-    /// cancellation. Returns the exit code and why isolated stopped it.
-    async fn wait(&self, a: &Action) -> Result<(u32, Option<Stopped>), RunError> {
-        // Wait is registered before Start so that an instant exit is seen.
-        let mut exit = Box::pin(wait_exit(
-            self.cd.clone(),
-            a.cns.clone(),
-            a.id().to_string(),
-        ));
-        let start = StartRequest {
-            container_id: a.id().to_string(),
-            exec_id: String::new(),
-        };
-        self.cd
-            .tasks()
-            .start(with_ns(start, &a.cns, None))
-            .await
-            .map_err(RunError::containerd("start the task"))?;
-        a.handle.set_state(ActionState::Running);
-        let deadline = tokio::time::Instant::now() + a.req.timeout;
-        tokio::select! {
-            code = &mut exit => Ok((code?, None)),
-            _ = tokio::time::sleep_until(deadline) => {
-                warn!(timeout_s = a.req.timeout.as_secs(), "deadline passed, stopping the task");
-                let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
-                Ok((code, Some(Stopped::Timeout(a.req.timeout))))
-            }
-            _ = a.handle.cancel.cancelled() => {
-                info!("cancelled, stopping the task");
-                let code = reaper::stop(&self.cd, &a.cns, a.id(), self.cfg.kill_grace(), &mut exit).await?;
-                Ok((code, Some(Stopped::Cancelled(a.handle.cancel_reason()))))
-            }
-        }
-    }
-
     /// Removes the task, container, snapshot and directory of an action.
     /// Each step tolerates what is already gone, so it can run after any
     /// failure and again after a crash.
     pub async fn cleanup(&self, a: &Action) {
-        delete_task(&self.cd, &a.cns, a.id()).await;
+        self.cleanup_containerd(a).await;
         self.networks.detach(&a.net()).await;
+        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
+            }
+        }
+    }
+
+    /// The containerd half of cleanup: task, container, snapshot.
+    pub async fn cleanup_containerd(&self, a: &Action) {
+        delete_task(&self.cd, &a.cns, a.id()).await;
         let del = DeleteContainerRequest {
             id: a.id().to_string(),
         };
@@ -399,11 +584,6 @@ impl Runner {
         if let Err(e) = self.cd.snapshots().remove(with_ns(rm, &a.cns, None)).await {
             if e.code() != Code::NotFound {
                 warn!(error = %e.message(), "cannot remove snapshot");
-            }
-        }
-        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
             }
         }
     }

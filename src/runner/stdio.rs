@@ -66,6 +66,36 @@ impl Stdio {
         })
     }
 
+    /// Reads the FIFOs of a task started by an earlier run of isolated. The
+    /// shim still holds their write ends; if they are gone, so is the output
+    /// (it was in the earlier run's memory), and the streams are empty.
+    pub fn reopen(dir: &Path, logs: std::sync::Arc<Logs>) -> Stdio {
+        let stdout = dir.join("stdout");
+        let stderr = dir.join("stderr");
+        let mut readers = Vec::new();
+        for (path, name, stream) in [
+            (&stdout, "stdout", Stream::Stdout),
+            (&stderr, "stderr", Stream::Stderr),
+        ] {
+            if let Ok(rx) = pipe::OpenOptions::new().open_receiver(path) {
+                let tail = Tail {
+                    logs: logs.clone(),
+                    stream,
+                    name,
+                    line: Vec::new(),
+                };
+                readers.push(tokio::spawn(drain(rx, tail).in_current_span()));
+            }
+        }
+        Stdio {
+            stdout,
+            stderr,
+            keepalive: Vec::new(),
+            readers,
+            logs,
+        }
+    }
+
     /// The shim holds the write ends now; ours would hide its end-of-file.
     pub fn release(&mut self) {
         self.keepalive.clear();

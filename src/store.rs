@@ -1,0 +1,235 @@
+//! The store: what must survive a crash of `isolated`, in an embedded
+//! database (redb) under the state directory.
+//!
+//! One record per accepted action, keyed `<namespace>/<actionId>`, written
+//! (and fsync'd) before `RunIsolate` answers OK, moved through the action's
+//! states, carrying the report once the action finished (the outbox), and
+//! deleted once the flow engine acknowledged that report. Records are
+//! protobuf, reusing the wire messages, so the format is versionable.
+//!
+//! Does not decide anything: recovery (`recover`) reads it back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::proto::control::ActionState;
+use crate::proto::flow::ReportActionResultsRequest;
+use crate::proto::isolate::RunIsolateRequest;
+
+const ACTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("actions");
+
+/// Why the store failed. Every variant is an I/O failure of the state
+/// directory; callers treat them alike.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum StoreError {
+    /// cannot open the store {path}: {reason}
+    Open { path: PathBuf, reason: String },
+    /// cannot write the store: {0}
+    Write(String),
+    /// cannot read the store: {0}
+    Read(String),
+    /// record {key} in the store is corrupt: {reason}
+    Corrupt { key: String, reason: String },
+}
+
+/// One accepted action as the store keeps it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredAction {
+    /// The request as it arrived; registry credentials are dropped once the
+    /// image is pulled, so they do not stay on disk longer than needed.
+    #[prost(message, optional, tag = "1")]
+    pub request: Option<RunIsolateRequest>,
+    #[prost(enumeration = "ActionState", tag = "2")]
+    pub state: i32,
+    #[prost(int64, tag = "3")]
+    pub accepted_at_ms: i64,
+    #[prost(int64, tag = "4")]
+    pub started_at_ms: i64,
+    /// When the reaper must stop the task (Unix ms); set once it runs.
+    #[prost(int64, tag = "5")]
+    pub deadline_ms: i64,
+    #[prost(string, tag = "6")]
+    pub cancel_reason: String,
+    /// The report, once finished: the outbox entry.
+    #[prost(message, optional, tag = "7")]
+    pub report: Option<ReportActionResultsRequest>,
+}
+
+impl StoredAction {
+    pub fn key(&self) -> String {
+        let r = self.request.as_ref();
+        key(
+            r.and_then(|r| r.namespace.as_deref()).unwrap_or_default(),
+            r.and_then(|r| r.action_id.as_deref()).unwrap_or_default(),
+        )
+    }
+}
+
+/// Namespaces and action ids cannot contain `/`, so the key is unambiguous.
+pub fn key(namespace: &str, action_id: &str) -> String {
+    format!("{namespace}/{action_id}")
+}
+
+/// How hard a write must be on disk before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// fsync'd: acceptance, the deadline, the outbox.
+    Durable,
+    /// Lost on power failure, harmlessly: a lost state change replays as an
+    /// earlier state; a lost delete re-delivers a report (at least once).
+    Lazy,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |reason: String| StoreError::Open {
+            path: path.to_owned(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
+        // Records may hold registry credentials until the pull is done.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| open_err(e.to_string()))?;
+        let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(ACTIONS)
+            .map_err(|e| open_err(e.to_string()))?;
+        txn.commit().map_err(|e| open_err(e.to_string()))?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// Inserts or replaces a record.
+    pub async fn put(&self, record: &StoredAction, sync: Sync) -> Result<(), StoreError> {
+        let key = record.key();
+        let bytes = prost::Message::encode_to_vec(record);
+        self.write(sync, move |t| {
+            t.insert(key.as_str(), bytes.as_slice()).map(|_| ())
+        })
+        .await
+    }
+
+    pub async fn remove(
+        &self,
+        namespace: &str,
+        action_id: &str,
+        sync: Sync,
+    ) -> Result<(), StoreError> {
+        self.remove_key(&key(namespace, action_id), sync).await
+    }
+
+    pub async fn remove_key(&self, key: &str, sync: Sync) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.write(sync, move |t| t.remove(key.as_str()).map(|_| ()))
+            .await
+    }
+
+    async fn write<F>(&self, sync: Sync, f: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        // redb's commit blocks on fsync: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let w = |e: &dyn std::fmt::Display| StoreError::Write(e.to_string());
+            let mut txn = db.begin_write().map_err(|e| w(&e))?;
+            if sync == Sync::Lazy {
+                txn.set_durability(Durability::None).map_err(|e| w(&e))?;
+            }
+            {
+                let mut table = txn.open_table(ACTIONS).map_err(|e| w(&e))?;
+                f(&mut table).map_err(|e| w(&e))?;
+            }
+            txn.commit().map_err(|e| w(&e))
+        })
+        .await
+        .map_err(|e| StoreError::Write(e.to_string()))?
+    }
+
+    /// Every record, for recovery at start-up.
+    pub fn load_all(&self) -> Result<Vec<StoredAction>, StoreError> {
+        let r = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
+        let txn = self.db.begin_read().map_err(|e| r(&e))?;
+        let table = txn.open_table(ACTIONS).map_err(|e| r(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| r(&e))? {
+            let (k, v) = row.map_err(|e| r(&e))?;
+            let rec: StoredAction =
+                prost::Message::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: k.value().to_string(),
+                    reason: e.to_string(),
+                })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ns: &str, id: &str, state: ActionState) -> StoredAction {
+        StoredAction {
+            request: Some(RunIsolateRequest {
+                namespace: Some(ns.into()),
+                action_id: Some(id.into()),
+                data: Some(vec![0, 1, 255]),
+                ..Default::default()
+            }),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&rec("n", "a", ActionState::Accepted), Sync::Durable)
+                .await
+                .unwrap();
+            s.put(&rec("n", "b", ActionState::Running), Sync::Durable)
+                .await
+                .unwrap();
+            let mut done = rec("n", "b", ActionState::Finished);
+            done.report = Some(ReportActionResultsRequest {
+                action_id: Some("b".into()),
+                output: Some(b"out".to_vec()),
+                ..Default::default()
+            });
+            s.put(&done, Sync::Durable).await.unwrap();
+            s.put(&rec("m", "c", ActionState::Accepted), Sync::Lazy)
+                .await
+                .unwrap();
+            s.remove("m", "c", Sync::Durable).await.unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let mut all = s.load_all().unwrap();
+        all.sort_by_key(|r| r.key());
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].key(), "n/a");
+        assert_eq!(all[0].request.as_ref().unwrap().data, Some(vec![0, 1, 255]));
+        assert_eq!(all[1].state(), ActionState::Finished);
+        assert_eq!(
+            all[1].report.as_ref().unwrap().output,
+            Some(b"out".to_vec())
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
