@@ -24,11 +24,24 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client of the flow engine, sharing one lazily connected channel.
 #[derive(Clone)]
 pub struct Reporter {
-    client: DirektivFlowClient<Channel>,
+    /// `None` when no flow engine is configured: a node run by hand (or by
+    /// `isolatectl run`) keeps results for the control API only, and a
+    /// report retried forever against nobody would keep every finished
+    /// action's directory and id.
+    client: Option<DirektivFlowClient<Channel>>,
+}
+
+/// Whether the `flow_endpoint` setting says there is no flow engine.
+pub fn is_none(endpoint: &str) -> bool {
+    let e = endpoint.trim();
+    e.is_empty() || e.eq_ignore_ascii_case("none")
 }
 
 impl Reporter {
     pub fn new(endpoint: &str, max_message: usize) -> Result<Self, EndpointError> {
+        if is_none(endpoint) {
+            return Ok(Reporter { client: None });
+        }
         let uri = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
@@ -43,15 +56,20 @@ impl Reporter {
             .timeout(ATTEMPT_TIMEOUT)
             .connect_lazy();
         Ok(Reporter {
-            client: DirektivFlowClient::new(channel)
-                .max_encoding_message_size(max_message)
-                .max_decoding_message_size(max_message),
+            client: Some(
+                DirektivFlowClient::new(channel)
+                    .max_encoding_message_size(max_message)
+                    .max_decoding_message_size(max_message),
+            ),
         })
     }
 
-    /// One attempt.
+    /// One attempt; without a flow engine, delivered at once.
     pub async fn send(&self, report: &ReportActionResultsRequest) -> Result<(), tonic::Status> {
-        self.client
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
+        client
             .clone()
             .report_action_results(report.clone())
             .await
@@ -61,6 +79,7 @@ impl Reporter {
     /// Sends until acknowledged, calling `on_attempt` before each try.
     /// Never gives up: a report is never dropped.
     pub async fn deliver(&self, report: &ReportActionResultsRequest, on_attempt: impl Fn()) {
+        let _timer = crate::metrics::timer(crate::metrics::Phase::Report);
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
@@ -98,6 +117,11 @@ mod tests {
         assert!(Reporter::new("127.0.0.1:7777", 1 << 20).is_ok());
         assert!(Reporter::new("http://flow:7777", 1 << 20).is_ok());
         assert!(Reporter::new("not a uri at all", 1 << 20).is_err());
+        for none in ["none", "", " NONE "] {
+            let r = Reporter::new(none, 1 << 20).unwrap();
+            assert!(r.client.is_none());
+            r.send(&ReportActionResultsRequest::default()).await.unwrap();
+        }
     }
 
     #[test]
