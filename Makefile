@@ -1,13 +1,25 @@
 # direktiv-isolate: build, run, test.
 #
-#   make run    build and run isolated (starts a private containerd if none answers)
-#   make test   install what is missing, then fmt, clippy, unit and integration tests
-#   make bench  the benchmark (see README)
+#   make run          build and run isolated (embedded containerd if no system one answers)
+#   make demo-image   the quick start's demo action as an OCI archive under .run/
+#   make test         install what is missing, then fmt, clippy, unit and integration tests
+#   make install      binaries, /etc/isolated/config.toml, systemd unit, completions
+#   make uninstall    removes what install put there (a config you edited stays)
+#   make bench        the benchmark (see README)
 
 SHELL := /bin/bash
 CARGO ?= cargo
 PREFIX ?= /usr/local
 DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+# systemd reads units from /usr/local/lib/systemd/system too.
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DATADIR ?= $(PREFIX)/share
+# Where install takes the binaries from.
+BUILD_DIR ?= target/release
+# make run: "none" keeps results for isolatectl only; set a flow engine's host:port to report to it.
+FLOW_ENDPOINT ?= none
 
 # Debian packages the build, the daemon and the tests need.
 DEB_PACKAGES := containerd runc protobuf-compiler busybox-static docker-registry \
@@ -16,7 +28,8 @@ DEB_PACKAGES := containerd runc protobuf-compiler busybox-static docker-registry
 RUN_DIR := $(CURDIR)/.run
 SYSTEM_SOCK := /run/containerd/containerd.sock
 
-.PHONY: all build deps run test fmt-check clippy unit integration bench clean
+.PHONY: all build deps run demo-image test fmt-check clippy unit integration bench clean \
+        install install-files uninstall
 
 all: build
 
@@ -36,21 +49,26 @@ build: deps
 	$(CARGO) build --release --bins
 
 # Runs isolated in the foreground against the system containerd, or, when
-# none answers, against a private one started here under .run/.
+# none answers, against its own embedded one under .run/state/containerd.
 run: build
 	@mkdir -p $(RUN_DIR)
 	@if ctr --address $(SYSTEM_SOCK) version >/dev/null 2>&1; then \
 	  echo "using the system containerd at $(SYSTEM_SOCK)"; \
-	  exec ./target/release/isolated --containerd-address $(SYSTEM_SOCK) --state-dir $(RUN_DIR)/state; \
+	  exec ./target/release/isolated --containerd-address $(SYSTEM_SOCK) \
+	    --state-dir $(RUN_DIR)/state --flow-endpoint "$(FLOW_ENDPOINT)"; \
 	else \
-	  echo "no containerd at $(SYSTEM_SOCK): starting a private one under $(RUN_DIR)"; \
-	  printf 'version = 2\nroot = "%s/containerd/root"\nstate = "%s/containerd/state"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "%s/containerd.sock"\n[ttrpc]\n  address = "%s/containerd.sock.ttrpc"\n' \
-	    $(RUN_DIR) $(RUN_DIR) $(RUN_DIR) $(RUN_DIR) > $(RUN_DIR)/containerd.toml; \
-	  containerd --config $(RUN_DIR)/containerd.toml > $(RUN_DIR)/containerd.log 2>&1 & cpid=$$!; \
-	  trap "kill $$cpid; wait $$cpid" EXIT INT TERM; \
-	  for i in $$(seq 100); do ctr --address $(RUN_DIR)/containerd.sock version >/dev/null 2>&1 && break; sleep 0.1; done; \
-	  ./target/release/isolated --containerd-address $(RUN_DIR)/containerd.sock --state-dir $(RUN_DIR)/state; \
+	  echo "no containerd at $(SYSTEM_SOCK): isolated starts its own under $(RUN_DIR)/state/containerd"; \
+	  exec ./target/release/isolated --embedded-containerd \
+	    --state-dir $(RUN_DIR)/state --flow-endpoint "$(FLOW_ENDPOINT)"; \
 	fi
+
+# The quick start's demo action (docker.io/demo/echo:latest), built offline
+# from busybox-static: import it with `isolatectl image import`.
+demo-image: $(RUN_DIR)/demo-echo.tar
+
+$(RUN_DIR)/demo-echo.tar: dist/demo-image.sh
+	@mkdir -p $(RUN_DIR)
+	sh dist/demo-image.sh $@ docker.io/demo/echo:latest
 
 test: deps fmt-check clippy unit integration
 
@@ -65,6 +83,52 @@ unit:
 
 integration:
 	$(CARGO) test --test integration
+
+# The benchmark of README's "Performance" section: isolated against ctr and runc.
+bench: deps
+	$(CARGO) bench --bench e2e
+
+# Installs what `make build` made; install-files alone installs BUILD_DIR's
+# binaries without building (packaging, tests).
+install: build install-files
+
+install-files:
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSCONFDIR)/isolated $(DESTDIR)$(UNITDIR)
+	install -m 755 $(BUILD_DIR)/isolated $(BUILD_DIR)/isolatectl $(DESTDIR)$(BINDIR)/
+	$(BUILD_DIR)/isolated --print-config > $(DESTDIR)$(SYSCONFDIR)/isolated/config.toml.default
+	@# An existing config is the operator's: it is kept, the new defaults go beside it.
+	@if [ ! -e $(DESTDIR)$(SYSCONFDIR)/isolated/config.toml ]; then \
+	  cp $(DESTDIR)$(SYSCONFDIR)/isolated/config.toml.default $(DESTDIR)$(SYSCONFDIR)/isolated/config.toml; \
+	fi
+	@if [ -d runtime-spec/cni ]; then \
+	  install -d $(DESTDIR)$(SYSCONFDIR)/isolated/cni; \
+	  for f in runtime-spec/cni/*.conflist; do \
+	    [ -e $(DESTDIR)$(SYSCONFDIR)/isolated/cni/$$(basename $$f) ] || install -m 644 $$f $(DESTDIR)$(SYSCONFDIR)/isolated/cni/; \
+	  done; \
+	fi
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/isolated.service > $(DESTDIR)$(UNITDIR)/isolated.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/isolated.service
+	install -d $(DESTDIR)$(DATADIR)/bash-completion/completions \
+	  $(DESTDIR)$(DATADIR)/zsh/site-functions $(DESTDIR)$(DATADIR)/fish/vendor_completions.d
+	$(BUILD_DIR)/isolatectl completions bash > $(DESTDIR)$(DATADIR)/bash-completion/completions/isolatectl
+	$(BUILD_DIR)/isolatectl completions zsh > $(DESTDIR)$(DATADIR)/zsh/site-functions/_isolatectl
+	$(BUILD_DIR)/isolatectl completions fish > $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/isolatectl.fish
+	@echo "installed; then: systemctl daemon-reload && systemctl enable --now isolated"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/isolated $(DESTDIR)$(BINDIR)/isolatectl \
+	  $(DESTDIR)$(UNITDIR)/isolated.service \
+	  $(DESTDIR)$(DATADIR)/bash-completion/completions/isolatectl \
+	  $(DESTDIR)$(DATADIR)/zsh/site-functions/_isolatectl \
+	  $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/isolatectl.fish
+	@# The config goes only if it is still the generated one.
+	@c=$(DESTDIR)$(SYSCONFDIR)/isolated; \
+	if [ -e $$c/config.toml.default ] && cmp -s $$c/config.toml $$c/config.toml.default; then rm -f $$c/config.toml; fi; \
+	rm -f $$c/config.toml.default; \
+	for f in runtime-spec/cni/*.conflist; do \
+	  [ -e "$$f" ] && cmp -s $$f $$c/cni/$$(basename $$f) && rm -f $$c/cni/$$(basename $$f); \
+	done; \
+	rmdir $$c/cni $$c 2>/dev/null; true
 
 clean:
 	$(CARGO) clean

@@ -203,7 +203,10 @@ async fn leftover_check_sees_leaks(t: Ctx) -> Result<()> {
     let data = t.env.actions_dir(&t.ns).join(&id);
     std::fs::create_dir_all(&data)?;
     let cns = Env::containerd_namespace(&t.ns);
-    let cgroup_ns = std::path::Path::new("/sys/fs/cgroup/memory/isot-selftest").join(&cns);
+    // A parent of its own: runs on the same machine must not remove each other's.
+    let cgroup_ns = std::path::Path::new("/sys/fs/cgroup/memory")
+        .join(format!("isot-selftest-{id}"))
+        .join(&cns);
     let cgroup = cgroup_ns.join(&id);
     std::fs::create_dir_all(&cgroup)?;
 

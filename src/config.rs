@@ -54,7 +54,7 @@ macro_rules! settings {
         }
 
         /// Resolved settings.
-        #[derive(Debug, Clone)]
+        #[derive(Debug, Clone, serde::Serialize)]
         pub struct Config {
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
@@ -128,17 +128,47 @@ settings! {
     /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
     seccomp_profile: PathBuf = PathBuf::new(), "ISOLATED_SECCOMP_PROFILE", "(built in)";
     /// Network of each action: cni (its own namespace on a CNI network) or none (loopback only).
-    network: String = "none".into(), "ISOLATED_NETWORK", "none";
+    network: String = "cni".into(), "ISOLATED_NETWORK", "cni";
     /// Directory of the CNI plugin binaries.
     cni_bin_dir: PathBuf = "/usr/lib/cni".into(), "ISOLATED_CNI_BIN_DIR", "/usr/lib/cni";
     /// Directory of the CNI network config (*.conflist); empty: the built-in one.
     cni_conf_dir: PathBuf = PathBuf::new(), "ISOLATED_CNI_CONF_DIR", "(built in)";
+    /// Seconds a CNI plugin may take for one command before it is killed.
+    cni_timeout_secs: u64 = 30, "ISOLATED_CNI_TIMEOUT_SECS", "30";
     /// DNS servers for actions (comma separated); empty: the host's resolv.conf.
     dns_servers: Vec<String> = Vec::new(), "ISOLATED_DNS_SERVERS", "(host's)", value_delimiter = ',';
     /// Log format: text or json.
     log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
     /// Address of the Prometheus /metrics endpoint (host:port); empty disables it.
     metrics_bind: String = "127.0.0.1:9464".into(), "ISOLATED_METRICS_BIND", "127.0.0.1:9464";
+}
+
+/// A config file with every setting commented out at its default, each
+/// under its help line: generated from the table, so the file `make
+/// install` puts in /etc/isolated cannot drift from the code.
+pub fn example_toml() -> String {
+    let defaults = toml::Table::try_from(Options::default().resolve()).unwrap_or_default();
+    let mut out = String::from(
+        "# isolated's configuration (isolated --config FILE, or ISOLATED_CONFIG).\n\
+         # Every setting is shown commented out at its default. Flags win over\n\
+         # the environment, the environment over this file.\n",
+    );
+    for s in SETTINGS {
+        let value = match defaults.get(s.key) {
+            Some(v) => v.to_string(),
+            // A setting without a value (none set): its documented default.
+            None => format!("{:?}", s.default),
+        };
+        out.push_str(&format!(
+            "\n# {}\n# (flag {}, environment {})\n#{} = {}\n",
+            s.help.trim(),
+            s.flag.replace('_', "-"),
+            s.env,
+            s.key,
+            value
+        ));
+    }
+    out
 }
 
 /// Limits the edge enforces; a view of [`Config`].
@@ -278,6 +308,63 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(cli, None).is_err());
+    }
+
+    #[test]
+    fn example_config_loads_and_names_every_setting() {
+        let text = example_toml();
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.contains(" = ") && !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let opts: Options = toml::from_str(&uncommented).unwrap();
+        let cfg = opts.resolve();
+        cfg.check().unwrap();
+        assert_eq!(cfg.bind, Options::default().resolve().bind);
+        for s in SETTINGS {
+            assert!(
+                text.contains(&format!("\n#{} = ", s.key)),
+                "{} missing",
+                s.key
+            );
+        }
+    }
+
+    /// README's configuration table is the settings table, row for row, in
+    /// both directions.
+    #[test]
+    fn readme_table_matches_the_settings() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Configuration")
+            .nth(1)
+            .expect("README has a Configuration section");
+        let section = section.split("\n## ").next().unwrap_or(section);
+        let unquote = |c: &str| c.trim().trim_matches('`').to_string();
+        let rows: Vec<Vec<String>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.trim_matches('|').split(" | ").map(unquote).collect())
+            .collect();
+        let documented: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+        for s in SETTINGS {
+            let row = rows
+                .iter()
+                .find(|r| r[0] == s.key)
+                .unwrap_or_else(|| panic!("README's table has no row for {}", s.key));
+            assert_eq!(row.len(), 4, "row of {}", s.key);
+            assert_eq!(row[1], s.env, "environment of {}", s.key);
+            assert_eq!(row[2], s.default, "default of {}", s.key);
+            assert_eq!(row[3], s.help.trim(), "meaning of {}", s.key);
+        }
+        for key in documented {
+            assert!(
+                SETTINGS.iter().any(|s| s.key == key),
+                "README documents {key}, which is no setting"
+            );
+        }
     }
 
     #[test]

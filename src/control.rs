@@ -3,16 +3,19 @@
 //! actions, and image import. A thin layer over [`Actions`] and the image
 //! service; it decides nothing itself.
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actions::Actions;
 use crate::error::Error;
+use crate::image::import::ImportError;
 use crate::image::ImageService;
 use crate::proto::control::isolate_control_server::IsolateControl;
 use crate::proto::control::{
@@ -24,6 +27,9 @@ pub struct ControlService {
     pub actions: Arc<Actions>,
     pub images: Arc<ImageService>,
     pub namespace_prefix: String,
+    /// Where an archive being imported is spooled: it must be read out of
+    /// order (index.json may come last), and a stream cannot be.
+    pub import_dir: PathBuf,
 }
 
 fn not_found(r: &ActionRef) -> Status {
@@ -106,9 +112,74 @@ impl IsolateControl for ControlService {
 
     async fn import_image(
         &self,
-        _req: Request<Streaming<ImportImageRequest>>,
+        req: Request<Streaming<ImportImageRequest>>,
     ) -> Result<Response<ImportImageResponse>, Status> {
-        let _ = (&self.images, &self.namespace_prefix);
-        Err(Status::unimplemented("image import is not implemented yet"))
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the import stream is empty"))?;
+        crate::request::validate_namespace(&first.namespace).map_err(Error::from)?;
+        let namespace = first.namespace.clone();
+        let spool = Spool::create(&self.import_dir).await?;
+        let mut file = tokio::fs::File::from_std(spool.file.try_clone()?);
+        let mut received = first.chunk.len() as u64;
+        file.write_all(&first.chunk).await?;
+        while let Some(msg) = stream.message().await? {
+            received += msg.chunk.len() as u64;
+            file.write_all(&msg.chunk).await?;
+        }
+        file.flush().await?;
+        drop(file);
+        let cns = format!("{}{}", self.namespace_prefix, namespace);
+        tracing::info!(namespace = %namespace, bytes = received, "importing an image archive");
+        let images = self
+            .images
+            .import(&cns, &spool.path)
+            .await
+            .map_err(import_status)?;
+        Ok(Response::new(ImportImageResponse { images }))
+    }
+}
+
+/// The archive's faults are the caller's; containerd's are ours.
+fn import_status(e: ImportError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ImportError::Containerd { .. } | ImportError::Unpack { .. } | ImportError::Io { .. } => {
+            Status::internal(msg)
+        }
+        _ => Status::invalid_argument(msg),
+    }
+}
+
+/// A spooled archive, removed when dropped, whatever the import's outcome.
+struct Spool {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Spool {
+    async fn create(dir: &std::path::Path) -> Result<Spool, Status> {
+        let fail = |e: std::io::Error| {
+            Status::internal(format!(
+                "cannot spool the archive under {}: {e}",
+                dir.display()
+            ))
+        };
+        tokio::fs::create_dir_all(dir).await.map_err(fail)?;
+        let path = dir.join(format!("import-{:016x}.tar", rand::random::<u64>()));
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .map_err(fail)?;
+        Ok(Spool { path, file })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -143,6 +143,18 @@ impl ActionRequest {
     }
 }
 
+/// Checks a namespace by the rules of RunIsolate's, for the control API's
+/// calls that name one without running anything (image import).
+pub fn validate_namespace(namespace: &str) -> Result<(), ValidationError> {
+    if namespace.is_empty() {
+        return Err(ValidationError::Missing("namespace"));
+    }
+    if !is_identifier(namespace, 63, false) {
+        return Err(ValidationError::Namespace(namespace.to_string()));
+    }
+    Ok(())
+}
+
 /// Parses an image reference the way Docker does (`alpine` is
 /// `docker.io/library/alpine:latest`).
 pub fn parse_reference(image: &str) -> Result<Reference, ValidationError> {

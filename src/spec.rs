@@ -155,6 +155,26 @@ impl SpecTemplate {
         spec.mounts_mut()
             .get_or_insert_with(Vec::new)
             .push(data_mount);
+        for (source, destination) in &input.files {
+            // Read-only: the files are per action, but a writable one would
+            // let the action fill the state dir's disk.
+            let file_mount = MountBuilder::default()
+                .destination(destination)
+                .typ("bind")
+                .source(source)
+                .options(vec![
+                    "rbind".into(),
+                    "ro".into(),
+                    "nosuid".into(),
+                    "nodev".into(),
+                    "noexec".into(),
+                ])
+                .build()
+                .map_err(|e| SpecError::Encode(e.to_string()))?;
+            spec.mounts_mut()
+                .get_or_insert_with(Vec::new)
+                .push(file_mount);
+        }
 
         let linux = spec.linux_mut().get_or_insert_with(Default::default);
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
@@ -482,6 +502,39 @@ mod tests {
             .is_some_and(|m| m.iter().any(|p| p == "/proc/sys")));
         let any = to_any(&spec).unwrap();
         assert!(any.type_url.ends_with("runtime-spec/1/Spec"));
+    }
+
+    #[test]
+    fn network_files_are_read_only_binds_and_the_netns_is_joined() {
+        let img = image(Some(vec!["x"]), None, vec![], None);
+        let mut inp = input(&img, None);
+        inp.netns = Some(PathBuf::from("/s/netns/ns/a"));
+        inp.files = vec![(PathBuf::from("/s/actions/ns/a/hosts"), "/etc/hosts".into())];
+        let spec = template().build(&inp).unwrap();
+        let hosts = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/etc/hosts"))
+            .unwrap();
+        assert_eq!(
+            hosts.source().as_deref(),
+            Some(Path::new("/s/actions/ns/a/hosts"))
+        );
+        let opts = hosts.options().as_ref().unwrap();
+        assert!(opts.iter().any(|o| o == "ro") && !opts.iter().any(|o| o == "rw"));
+        let net = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .unwrap();
+        assert_eq!(net.path().as_deref(), Some(Path::new("/s/netns/ns/a")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a finished action must not leave behind (ISOLATE.md §6): containers, tasks and
-//! non-committed snapshots in its containerd namespace, its cgroup, and its data
-//! directories; and the removal of the per-namespace cgroup directories after a run.
+//! non-committed snapshots in its containerd namespace, its cgroup, its data directories
+//! and its network (namespace, attachment record, IPAM lease); and the removal of the
+//! per-namespace cgroup directories after a run.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +56,9 @@ impl Env {
             }
         }
 
+        for cgroup in action_cgroups(&cns) {
+            left.push(format!("cgroup {}", cgroup.display()));
+        }
         for cgroup in namespace_cgroups(&cns) {
             if let Ok(entries) = std::fs::read_dir(&cgroup) {
                 for e in entries.flatten().filter(|e| e.path().is_dir()) {
@@ -69,6 +73,7 @@ impl Env {
                 left.push(format!("state dir entry {}", e.path().display()));
             }
         }
+        left.extend(network_leftovers(self.state_dir(), &cns));
         Ok(left)
     }
 
@@ -91,6 +96,36 @@ impl Env {
             interval = (interval * 2).min(Duration::from_millis(500));
         }
     }
+}
+
+/// The network state isolated keeps under `state_dir` for containerd namespace `cns`:
+/// pinned network namespaces, attachment records, and host-local IPAM leases (whose
+/// files hold the CNI container id, `<cns>--<actionId>`).
+pub fn network_leftovers(state_dir: &Path, cns: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for sub in ["netns", "cni/attachments"] {
+        if let Ok(entries) = std::fs::read_dir(state_dir.join(sub).join(cns)) {
+            for e in entries.flatten() {
+                left.push(format!("network state {}", e.path().display()));
+            }
+        }
+    }
+    let owner = format!("{cns}--");
+    if let Ok(networks) = std::fs::read_dir(state_dir.join("cni/ipam")) {
+        for net in networks.flatten() {
+            for lease in std::fs::read_dir(net.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let held = std::fs::read_to_string(lease.path()).unwrap_or_default();
+                if held.starts_with(&owner) {
+                    left.push(format!("IPAM lease {}", lease.path().display()));
+                }
+            }
+        }
+    }
+    left
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -119,6 +154,29 @@ pub fn namespace_cgroups(cns: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Per-action cgroup directories of containerd namespace `cns`: isolated names them
+/// `<cns>@<actionId>` under one parent of its own.
+pub fn action_cgroups(cns: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, prefix: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(e.path());
+            } else if depth > 0 {
+                walk(&e.path(), prefix, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new(CGROUP_ROOT), &format!("{cns}@"), 3, &mut out);
+    out
+}
+
 /// Removes the (empty) cgroup directories of containerd namespace `cns`; a cgroup that
 /// still has processes refuses, and is returned.
 pub fn remove_namespace_cgroups(cns: &str) -> Vec<String> {
@@ -135,6 +193,11 @@ pub fn remove_namespace_cgroups(cns: &str) -> Vec<String> {
         }
     }
     let mut failed = Vec::new();
+    for dir in action_cgroups(cns) {
+        if std::fs::remove_dir(&dir).is_err() {
+            failed.push(format!("cgroup {}", dir.display()));
+        }
+    }
     for dir in namespace_cgroups(cns) {
         rmdir_tree(&dir, &mut failed);
     }

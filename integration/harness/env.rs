@@ -14,6 +14,7 @@ use direktiv_isolate::proto::isolate::RunIsolateRequest;
 use tonic::transport::Channel;
 
 use super::cleanup;
+use super::cni::{self, TestNet};
 use super::containerd::Containerd;
 use super::flow::FlowReceiver;
 use super::image::{self, ImageSpec, PushedImage};
@@ -38,6 +39,7 @@ struct Started {
     flow: FlowReceiver,
     isolated: Isolated,
     isolated_error: Option<String>,
+    net: TestNet,
 }
 
 /// The environment, once `Env::init` has succeeded.
@@ -53,6 +55,8 @@ pub struct Env {
     pub private_registry: Registry,
     pub flow: FlowReceiver,
     pub isolated: Isolated,
+    /// The CNI network (bridge, subnet, conflist) of `isolated`.
+    pub net: TestNet,
     /// Why isolated did not come up at start; the trials that need it fail with this.
     isolated_error: Mutex<Option<String>>,
 }
@@ -83,6 +87,7 @@ impl Env {
                     flow: s.flow,
                     isolated: s.isolated,
                     isolated_error: Mutex::new(s.isolated_error),
+                    net: s.net,
                 };
                 if ENV.set(env).is_err() {
                     panic!("Env::init called twice");
@@ -91,6 +96,7 @@ impl Env {
             }
             Err(e) => {
                 // The processes were stopped when `start`'s locals were dropped.
+                cni::remove_recorded(&dir);
                 remove_dir(&dir);
                 Err(e)
             }
@@ -114,13 +120,14 @@ impl Env {
         let flow = FlowReceiver::start()
             .await
             .context("start the flow receiver")?;
+        let net = TestNet::create(dir).context("create the test network")?;
         let isolated = Isolated::new(IsolatedConfig {
             bind: format!("127.0.0.1:{}", free_port()?).parse()?,
             flow_endpoint: flow.addr(),
             containerd_socket: containerd.socket().to_path_buf(),
             state_dir: dir.join("state"),
             log: dir.join("isolated.log"),
-            extra_args: Vec::new(),
+            extra_args: vec!["--cni-conf-dir".into(), net.conf_dir.display().to_string()],
         });
         // The harness's own trials still run when the daemon does not start.
         let isolated_error = match isolated.start(STARTUP).await {
@@ -138,6 +145,7 @@ impl Env {
             flow,
             isolated,
             isolated_error,
+            net,
         })
     }
 
@@ -251,6 +259,8 @@ impl Env {
         }
         self.open_registry.stop(Duration::from_secs(5));
         self.private_registry.stop(Duration::from_secs(5));
+        // Bridges are host-wide: removed even when the temp dir is kept.
+        leaks.extend(cni::remove_recorded(&self.dir));
         if std::env::var_os("ISOLATE_TEST_KEEP").is_some() {
             // Unclaimed, so that the next run does not take it for a crashed run's.
             stale::release(&self.dir);

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cleanup;
+pub mod cni;
 pub mod containerd;
 pub mod env;
 pub mod flow;

@@ -99,6 +99,7 @@ pub fn remove_run(dir: &Path) -> Vec<String> {
         let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&ns));
         found.extend(remove_namespace_cgroups(&ns));
     }
+    found.extend(super::cni::remove_recorded(dir));
     for m in mounts::unmount_under(dir) {
         found.push(format!("mount {}", m.display()));
     }

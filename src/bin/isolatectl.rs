@@ -1,1 +1,819 @@
-fn main() {}
+//! `isolatectl`: the operator's command line for one `isolated` node. Runs
+//! an action and prints its result, lists, shows, cancels actions and their
+//! logs, and imports images from OCI archives, all through the node's
+//! control service and `RunIsolate` on the same port.
+//!
+//! Owns presentation and exit codes only: 0 success, 1 an action (or the
+//! call) failed, 2 a usage error or no daemon to talk to. Every decision
+//! about actions is the daemon's.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
+use direktiv_isolate::proto::control::{
+    ActionInfo, ActionRef, ActionState, CancelIsolateRequest, ImportImageRequest,
+    ListIsolatesRequest,
+};
+use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
+use direktiv_isolate::proto::isolate::RunIsolateRequest;
+use serde_json::{json, Value};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// Inputs and outputs may be 32 MiB each (ISOLATE.md §2, §4), plus room.
+const MAX_MESSAGE: usize = 64 << 20;
+const IMPORT_CHUNK: usize = 1 << 20;
+
+#[derive(Parser)]
+#[command(
+    name = "isolatectl",
+    version,
+    about = "Runs and inspects Direktiv actions on an isolated node",
+    after_help = "Exit codes: 0 success, 1 the action or the call failed, 2 usage error or no daemon."
+)]
+struct Cli {
+    /// isolated's gRPC address (host:port or http://host:port).
+    #[arg(
+        long,
+        env = "ISOLATECTL_ADDR",
+        default_value = "127.0.0.1:8888",
+        global = true
+    )]
+    addr: String,
+    /// Print JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an action, follow it to its end, print its output (or its error).
+    Run(RunArgs),
+    /// List the actions the node knows (running, and recently reported).
+    Ls {
+        /// Only this namespace.
+        #[arg(long, short)]
+        namespace: Option<String>,
+        /// Only actions in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+    },
+    /// Show one action: state, times, result.
+    Get(ActionArgs),
+    /// Print the kept tails of an action's stdout (on stdout) and stderr (on stderr).
+    Logs(ActionArgs),
+    /// Stop a running action; it is reported as cancelled.
+    Cancel {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Why, for the report's errorMessage.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Images of a namespace.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import the images of an OCI archive (OCI image layout as tar) into a namespace.
+    Import {
+        /// The archive (`-` reads it from stdin).
+        file: PathBuf,
+        /// The Direktiv namespace that gets the images.
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ActionArgs {
+    /// The action's id.
+    action_id: String,
+    /// Its Direktiv namespace.
+    #[arg(long, short, default_value = "default")]
+    namespace: String,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Image reference (a name alone means docker.io/library/NAME:latest).
+    #[arg(long, short)]
+    image: String,
+    /// Direktiv namespace to run in.
+    #[arg(long, short, default_value = "default")]
+    namespace: String,
+    /// Command replacing the image's entrypoint and cmd (split like a shell would, not run by one).
+    #[arg(long, short)]
+    command: Option<String>,
+    /// Input bytes (data.in).
+    #[arg(long, short, conflicts_with = "data_file")]
+    data: Option<String>,
+    /// File with the input bytes; `-` is stdin. Without --data or --data-file, a
+    /// piped stdin is the input.
+    #[arg(long)]
+    data_file: Option<PathBuf>,
+    /// Timeout in seconds (0: the node's default).
+    #[arg(long, default_value_t = 0)]
+    timeout: i64,
+    /// Size: 0/small, 1/medium, 2/large.
+    #[arg(long, default_value = "small", value_parser = parse_size)]
+    size: i32,
+    /// Registry credentials, host=user!password (repeatable).
+    #[arg(long = "registry", value_name = "HOST=USER!PASSWORD")]
+    registries: Vec<String>,
+    /// Action id (default: a fresh ctl-<hex>).
+    #[arg(long)]
+    action_id: Option<String>,
+    /// instanceId passed through to the report.
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// step passed through to the report.
+    #[arg(long)]
+    step: Option<i32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Accepted,
+    Pulling,
+    Running,
+    Finished,
+    Reported,
+}
+
+impl From<StateArg> for ActionState {
+    fn from(s: StateArg) -> ActionState {
+        match s {
+            StateArg::Accepted => ActionState::Accepted,
+            StateArg::Pulling => ActionState::Pulling,
+            StateArg::Running => ActionState::Running,
+            StateArg::Finished => ActionState::Finished,
+            StateArg::Reported => ActionState::Reported,
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<i32, String> {
+    match s {
+        "0" | "small" => Ok(0),
+        "1" | "medium" => Ok(1),
+        "2" | "large" => Ok(2),
+        _ => Err("use 0/small, 1/medium or 2/large".into()),
+    }
+}
+
+/// Why isolatectl stops, with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+type Outcome<T> = Result<T, Failure>;
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn failed(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+/// A gRPC error as one line: no daemon and bad arguments are exit 2,
+/// anything the daemon refused for another reason exit 1.
+fn call_failed(what: &str, s: tonic::Status) -> Failure {
+    let code = match s.code() {
+        Code::Unavailable | Code::InvalidArgument | Code::Unimplemented => 2,
+        _ => 1,
+    };
+    let detail = if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        s.message().to_string()
+    };
+    Failure {
+        code,
+        message: format!("{what}: {detail}"),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "isolatectl",
+            &mut std::io::stdout(),
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("isolatectl: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(f) => {
+            eprintln!("isolatectl: {}", f.message);
+            std::process::ExitCode::from(f.code)
+        }
+    }
+}
+
+struct Clients {
+    control: IsolateControlClient<Channel>,
+    isolate: DirektivIsolateClient<Channel>,
+}
+
+async fn connect(addr: &str) -> Outcome<Clients> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(uri)
+        .map_err(|e| usage(format!("--addr {addr:?} is not an address: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| {
+            usage(format!(
+                "cannot reach isolated at {addr}: {} (is it running? set --addr or ISOLATECTL_ADDR)",
+                error_chain(&e)
+            ))
+        })?;
+    Ok(Clients {
+        control: IsolateControlClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        isolate: DirektivIsolateClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+async fn dispatch(cli: Cli) -> Outcome<u8> {
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Run(args) => {
+            // Read the input before connecting: a bad --data-file is a usage
+            // error whether or not the daemon is up.
+            let data = read_input(&args)?;
+            let registries = parse_registries(&args.registries)?;
+            let c = connect(&cli.addr).await?;
+            run(c, args, data, registries, json).await
+        }
+        Cmd::Ls { namespace, state } => {
+            let mut c = connect(&cli.addr).await?;
+            let req = ListIsolatesRequest {
+                namespace: namespace.unwrap_or_default(),
+                state: state.map_or(ActionState::Unspecified, ActionState::from) as i32,
+            };
+            let list = c
+                .control
+                .list_isolates(req)
+                .await
+                .map_err(|s| call_failed("cannot list actions", s))?
+                .into_inner()
+                .actions;
+            if json {
+                print_json(&Value::Array(list.iter().map(info_json).collect()));
+            } else {
+                print_table(&list);
+            }
+            Ok(0)
+        }
+        Cmd::Get(a) => {
+            let mut c = connect(&cli.addr).await?;
+            let info = c
+                .control
+                .get_isolate(a.to_ref())
+                .await
+                .map_err(|s| call_failed("cannot get the action", s))?
+                .into_inner();
+            if json {
+                print_json(&info_json(&info));
+            } else {
+                print_info(&info);
+            }
+            Ok(0)
+        }
+        Cmd::Logs(a) => {
+            let mut c = connect(&cli.addr).await?;
+            let logs = c
+                .control
+                .isolate_logs(a.to_ref())
+                .await
+                .map_err(|s| call_failed("cannot get the logs", s))?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "stdout": String::from_utf8_lossy(&logs.stdout),
+                    "stderr": String::from_utf8_lossy(&logs.stderr),
+                }));
+            } else {
+                let _ = std::io::stdout().write_all(&logs.stdout);
+                let _ = std::io::stderr().write_all(&logs.stderr);
+            }
+            Ok(0)
+        }
+        Cmd::Cancel { action, reason } => {
+            let mut c = connect(&cli.addr).await?;
+            let req = CancelIsolateRequest {
+                namespace: action.namespace.clone(),
+                action_id: action.action_id.clone(),
+                reason: reason.unwrap_or_else(|| "cancelled with isolatectl".into()),
+            };
+            let info = c
+                .control
+                .cancel_isolate(req)
+                .await
+                .map_err(|s| call_failed("cannot cancel the action", s))?
+                .into_inner();
+            if json {
+                print_json(&info_json(&info));
+            } else {
+                println!(
+                    "cancelling {} in {} (was {})",
+                    info.action_id,
+                    info.namespace,
+                    state_name(info.state())
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Import { file, namespace }) => {
+            let bytes = read_file_or_stdin(&file)?;
+            let mut c = connect(&cli.addr).await?;
+            let images = import(&mut c, &namespace, bytes).await?;
+            if json {
+                print_json(&json!({ "namespace": namespace, "images": images }));
+            } else {
+                for i in &images {
+                    println!("{i}");
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Completions { .. } => Ok(0),
+    }
+}
+
+impl ActionArgs {
+    fn to_ref(&self) -> ActionRef {
+        ActionRef {
+            namespace: self.namespace.clone(),
+            action_id: self.action_id.clone(),
+        }
+    }
+}
+
+fn read_file_or_stdin(path: &PathBuf) -> Outcome<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| usage(format!("cannot read stdin: {e}")))?;
+        return Ok(buf);
+    }
+    std::fs::read(path).map_err(|e| usage(format!("cannot read {}: {e}", path.display())))
+}
+
+fn read_input(args: &RunArgs) -> Outcome<Vec<u8>> {
+    if let Some(d) = &args.data {
+        return Ok(d.clone().into_bytes());
+    }
+    if let Some(f) = &args.data_file {
+        return read_file_or_stdin(f);
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(Vec::new());
+    }
+    read_file_or_stdin(&PathBuf::from("-"))
+}
+
+fn parse_registries(values: &[String]) -> Outcome<HashMap<String, String>> {
+    values
+        .iter()
+        .map(|v| {
+            let (host, creds) = v
+                .split_once('=')
+                .ok_or_else(|| usage("--registry takes HOST=USER!PASSWORD"))?;
+            if host.is_empty() || !creds.contains('!') {
+                return Err(usage("--registry takes HOST=USER!PASSWORD"));
+            }
+            Ok((host.to_string(), creds.to_string()))
+        })
+        .collect()
+}
+
+/// Streams the archive in chunks, the namespace in the first message.
+async fn import(c: &mut Clients, namespace: &str, bytes: Vec<u8>) -> Outcome<Vec<String>> {
+    let total = bytes.len();
+    let ns = namespace.to_string();
+    let chunks: Vec<ImportImageRequest> = if bytes.is_empty() {
+        vec![ImportImageRequest {
+            namespace: ns,
+            chunk: Vec::new(),
+        }]
+    } else {
+        bytes
+            .chunks(IMPORT_CHUNK)
+            .enumerate()
+            .map(|(i, chunk)| ImportImageRequest {
+                namespace: if i == 0 { ns.clone() } else { String::new() },
+                chunk: chunk.to_vec(),
+            })
+            .collect()
+    };
+    let progress = Progress::new();
+    progress.line(&format!(
+        "importing {} into {namespace}",
+        human_bytes(total)
+    ));
+    let res = c
+        .control
+        .import_image(futures::stream::iter(chunks))
+        .await
+        .map_err(|s| call_failed("import failed", s))?
+        .into_inner();
+    progress.done();
+    Ok(res.images)
+}
+
+async fn run(
+    mut c: Clients,
+    args: RunArgs,
+    data: Vec<u8>,
+    registries: HashMap<String, String>,
+    json: bool,
+) -> Outcome<u8> {
+    let action_id = args
+        .action_id
+        .clone()
+        .unwrap_or_else(|| format!("ctl-{:08x}", rand::random::<u32>()));
+    let req = RunIsolateRequest {
+        namespace: Some(args.namespace.clone()),
+        instance_id: args.instance_id.clone(),
+        step: args.step,
+        timeout: Some(args.timeout),
+        action_id: Some(action_id.clone()),
+        image: Some(args.image.clone()),
+        command: args.command.clone(),
+        data: Some(data),
+        registries,
+        size: Some(args.size),
+    };
+    c.isolate
+        .run_isolate(req)
+        .await
+        .map_err(|s| call_failed("the node refused the action", s))?;
+    let aref = ActionRef {
+        namespace: args.namespace.clone(),
+        action_id: action_id.clone(),
+    };
+    let mut stream = c
+        .control
+        .watch_isolate(aref.clone())
+        .await
+        .map_err(|s| call_failed("cannot follow the action", s))?
+        .into_inner();
+
+    let progress = Progress::new();
+    let started = Instant::now();
+    let mut state = ActionState::Unspecified;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let info = loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let info = match msg {
+                    Ok(Some(info)) => info,
+                    Ok(None) => {
+                        progress.done();
+                        return Err(usage(format!("lost track of action {action_id}: the node ended the watch before it finished")));
+                    }
+                    Err(s) => {
+                        progress.done();
+                        return Err(call_failed("lost track of the action", s));
+                    }
+                };
+                if matches!(info.state(), ActionState::Finished | ActionState::Reported) {
+                    break info;
+                }
+                if info.state() != state {
+                    state = info.state();
+                    let what = match state {
+                        ActionState::Pulling => format!("pulling {}", info.image),
+                        other => state_name(other).to_string(),
+                    };
+                    progress.line(&format!("{action_id}: {what}"));
+                }
+            }
+            _ = tick.tick() => progress.tick(started.elapsed()),
+            _ = &mut ctrl_c, if !interrupted => {
+                // The action outlives isolatectl unless it is cancelled:
+                // Ctrl-C means "stop it", and its report follows as usual.
+                interrupted = true;
+                progress.line(&format!("{action_id}: interrupted, cancelling"));
+                let req = CancelIsolateRequest {
+                    namespace: aref.namespace.clone(),
+                    action_id: aref.action_id.clone(),
+                    reason: "interrupted in isolatectl".into(),
+                };
+                let _ = c.control.cancel_isolate(req).await;
+            }
+        }
+    };
+    progress.done();
+    let ok = info.error_code.is_empty();
+    if json {
+        print_json(&info_json(&info));
+    } else if ok {
+        let _ = std::io::stdout().write_all(&info.output);
+        let _ = std::io::stdout().flush();
+    }
+    if ok {
+        progress.line(&format!(
+            "{action_id}: done in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(0)
+    } else {
+        Err(failed(format!(
+            "action {action_id} failed: {}: {}",
+            info.error_code, info.error_message
+        )))
+    }
+}
+
+/// The progress display on stderr: a live line on a terminal, plain lines
+/// otherwise (logs, CI), nothing on stdout.
+struct Progress {
+    live: bool,
+    last: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            live: std::io::stderr().is_terminal(),
+            last: Default::default(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if self.live {
+            *self.last.borrow_mut() = text.to_string();
+            eprint!("\r\x1b[K{text}");
+        } else {
+            eprintln!("isolatectl: {text}");
+        }
+    }
+
+    fn tick(&self, elapsed: Duration) {
+        if self.live && !self.last.borrow().is_empty() {
+            const SPIN: [char; 4] = ['|', '/', '-', '\\'];
+            let c = SPIN[(elapsed.as_millis() / 100 % 4) as usize];
+            eprint!(
+                "\r\x1b[K{} {c} {:.1}s",
+                self.last.borrow(),
+                elapsed.as_secs_f64()
+            );
+        }
+    }
+
+    fn done(&self) {
+        if self.live && !self.last.borrow().is_empty() {
+            eprintln!("\r\x1b[K{}", self.last.borrow());
+            self.last.borrow_mut().clear();
+        }
+    }
+}
+
+fn human_bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn state_name(s: ActionState) -> &'static str {
+    match s {
+        ActionState::Unspecified => "unknown",
+        ActionState::Accepted => "accepted",
+        ActionState::Pulling => "pulling",
+        ActionState::Running => "running",
+        ActionState::Finished => "finished",
+        ActionState::Reported => "reported",
+    }
+}
+
+fn time_of(ms: i64) -> Option<String> {
+    (ms > 0).then(|| {
+        let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+        humantime::format_rfc3339_millis(t).to_string()
+    })
+}
+
+fn info_json(i: &ActionInfo) -> Value {
+    let mut v = json!({
+        "namespace": i.namespace,
+        "action_id": i.action_id,
+        "instance_id": i.instance_id,
+        "step": i.step,
+        "image": i.image,
+        "size": i.size,
+        "timeout_seconds": i.timeout_seconds,
+        "state": state_name(i.state()),
+        "accepted_at": time_of(i.accepted_at_ms),
+        "started_at": time_of(i.started_at_ms),
+        "finished_at": time_of(i.finished_at_ms),
+        "reported_at": time_of(i.reported_at_ms),
+        "report_attempts": i.report_attempts,
+    });
+    if matches!(i.state(), ActionState::Finished | ActionState::Reported) {
+        if i.error_code.is_empty() {
+            // Outputs are any bytes: text when they are text.
+            match std::str::from_utf8(&i.output) {
+                Ok(text) => v["output"] = json!(text),
+                Err(_) => {
+                    v["output_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(&i.output))
+                }
+            }
+        } else {
+            v["error_code"] = json!(i.error_code);
+            v["error_message"] = json!(i.error_message);
+        }
+    }
+    v
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn age(ms: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let s = ((now - ms).max(0) / 1000) as u64;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn result_of(i: &ActionInfo) -> String {
+    match i.state() {
+        ActionState::Finished | ActionState::Reported if i.error_code.is_empty() => "ok".into(),
+        ActionState::Finished | ActionState::Reported => i.error_code.clone(),
+        _ => "-".into(),
+    }
+}
+
+fn print_table(list: &[ActionInfo]) {
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|i| {
+            [
+                i.namespace.clone(),
+                i.action_id.clone(),
+                state_name(i.state()).to_string(),
+                age(i.accepted_at_ms),
+                result_of(i),
+                i.image.clone(),
+            ]
+        })
+        .collect();
+    let header = ["NAMESPACE", "ACTION", "STATE", "AGE", "RESULT", "IMAGE"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+}
+
+fn print_info(i: &ActionInfo) {
+    let mut lines = vec![
+        ("namespace", i.namespace.clone()),
+        ("action", i.action_id.clone()),
+        ("instance", i.instance_id.clone()),
+        ("step", i.step.to_string()),
+        ("image", i.image.clone()),
+        ("size", i.size.to_string()),
+        ("timeout", format!("{}s", i.timeout_seconds)),
+        ("state", state_name(i.state()).to_string()),
+    ];
+    for (k, ms) in [
+        ("accepted", i.accepted_at_ms),
+        ("started", i.started_at_ms),
+        ("finished", i.finished_at_ms),
+        ("reported", i.reported_at_ms),
+    ] {
+        if let Some(t) = time_of(ms) {
+            lines.push((k, t));
+        }
+    }
+    lines.push(("report attempts", i.report_attempts.to_string()));
+    lines.push(("result", result_of(i)));
+    if !i.error_code.is_empty() {
+        lines.push(("error", i.error_message.clone()));
+    } else if matches!(i.state(), ActionState::Finished | ActionState::Reported) {
+        lines.push(("output", String::from_utf8_lossy(&i.output).into_owned()));
+    }
+    for (k, v) in lines {
+        println!("{:<16} {v}", format!("{k}:"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn registries_and_sizes() {
+        let r = parse_registries(&["r.example:5000=me!p!w".into()])
+            .ok()
+            .unwrap();
+        assert_eq!(r["r.example:5000"], "me!p!w");
+        assert!(parse_registries(&["nohost".into()]).is_err());
+        assert!(parse_registries(&["h=nopassword".into()]).is_err());
+        assert_eq!(parse_size("large"), Ok(2));
+        assert!(parse_size("huge").is_err());
+    }
+
+    #[test]
+    fn json_of_a_binary_output() {
+        let info = ActionInfo {
+            state: ActionState::Reported as i32,
+            output: vec![0xff, 0],
+            ..Default::default()
+        };
+        let v = info_json(&info);
+        assert_eq!(v["output_base64"], "/wA=");
+        assert_eq!(v["state"], "reported");
+    }
+}

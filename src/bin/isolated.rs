@@ -13,7 +13,9 @@ use direktiv_isolate::actions::Actions;
 use direktiv_isolate::config::{Config, Options};
 use direktiv_isolate::containerd::Containerd;
 use direktiv_isolate::control::ControlService;
+use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::image::ImageService;
+use direktiv_isolate::metrics;
 use direktiv_isolate::network::Networks;
 use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServer;
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
@@ -38,6 +40,10 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(flatten)]
     options: Options,
+    /// Prints a config file with every setting commented out at its
+    /// default, and exits (what `make install` puts in /etc/isolated).
+    #[arg(long, hide = true)]
+    print_config: bool,
 }
 
 /// How long running actions get to finish after SIGTERM before isolated
@@ -46,6 +52,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() {
     let cli = Cli::parse();
+    if cli.print_config {
+        print!("{}", direktiv_isolate::config::example_toml());
+        return;
+    }
     let cfg = match Config::load(cli.options, cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -71,8 +81,11 @@ fn main() {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal, not in a log file.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder
@@ -85,7 +98,7 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(mut cfg: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("isolated must run as root: it creates containers, cgroups and mounts");
     }
@@ -102,6 +115,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     )?;
     std::fs::create_dir_all(cfg.actions_dir())
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
+    // The embedded containerd replaces the configured address.
+    let embedded = match cfg.embedded_containerd {
+        true => Some(Embedded::start(&cfg.state_dir).await?),
+        false => None,
+    };
+    if let Some(e) = &embedded {
+        cfg.containerd_address = e.socket().to_owned();
+    }
     let (cd, version) = Containerd::connect(&cfg.containerd_address).await?;
     info!(containerd = %version, address = %cfg.containerd_address.display(), "connected to containerd");
 
@@ -138,7 +159,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         actions: actions.clone(),
         images: runner.images.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
+        import_dir: cfg.state_dir.join("imports"),
     };
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    if let Some(bind) = metrics::parse_bind(&cfg.metrics_bind)? {
+        metrics::serve(bind, actions.clone(), stop_metrics.clone()).await?;
+        info!(%bind, "metrics on /metrics");
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<DirektivIsolateServer<IsolateService>>()
+        .await;
+    health
+        .set_serving::<IsolateControlServer<ControlService>>()
+        .await;
     let isolate = IsolateService {
         runner,
         actions: actions.clone(),
@@ -148,6 +182,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(bind = %cfg.bind, flow = %cfg.flow_endpoint, "serving");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(
             IsolateControlServer::new(control)
                 .max_decoding_message_size(max_message)
@@ -174,6 +209,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             unfinished = actions.in_flight(),
             "exiting with actions unfinished"
         );
+    }
+    stop_metrics.cancel();
+    if let Some(e) = embedded {
+        e.shutdown().await;
     }
     Ok(())
 }

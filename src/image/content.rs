@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use containerd_client::services::v1::{
-    Info, InfoRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    Info, InfoRequest, ReadContentRequest, UpdateRequest, WriteAction, WriteContentRequest,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -144,6 +144,37 @@ pub async fn write_bytes(
 ) -> Result<(), tonic::Status> {
     let once = futures::stream::iter([Ok(bytes::Bytes::copy_from_slice(bytes))]);
     write(cd, ns, lease, blob, once).await
+}
+
+/// Reads a whole small blob (a manifest, an index, a config) back from the
+/// store; refuses one larger than `max` so a bad descriptor cannot make us
+/// buffer a layer.
+pub async fn read_all(
+    cd: &Containerd,
+    ns: &str,
+    digest: &str,
+    max: usize,
+) -> Result<Vec<u8>, tonic::Status> {
+    let req = ReadContentRequest {
+        digest: digest.to_string(),
+        offset: 0,
+        size: 0,
+    };
+    let mut stream = cd
+        .content()
+        .read(with_ns(req, ns, None))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.extend_from_slice(&msg.data);
+        if out.len() > max {
+            return Err(tonic::Status::out_of_range(format!(
+                "blob {digest} is larger than {max} bytes"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// Sets labels on a blob that exists (ours or one written earlier).

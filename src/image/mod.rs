@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod content;
+pub mod import;
 pub mod registry;
 pub mod unpack;
 
@@ -38,6 +39,8 @@ pub enum ImageError {
     Credentials(#[from] MalformedCredentials),
     /// cannot pull {reference}: {reason}
     Registry { reference: String, reason: String },
+    /// cannot reach the registry of {reference}: {reason}
+    Unreachable { reference: String, reason: String },
     /// {reference} has no image for {platform}
     Platform { reference: String, platform: String },
     /// cannot unpack {reference}: {reason}
@@ -141,7 +144,19 @@ impl ImageService {
                     let (ns, reference) = (ns.to_string(), reference.clone());
                     let span = info_span!("pull", image = %key.1);
                     async move {
-                        let result = this.pull(&ns, &reference, creds).await.map(Arc::new);
+                        let result = match this.pull(&ns, &reference, creds).await {
+                            // Offline: an image already in this namespace
+                            // (imported, or pulled before a restart) still
+                            // runs. Only when the registry did not answer at
+                            // all: "unauthorized" or "not found" is the
+                            // registry's word and stands, so a tenant without
+                            // credentials never gets past it.
+                            Err(e @ ImageError::Unreachable { .. }) => {
+                                this.local_fallback(&ns, &reference, e).await
+                            }
+                            other => other,
+                        }
+                        .map(Arc::new);
                         let key = (ns, reference.whole());
                         if let Ok(image) = &result {
                             this.remember(&key, image.clone());
@@ -161,6 +176,15 @@ impl ImageService {
         pull.await
     }
 
+    /// Drops a cached image, so that the next `ensure` resolves it afresh
+    /// (after an import replaced its record).
+    fn forget(&self, ns: &str, name: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ns.to_string(), name.to_string()));
+    }
+
     fn remember(&self, key: &Key, image: Arc<Image>) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
             key.clone(),
@@ -177,6 +201,7 @@ impl ImageService {
         reference: &Reference,
         creds: Option<Credentials>,
     ) -> Result<Image, ImageError> {
+        let _timer = crate::metrics::timer(crate::metrics::Phase::Pull);
         let started = Instant::now();
         let registry = Registry::new(reference, creds, &self.insecure);
         let resolved = registry.resolve(reference).await?;
@@ -285,6 +310,7 @@ impl ImageService {
                     .map_err(|e| {
                         unpack_err(format!("storing layer {}: {}", layer.digest, e.message()))
                     })?;
+                crate::metrics::bytes_pulled(layer.size);
             }
             let parent = if i == 0 {
                 None

@@ -98,12 +98,23 @@ impl Registry {
     }
 
     /// One line for a registry error, with the password scrubbed.
-    fn fail(&self, reference: &Reference, what: &str, e: impl std::fmt::Display) -> ImageError {
+    fn fail<E: std::fmt::Display + 'static>(
+        &self,
+        reference: &Reference,
+        what: &str,
+        e: E,
+    ) -> ImageError {
         let reason = format!("{what}: {e}");
         let reason = match &self.creds {
             Some(c) => c.redact(&reason),
             None => reason,
         };
+        if is_unreachable(&e) {
+            return ImageError::Unreachable {
+                reference: reference.whole(),
+                reason,
+            };
+        }
         ImageError::Registry {
             reference: reference.whole(),
             reason,
@@ -240,6 +251,19 @@ impl Registry {
     }
 }
 
+/// Whether the registry could not be reached at all (no answer: DNS,
+/// refused or timed-out connection), as opposed to an answer such as
+/// "unauthorized" or "not found". Only the former may fall back to an image
+/// already in the namespace (`ImageService::ensure`).
+fn is_unreachable(e: &dyn std::any::Any) -> bool {
+    match e.downcast_ref::<oci_client::errors::OciDistributionError>() {
+        Some(oci_client::errors::OciDistributionError::RequestError(r)) => {
+            r.is_connect() || r.is_timeout()
+        }
+        _ => false,
+    }
+}
+
 /// Media type from the document itself; OCI lets it be absent, in which
 /// case the shape tells.
 fn media_type_of(bytes: &[u8]) -> Result<String, serde_json::Error> {
@@ -269,11 +293,11 @@ pub fn go_arch() -> &'static str {
     }
 }
 
-fn platform_name() -> String {
+pub(crate) fn platform_name() -> String {
     format!("linux/{}", go_arch())
 }
 
-fn select_platform(index: &ImageIndex) -> Option<(usize, &oci_spec::image::Descriptor)> {
+pub(crate) fn select_platform(index: &ImageIndex) -> Option<(usize, &oci_spec::image::Descriptor)> {
     index.manifests().iter().enumerate().find(|(_, d)| {
         d.platform().as_ref().is_some_and(|p| {
             p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()

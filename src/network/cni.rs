@@ -244,7 +244,10 @@ pub async fn add(
         );
         let raw: Value = serde_json::from_slice(&out).map_err(|e| NetworkError::Result {
             plugin: plugin.to_string(),
-            reason: format!("not JSON ({e}): {}", one_line(&String::from_utf8_lossy(&out))),
+            reason: format!(
+                "not JSON ({e}): {}",
+                one_line(&String::from_utf8_lossy(&out))
+            ),
         })?;
         prev = Some(raw);
     }
@@ -442,7 +445,10 @@ mod tests {
             "dns": {}
         });
         let r = CniResult::parse(&raw).unwrap();
-        assert_eq!(r.container_ips(), vec!["10.213.0.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            r.container_ips(),
+            vec!["10.213.0.7".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(r.ips[0].gateway, Some("10.213.0.1".parse().unwrap()));
         assert_eq!(
             r.host_interfaces().collect::<Vec<_>>(),

@@ -219,10 +219,13 @@ fn first_conf_file(dir: &Path) -> Result<PathBuf, NetworkError> {
         })
         .collect();
     files.sort();
-    files.into_iter().next().ok_or_else(|| NetworkError::Config {
-        source_name: dir.display().to_string(),
-        reason: "it holds no *.conflist, *.conf or *.json file".into(),
-    })
+    files
+        .into_iter()
+        .next()
+        .ok_or_else(|| NetworkError::Config {
+            source_name: dir.display().to_string(),
+            reason: "it holds no *.conflist, *.conf or *.json file".into(),
+        })
 }
 
 /// CNI's rule for network names, applied to plugin types too so that a
@@ -267,7 +270,10 @@ mod tests {
         let cases = [
             ("not json", "not valid JSON"),
             ("[]", "not a JSON object"),
-            (r#"{"name":"n","plugins":[{"type":"bridge"}]}"#, "cniVersion is missing"),
+            (
+                r#"{"name":"n","plugins":[{"type":"bridge"}]}"#,
+                "cniVersion is missing",
+            ),
             (
                 r#"{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}"#,
                 "not supported",
@@ -276,21 +282,35 @@ mod tests {
                 r#"{"cniVersion":"1.0.0","name":"a b","plugins":[{"type":"bridge"}]}"#,
                 "not a valid network name",
             ),
-            (r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#, "plugins is empty"),
-            (r#"{"cniVersion":"1.0.0","name":"n","plugins":[{}]}"#, "has no type"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[]}"#,
+                "plugins is empty",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[{}]}"#,
+                "has no type",
+            ),
             (
                 r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"../../bin/sh"}]}"#,
                 "not a plain file name",
             ),
-            (r#"{"cniVersion":"1.0.0","name":"n","plugins":[3]}"#, "not a JSON object"),
-            (r#"{"cniVersion":"1.0.0","name":"n"}"#, "neither plugins nor type"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","plugins":[3]}"#,
+                "not a JSON object",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n"}"#,
+                "neither plugins nor type",
+            ),
             (
                 r#"{"cniVersion":"1.0.0","name":"n","disableCheck":"yes","plugins":[{"type":"x"}]}"#,
                 "disableCheck",
             ),
         ];
         for (text, want) in cases {
-            let e = NetConfList::parse(text, "t.conflist").unwrap_err().to_string();
+            let e = NetConfList::parse(text, "t.conflist")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{text}: {e}");
             assert!(e.contains("t.conflist"), "{e}");
         }
@@ -341,7 +361,10 @@ mod tests {
     #[test]
     fn the_first_file_in_lexical_order_wins() {
         let d = tempfile::tempdir().unwrap();
-        assert!(load(d.path()).unwrap_err().to_string().contains("no *.conflist"));
+        assert!(load(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("no *.conflist"));
         std::fs::write(d.path().join("README"), "x").unwrap();
         std::fs::write(
             d.path().join("20-b.conflist"),

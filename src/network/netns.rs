@@ -186,7 +186,10 @@ mod tests {
         assert!(is_mount_point(info, Path::new("/proc")));
         assert!(is_mount_point(info, Path::new("/var/lib/my state/netns")));
         assert!(!is_mount_point(info, Path::new("/var/lib/my state")));
-        assert!(!is_mount_point(info, Path::new("/var/lib/my\\040state/netns")));
+        assert!(!is_mount_point(
+            info,
+            Path::new("/var/lib/my\\040state/netns")
+        ));
         assert_eq!(unescape_mountinfo("a\\011b\\134"), "a\tb\\");
         assert_eq!(unescape_mountinfo("trailing\\04"), "trailing\\04");
     }

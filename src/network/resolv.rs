@@ -93,7 +93,12 @@ pub fn resolv_conf(
 ) -> (String, Option<String>) {
     let host = Resolv::parse(host);
     let cni_servers: Vec<IpAddr> = cni
-        .map(|d| d.nameservers.iter().filter_map(|n| n.parse().ok()).collect())
+        .map(|d| {
+            d.nameservers
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let mut r = if !cni_servers.is_empty() {
         let d = cni.cloned().unwrap_or_default();
@@ -169,7 +174,10 @@ mod tests {
         let host = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n";
         let up = "nameserver 192.0.2.1\nnameserver 192.0.2.2\nsearch lan\n";
         let (text, warning) = resolv_conf(&[], None, host, Some(up));
-        assert!(text.contains("nameserver 192.0.2.1\nnameserver 192.0.2.2\n"), "{text}");
+        assert!(
+            text.contains("nameserver 192.0.2.1\nnameserver 192.0.2.2\n"),
+            "{text}"
+        );
         assert!(text.contains("options edns0 trust-ad"));
         assert!(!text.contains("127.0.0.53"));
         assert_eq!(warning, None);

@@ -120,7 +120,9 @@ mod tests {
         for none in ["none", "", " NONE "] {
             let r = Reporter::new(none, 1 << 20).unwrap();
             assert!(r.client.is_none());
-            r.send(&ReportActionResultsRequest::default()).await.unwrap();
+            r.send(&ReportActionResultsRequest::default())
+                .await
+                .unwrap();
         }
     }
 

@@ -153,7 +153,11 @@ impl Action {
     }
 
     pub fn cgroups_path(&self) -> String {
-        format!("/isolated/{}/{}", self.cns, self.req.action_id)
+        // Flat, one directory per action under one fixed parent: runc
+        // removes the action's own directory, and a per-namespace parent
+        // would be left behind in every controller. `@` is in neither a
+        // namespace nor an action id, so the name is unambiguous.
+        format!("/isolated/{}@{}", self.cns, self.req.action_id)
     }
 }
 

@@ -1,0 +1,335 @@
+//! `make bench`: isolated against `ctr run --rm` and `runc run` on one private containerd
+//! and one warm image, measured in the same run and printed as a table.
+//!
+//! Everything runs on this machine: the harness's containerd, registry, flow receiver and
+//! isolated (log level warn, so logging does not count against it). The no-op action is a
+//! busybox image whose script exits 0.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use direktiv_isolate::proto::isolate::RunIsolateRequest;
+use harness::{Env, ImageSpec};
+
+const SEQUENTIAL: usize = 50;
+const THROUGHPUT: usize = 200;
+const CONCURRENCY: usize = 16;
+const RSS_RUNNING: usize = 64;
+const NS: &str = "bench";
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let env = match Env::init() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("bench: the environment did not start: {e:?}");
+            std::process::exit(1);
+        }
+    };
+    let result = env.block_on(bench(env));
+    let leaks = env.teardown();
+    if !leaks.is_empty() {
+        eprintln!("bench: teardown cleaned up:\n  {}", leaks.join("\n  "));
+    }
+    if let Err(e) = result {
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Stats {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn bench(env: &'static Env) -> Result<()> {
+    env.register_namespace(NS);
+    let image = env
+        .push_image(
+            &env.open_registry,
+            "bench/noop",
+            "v1",
+            &ImageSpec::with_script("exit 0"),
+        )
+        .await?;
+    let cns = Env::containerd_namespace(NS);
+
+    let idle_rss = rss_kib(env)?;
+    // Warm: the image is pulled and unpacked once, as on a busy node.
+    for i in 0..3 {
+        isolated_one(env, &image.reference, &format!("warm-{i}")).await?;
+    }
+
+    // isolated, sequential.
+    let mut lat = Vec::new();
+    let mut accept = Vec::new();
+    for i in 0..SEQUENTIAL {
+        let (total, acc) = isolated_one(env, &image.reference, &format!("seq-{i}")).await?;
+        lat.push(ms(total));
+        accept.push(ms(acc));
+    }
+    let iso_seq = stats(lat);
+
+    // isolated, throughput at concurrency 16.
+    let started = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tasks = Vec::new();
+    for i in 0..THROUGHPUT {
+        let permit = sem.clone().acquire_owned().await?;
+        let reference = image.reference.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = isolated_one(env, &reference, &format!("tp-{i}")).await;
+            drop(permit);
+            r.map(|(_, acc)| ms(acc))
+        }));
+    }
+    for t in tasks {
+        accept.push(t.await??);
+    }
+    let iso_tp = THROUGHPUT as f64 / started.elapsed().as_secs_f64();
+    let acc = stats(accept);
+
+    // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
+    let ctr_run = |id: String| {
+        let mut cmd = env.containerd.ctr(&cns);
+        cmd.args([
+            "run",
+            "--rm",
+            &image.reference,
+            &id,
+            "/bin/sh",
+            "-c",
+            "exit 0",
+        ]);
+        cmd
+    };
+    let mut lat = Vec::new();
+    for i in 0..SEQUENTIAL {
+        lat.push(ms(time_cmd(ctr_run(format!("ctr-seq-{i}")))?));
+    }
+    let ctr_seq = stats(lat);
+    let ctr_tp = parallel(THROUGHPUT, CONCURRENCY, |i| ctr_run(format!("ctr-tp-{i}")))?;
+
+    // runc run of a prepared bundle: the floor.
+    let bundle = runc_bundle(env.dir())?;
+    let runc_root = env.dir().join("runc-root");
+    let runc_run = |id: String| {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root")
+            .arg(&runc_root)
+            .args(["run", "-b"])
+            .arg(&bundle)
+            .arg(id);
+        cmd
+    };
+    let mut lat = Vec::new();
+    for i in 0..SEQUENTIAL {
+        lat.push(ms(time_cmd(runc_run(format!("runc-seq-{i}")))?));
+    }
+    let runc_seq = stats(lat);
+    let runc_tp = parallel(THROUGHPUT, CONCURRENCY, |i| {
+        runc_run(format!("runc-tp-{i}"))
+    })?;
+
+    // Peak RSS with 64 actions running at once.
+    let sleeper = env
+        .push_image(
+            &env.open_registry,
+            "bench/sleep",
+            "v1",
+            &ImageSpec::with_script("sleep 3"),
+        )
+        .await?;
+    isolated_one(env, &sleeper.reference, "sleep-warm").await?;
+    let mut ids = Vec::new();
+    for i in 0..RSS_RUNNING {
+        let id = format!("rss-{i}");
+        env.run(request(&sleeper.reference, &id))
+            .await
+            .map_err(|s| anyhow::anyhow!("RunIsolate({id}): {s}"))?;
+        ids.push(id);
+    }
+    for id in &ids {
+        let r = env.flow.wait_report(id, Duration::from_secs(300)).await?;
+        ensure!(r.error_code.is_none(), "{id} failed: {:?}", r.error_message);
+    }
+    let peak_rss = hwm_kib(env)?;
+
+    println!();
+    println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| warm no-op, {SEQUENTIAL} sequential, p50 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
+        iso_seq.p50,
+        ctr_seq.p50,
+        runc_seq.p50,
+        iso_seq.p50 / ctr_seq.p50
+    );
+    println!(
+        "| p90 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
+        iso_seq.p90,
+        ctr_seq.p90,
+        runc_seq.p90,
+        iso_seq.p90 / ctr_seq.p90
+    );
+    println!(
+        "| p99 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
+        iso_seq.p99,
+        ctr_seq.p99,
+        runc_seq.p99,
+        iso_seq.p99 / ctr_seq.p99
+    );
+    println!(
+        "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} |",
+        iso_tp,
+        ctr_tp,
+        runc_tp,
+        iso_tp / ctr_tp
+    );
+    println!();
+    println!("| isolated | value |");
+    println!("|---|---|");
+    println!(
+        "| RunIsolate accept p50 / p99 ms (durable write included) | {:.2} / {:.2} |",
+        acc.p50, acc.p99
+    );
+    println!("| RSS idle MiB | {:.1} |", idle_rss as f64 / 1024.0);
+    println!(
+        "| RSS peak MiB ({RSS_RUNNING} actions running) | {:.1} |",
+        peak_rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn request(image: &str, id: &str) -> RunIsolateRequest {
+    RunIsolateRequest {
+        namespace: Some(NS.into()),
+        action_id: Some(id.into()),
+        instance_id: Some("bench".into()),
+        step: Some(0),
+        image: Some(image.into()),
+        timeout: Some(60),
+        ..Default::default()
+    }
+}
+
+/// One action through isolated: (RunIsolate → report, RunIsolate alone).
+async fn isolated_one(env: &Env, image: &str, id: &str) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    env.run(request(image, id))
+        .await
+        .map_err(|s| anyhow::anyhow!("RunIsolate({id}): {s}"))?;
+    let accepted = t0.elapsed();
+    let r = env.flow.wait_report(id, Duration::from_secs(120)).await?;
+    let total = t0.elapsed();
+    if let Some(code) = r.error_code {
+        bail!(
+            "{id} failed: {code}: {}",
+            r.error_message.unwrap_or_default()
+        );
+    }
+    Ok((total, accepted))
+}
+
+fn time_cmd(mut cmd: Command) -> Result<Duration> {
+    let t0 = Instant::now();
+    let out = cmd.output().context("spawn")?;
+    let d = t0.elapsed();
+    ensure!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(d)
+}
+
+/// Runs `n` commands, `c` at a time, on threads; returns commands per second.
+fn parallel(n: usize, c: usize, make: impl Fn(usize) -> Command + Sync) -> Result<f64> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..c)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        time_cmd(make(i))?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// A runc bundle with a busybox rootfs and a no-op process.
+fn runc_bundle(dir: &Path) -> Result<PathBuf> {
+    let bundle = dir.join("runc-bundle");
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin"))?;
+    for d in ["proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh"))?;
+    let status = Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .status()?;
+    ensure!(status.success(), "runc spec failed");
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "exit 0"]);
+    std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+    Ok(bundle)
+}
+
+fn status_kib(env: &Env, key: &str) -> Result<u64> {
+    let pid = env.isolated.pid().context("isolated is not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+fn rss_kib(env: &Env) -> Result<u64> {
+    status_kib(env, "VmRSS:")
+}
+
+fn hwm_kib(env: &Env) -> Result<u64> {
+    status_kib(env, "VmHWM:")
+}

@@ -1,0 +1,298 @@
+//! Keeping actions on a CNI bridge apart from each other and from the
+//! host's loopback services; the bridge plugin itself only connects them.
+//!
+//! Two layers, so that neither a missing `br_netfilter` nor a foreign
+//! iptables rule alone lets two actions talk:
+//!
+//! - Layer 2: every action's host-side veth is an *isolated* bridge port
+//!   (`/sys/class/net/<veth>/brport/isolated`, Linux ≥ 4.18). Isolated
+//!   ports forward only to non-isolated ports and the bridge itself, so one
+//!   action's frames (ARP included) never reach another action.
+//! - Layer 3, in iptables chains of isolated's own, jumped to first from
+//!   FORWARD and INPUT, one set of rules per bridge, each added only when
+//!   missing (several daemons may share a bridge; nothing is ever flushed):
+//!
+//!   ```text
+//!   ISOLATED-FORWARD  -i BR -o BR                  DROP    actions do not reach each other
+//!                     -i BR ! -o BR                ACCEPT  actions reach the outside
+//!                     -o BR ctstate REL,EST        ACCEPT  and get the replies
+//!   ISOLATED-INPUT    -i BR -d 127.0.0.0/8         DROP    no host loopback, even with route_localnet
+//!                     -i BR -p tcp --dport PORT    DROP    never isolated's own gRPC port
+//!   ```
+//!
+//!   The DROP catches packets one action routes through the host to
+//!   another (and, with br_netfilter, bridged ones too); the ACCEPTs keep
+//!   actions online on hosts whose FORWARD policy is DROP.
+//!
+//! The bridge also stops taking IPv6 router advertisements and redirects:
+//! an action must not be able to change the host's routes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::cni::CniResult;
+use super::NetworkError;
+
+pub const FORWARD_CHAIN: &str = "ISOLATED-FORWARD";
+pub const INPUT_CHAIN: &str = "ISOLATED-INPUT";
+
+/// How long installed rules are trusted before they are checked again (an
+/// operator's `iptables -F` must not leave actions unisolated for long).
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Seconds iptables waits for the xtables lock another program holds.
+const XTABLES_WAIT: &str = "10";
+
+/// One rule: its chain and its match/target arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub chain: &'static str,
+    pub args: Vec<String>,
+}
+
+fn rule(chain: &'static str, args: &[&str], comment: &str, target: &str) -> Rule {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    v.extend(["-m", "comment", "--comment", comment, "-j", target].map(String::from));
+    Rule { chain, args: v }
+}
+
+/// The rules of one bridge (see the module doc). `port` is isolated's gRPC
+/// port.
+pub fn bridge_rules(bridge: &str, port: Option<u16>) -> Vec<Rule> {
+    let b = bridge;
+    let mut rules = vec![
+        rule(
+            FORWARD_CHAIN,
+            &["-i", b, "-o", b],
+            "isolated: actions do not reach each other",
+            "DROP",
+        ),
+        rule(
+            FORWARD_CHAIN,
+            &["-i", b, "!", "-o", b],
+            "isolated: actions reach the outside",
+            "ACCEPT",
+        ),
+        rule(
+            FORWARD_CHAIN,
+            &[
+                "-o",
+                b,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+            ],
+            "isolated: replies reach actions",
+            "ACCEPT",
+        ),
+        rule(
+            INPUT_CHAIN,
+            &["-i", b, "-d", "127.0.0.0/8"],
+            "isolated: actions do not reach host loopback",
+            "DROP",
+        ),
+    ];
+    if let Some(port) = port {
+        let port = port.to_string();
+        rules.push(rule(
+            INPUT_CHAIN,
+            &["-i", b, "-p", "tcp", "--dport", &port],
+            "isolated: actions do not reach isolated",
+            "DROP",
+        ));
+    }
+    rules
+}
+
+/// The jumps into isolated's chains, one per built-in chain.
+pub fn jumps() -> [(&'static str, &'static str); 2] {
+    [("FORWARD", FORWARD_CHAIN), ("INPUT", INPUT_CHAIN)]
+}
+
+/// Enforces the rules above; remembers which bridges are done.
+pub struct Isolation {
+    port: Option<u16>,
+    installed: Mutex<HashMap<String, Instant>>,
+}
+
+impl Isolation {
+    pub fn new(port: Option<u16>) -> Self {
+        Isolation {
+            port,
+            installed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes sure `bridge`'s iptables rules are in place. Runs before the
+    /// action's veth exists, so no action is ever on the bridge unguarded.
+    pub async fn ensure_rules(&self, bridge: &str) -> Result<(), NetworkError> {
+        let mut installed = self.installed.lock().await;
+        if installed.get(bridge).is_some_and(|t| t.elapsed() < RECHECK) {
+            return Ok(());
+        }
+        let rules = bridge_rules(bridge, self.port);
+        let b = bridge.to_string();
+        tokio::task::spawn_blocking(move || install(&rules))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|reason| NetworkError::Isolation { bridge: b, reason })?;
+        installed.insert(bridge.to_string(), Instant::now());
+        Ok(())
+    }
+}
+
+fn iptables(args: &[&str]) -> Result<std::process::Output, String> {
+    Command::new("iptables")
+        .args(["-w", XTABLES_WAIT, "-t", "filter"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run iptables: {e}"))
+}
+
+fn iptables_ok(args: &[&str]) -> Result<(), String> {
+    let out = iptables(args)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "iptables {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Creates the chains and jumps if missing, then appends missing rules.
+fn install(rules: &[Rule]) -> Result<(), String> {
+    for (builtin, chain) in jumps() {
+        if !iptables(&["-S", chain])?.status.success() {
+            // Another daemon may create it at the same moment.
+            if let Err(e) = iptables_ok(&["-N", chain]) {
+                if !iptables(&["-S", chain])?.status.success() {
+                    return Err(e);
+                }
+            }
+        }
+        let jump = ["-j", chain];
+        if iptables(&[&["-C", builtin][..], &jump].concat())?
+            .status
+            .success()
+        {
+            warn_unless_first(builtin, chain)?;
+        } else {
+            iptables_ok(&[&["-I", builtin, "1"][..], &jump].concat())?;
+            info!(chain, builtin, "installed the jump to isolated's chain");
+        }
+    }
+    for r in rules {
+        let args: Vec<&str> = r.args.iter().map(String::as_str).collect();
+        if !iptables(&[&["-C", r.chain][..], &args].concat())?
+            .status
+            .success()
+        {
+            iptables_ok(&[&["-A", r.chain][..], &args].concat())?;
+        }
+    }
+    Ok(())
+}
+
+/// A rule above the jump could accept what the chain would drop. Moving
+/// the jump cannot be done atomically with the iptables command, so this
+/// says so; the bridge-port isolation still holds.
+fn warn_unless_first(builtin: &str, chain: &str) -> Result<(), String> {
+    let out = iptables(&["-S", builtin])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().find(|l| l.starts_with("-A "));
+    if first != Some(format!("-A {builtin} -j {chain}").as_str()) {
+        warn!(
+            chain,
+            builtin,
+            first_rule = first.unwrap_or(""),
+            "isolated's chain is not the first rule of its built-in chain; rules above it apply first"
+        );
+    }
+    Ok(())
+}
+
+/// Marks the action's host-side ports isolated and hardens the bridge.
+/// Fails closed: an action that cannot be isolated does not run.
+pub fn isolate_ports(bridge: &str, result: &CniResult) -> Result<(), NetworkError> {
+    let fail = |reason: String| NetworkError::Isolation {
+        bridge: bridge.to_string(),
+        reason,
+    };
+    let ports: Vec<&str> = result.host_interfaces().filter(|n| *n != bridge).collect();
+    if ports.is_empty() {
+        return Err(fail(
+            "the bridge plugin's result names no host-side interface".into(),
+        ));
+    }
+    for port in ports {
+        let flag = Path::new("/sys/class/net")
+            .join(port)
+            .join("brport/isolated");
+        if flag.exists() {
+            std::fs::write(&flag, "1")
+                .map_err(|e| fail(format!("cannot write {}: {e}", flag.display())))?;
+        } else if !br_netfilter_on() {
+            return Err(fail(format!(
+                "{port} cannot be made an isolated bridge port (kernel older than 4.18, or \
+                 not a port of {bridge}) and br_netfilter is off"
+            )));
+        }
+    }
+    let conf = Path::new("/proc/sys/net/ipv6/conf").join(bridge);
+    if conf.is_dir() {
+        for key in ["accept_ra", "accept_redirects"] {
+            let p = conf.join(key);
+            std::fs::write(&p, "0")
+                .map_err(|e| fail(format!("cannot write {}: {e}", p.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether bridged IPv4 traffic passes through iptables.
+fn br_netfilter_on() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_name_the_bridge_and_the_port() {
+        let rules = bridge_rules("isolated0", Some(8888));
+        let text: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{} {}", r.chain, r.args.join(" ")))
+            .collect();
+        assert_eq!(
+            text,
+            vec![
+                "ISOLATED-FORWARD -i isolated0 -o isolated0 -m comment --comment isolated: actions do not reach each other -j DROP",
+                "ISOLATED-FORWARD -i isolated0 ! -o isolated0 -m comment --comment isolated: actions reach the outside -j ACCEPT",
+                "ISOLATED-FORWARD -o isolated0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment isolated: replies reach actions -j ACCEPT",
+                "ISOLATED-INPUT -i isolated0 -d 127.0.0.0/8 -m comment --comment isolated: actions do not reach host loopback -j DROP",
+                "ISOLATED-INPUT -i isolated0 -p tcp --dport 8888 -m comment --comment isolated: actions do not reach isolated -j DROP",
+            ]
+        );
+        assert_eq!(bridge_rules("b", None).len(), 4);
+    }
+
+    #[test]
+    fn ports_without_host_interfaces_fail_closed() {
+        let r = CniResult::default();
+        let e = isolate_ports("isolated0", &r).unwrap_err().to_string();
+        assert!(e.contains("no host-side interface"), "{e}");
+    }
+}
