@@ -62,13 +62,13 @@ run: build
 	    --state-dir $(RUN_DIR)/state --flow-endpoint "$(FLOW_ENDPOINT)"; \
 	fi
 
-# The quick start's demo action (docker.io/demo/echo:latest), built offline
+# The quick start's demo action (demo.invalid/echo:latest), built offline
 # from busybox-static: import it with `isolatectl image import`.
 demo-image: $(RUN_DIR)/demo-echo.tar
 
 $(RUN_DIR)/demo-echo.tar: dist/demo-image.sh
 	@mkdir -p $(RUN_DIR)
-	sh dist/demo-image.sh $@ docker.io/demo/echo:latest
+	sh dist/demo-image.sh $@ demo.invalid/echo:latest
 
 test: deps fmt-check clippy unit integration
 

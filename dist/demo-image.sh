@@ -4,10 +4,11 @@
 # and /action.sh, which answers {"hello": "<input>"} and fails through
 # error.json when the input is "fail".
 #
-#   sh dist/demo-image.sh OUT.tar [NAME]     (NAME: docker.io/demo/echo:latest)
+#   sh dist/demo-image.sh OUT.tar [NAME]     (NAME: demo.invalid/echo:latest, a
+# registry that never resolves, so a node always runs the imported image)
 set -eu
 out=$1
-name=${2:-docker.io/demo/echo:latest}
+name=${2:-demo.invalid/echo:latest}
 busybox=${BUSYBOX:-/bin/busybox}
 [ -x "$busybox" ] || { echo "demo-image: $busybox is missing (apt-get install busybox-static)" >&2; exit 1; }
 

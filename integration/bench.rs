@@ -13,8 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
+use harness::isolated::{Isolated, IsolatedConfig};
+use harness::process::free_port;
 use harness::{Env, ImageSpec};
+use tonic::transport::Channel;
 
 const SEQUENTIAL: usize = 50;
 const THROUGHPUT: usize = 200;
@@ -64,163 +68,172 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What one isolated achieved.
+struct IsolatedRun {
+    seq: Stats,
+    tp: f64,
+    accept_seq: Stats,
+    accept_load: Stats,
+}
+
 async fn bench(env: &'static Env) -> Result<()> {
     env.register_namespace(NS);
     let image = env
-        .push_image(
-            &env.open_registry,
-            "bench/noop",
-            "v1",
-            &ImageSpec::with_script("exit 0"),
-        )
+        .push_image(&env.open_registry, "bench/noop", "v1", &ImageSpec::with_script("exit 0"))
         .await?;
     let cns = Env::containerd_namespace(NS);
 
-    let idle_rss = rss_kib(env)?;
+    // Like for like with `ctr run`, whose containers get a private network
+    // namespace with loopback only: an isolated with `network = "none"`.
+    // The shared one (CNI bridge) is measured after it.
+    let plain = Isolated::new(IsolatedConfig {
+        bind: format!("127.0.0.1:{}", free_port()?).parse()?,
+        flow_endpoint: env.flow.addr(),
+        containerd_socket: env.containerd.socket().to_path_buf(),
+        state_dir: env.dir().join("bench-state"),
+        log: env.dir().join("bench-isolated.log"),
+        extra_args: vec![
+            "--network".into(),
+            "none".into(),
+            "--metrics-bind".into(),
+            format!("127.0.0.1:{}", free_port()?),
+        ],
+    });
+    plain.start(Duration::from_secs(60)).await?;
+    let result = async {
+        let idle_rss = status_kib(&plain, "VmRSS:")?;
+        let none = measure_isolated(env, &plain, &image.reference, "none").await?;
+        let cni = measure_isolated(env, &env.isolated, &image.reference, "cni").await?;
+
+        // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
+        let ctr_run = |id: String| {
+            let mut cmd = env.containerd.ctr(&cns);
+            cmd.args(["run", "--rm", &image.reference, &id, "/bin/sh", "-c", "exit 0"]);
+            cmd
+        };
+        let mut lat = Vec::new();
+        for i in 0..SEQUENTIAL {
+            lat.push(ms(time_cmd(ctr_run(format!("ctr-seq-{i}")))?));
+        }
+        let ctr_seq = stats(lat);
+        let ctr_tp = parallel(THROUGHPUT, CONCURRENCY, |i| ctr_run(format!("ctr-tp-{i}")))?;
+
+        // runc run of a prepared bundle: the floor.
+        let bundle = runc_bundle(env.dir())?;
+        let runc_root = env.dir().join("runc-root");
+        let runc_run = |id: String| {
+            let mut cmd = Command::new("runc");
+            cmd.arg("--root").arg(&runc_root).args(["run", "-b"]).arg(&bundle).arg(id);
+            cmd
+        };
+        let mut lat = Vec::new();
+        for i in 0..SEQUENTIAL {
+            lat.push(ms(time_cmd(runc_run(format!("runc-seq-{i}")))?));
+        }
+        let runc_seq = stats(lat);
+        let runc_tp = parallel(THROUGHPUT, CONCURRENCY, |i| runc_run(format!("runc-tp-{i}")))?;
+
+        // Peak RSS with 64 actions running at once.
+        let sleeper = env
+            .push_image(&env.open_registry, "bench/sleep", "v1", &ImageSpec::with_script("sleep 3"))
+            .await?;
+        let mut client = client(&plain).await?;
+        one(&mut client, env, &sleeper.reference, "sleep-warm").await?;
+        let mut ids = Vec::new();
+        for i in 0..RSS_RUNNING {
+            let id = format!("rss-{i}");
+            client.run_isolate(request(&sleeper.reference, &id)).await?;
+            ids.push(id);
+        }
+        for id in &ids {
+            let r = env.flow.wait_report(id, Duration::from_secs(300)).await?;
+            ensure!(r.error_code.is_none(), "{id} failed: {:?}", r.error_message);
+        }
+        let peak_rss = status_kib(&plain, "VmHWM:")?;
+
+        println!();
+        println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated with CNI |");
+        println!("|---|---|---|---|---|---|");
+        for (name, i, c, r, n) in [
+            ("p50", none.seq.p50, ctr_seq.p50, runc_seq.p50, cni.seq.p50),
+            ("p90", none.seq.p90, ctr_seq.p90, runc_seq.p90, cni.seq.p90),
+            ("p99", none.seq.p99, ctr_seq.p99, runc_seq.p99, cni.seq.p99),
+        ] {
+            println!(
+                "| warm no-op, {SEQUENTIAL} sequential, {name} ms | {i:.1} | {c:.1} | {r:.1} | {:.2} | {n:.1} |",
+                i / c
+            );
+        }
+        println!(
+            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |",
+            none.tp,
+            ctr_tp,
+            runc_tp,
+            none.tp / ctr_tp,
+            cni.tp
+        );
+        println!();
+        println!("| isolated | value |");
+        println!("|---|---|");
+        println!(
+            "| RunIsolate accept p50 / p99 ms, sequential (durable write included) | {:.2} / {:.2} |",
+            none.accept_seq.p50, none.accept_seq.p99
+        );
+        println!(
+            "| RunIsolate accept p50 / p99 ms, at concurrency {CONCURRENCY} | {:.2} / {:.2} |",
+            none.accept_load.p50, none.accept_load.p99
+        );
+        println!("| RSS idle MiB | {:.1} |", idle_rss as f64 / 1024.0);
+        println!("| RSS peak MiB ({RSS_RUNNING} actions running) | {:.1} |", peak_rss as f64 / 1024.0);
+        Ok(())
+    }
+    .await;
+    plain.stop(Duration::from_secs(20));
+    result
+}
+
+async fn client(isolated: &Isolated) -> Result<DirektivIsolateClient<Channel>> {
+    let channel = Channel::from_shared(format!("http://{}", isolated.addr()))?
+        .connect()
+        .await?;
+    Ok(DirektivIsolateClient::new(channel))
+}
+
+async fn measure_isolated(env: &'static Env, isolated: &Isolated, image: &str, tag: &str) -> Result<IsolatedRun> {
+    let mut c = client(isolated).await?;
     // Warm: the image is pulled and unpacked once, as on a busy node.
     for i in 0..3 {
-        isolated_one(env, &image.reference, &format!("warm-{i}")).await?;
+        one(&mut c, env, image, &format!("{tag}-warm-{i}")).await?;
     }
-
-    // isolated, sequential.
-    let mut lat = Vec::new();
-    let mut accept = Vec::new();
+    let (mut lat, mut accept) = (Vec::new(), Vec::new());
     for i in 0..SEQUENTIAL {
-        let (total, acc) = isolated_one(env, &image.reference, &format!("seq-{i}")).await?;
+        let (total, acc) = one(&mut c, env, image, &format!("{tag}-seq-{i}")).await?;
         lat.push(ms(total));
         accept.push(ms(acc));
     }
-    let iso_seq = stats(lat);
-
-    // isolated, throughput at concurrency 16.
     let started = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut tasks = Vec::new();
     for i in 0..THROUGHPUT {
         let permit = sem.clone().acquire_owned().await?;
-        let reference = image.reference.clone();
+        let (mut c, image, id) = (c.clone(), image.to_string(), format!("{tag}-tp-{i}"));
         tasks.push(tokio::spawn(async move {
-            let r = isolated_one(env, &reference, &format!("tp-{i}")).await;
+            let r = one(&mut c, env, &image, &id).await;
             drop(permit);
             r.map(|(_, acc)| ms(acc))
         }));
     }
+    let mut load = Vec::new();
     for t in tasks {
-        accept.push(t.await??);
+        load.push(t.await??);
     }
-    let iso_tp = THROUGHPUT as f64 / started.elapsed().as_secs_f64();
-    let acc = stats(accept);
-
-    // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
-    let ctr_run = |id: String| {
-        let mut cmd = env.containerd.ctr(&cns);
-        cmd.args([
-            "run",
-            "--rm",
-            &image.reference,
-            &id,
-            "/bin/sh",
-            "-c",
-            "exit 0",
-        ]);
-        cmd
-    };
-    let mut lat = Vec::new();
-    for i in 0..SEQUENTIAL {
-        lat.push(ms(time_cmd(ctr_run(format!("ctr-seq-{i}")))?));
-    }
-    let ctr_seq = stats(lat);
-    let ctr_tp = parallel(THROUGHPUT, CONCURRENCY, |i| ctr_run(format!("ctr-tp-{i}")))?;
-
-    // runc run of a prepared bundle: the floor.
-    let bundle = runc_bundle(env.dir())?;
-    let runc_root = env.dir().join("runc-root");
-    let runc_run = |id: String| {
-        let mut cmd = Command::new("runc");
-        cmd.arg("--root")
-            .arg(&runc_root)
-            .args(["run", "-b"])
-            .arg(&bundle)
-            .arg(id);
-        cmd
-    };
-    let mut lat = Vec::new();
-    for i in 0..SEQUENTIAL {
-        lat.push(ms(time_cmd(runc_run(format!("runc-seq-{i}")))?));
-    }
-    let runc_seq = stats(lat);
-    let runc_tp = parallel(THROUGHPUT, CONCURRENCY, |i| {
-        runc_run(format!("runc-tp-{i}"))
-    })?;
-
-    // Peak RSS with 64 actions running at once.
-    let sleeper = env
-        .push_image(
-            &env.open_registry,
-            "bench/sleep",
-            "v1",
-            &ImageSpec::with_script("sleep 3"),
-        )
-        .await?;
-    isolated_one(env, &sleeper.reference, "sleep-warm").await?;
-    let mut ids = Vec::new();
-    for i in 0..RSS_RUNNING {
-        let id = format!("rss-{i}");
-        env.run(request(&sleeper.reference, &id))
-            .await
-            .map_err(|s| anyhow::anyhow!("RunIsolate({id}): {s}"))?;
-        ids.push(id);
-    }
-    for id in &ids {
-        let r = env.flow.wait_report(id, Duration::from_secs(300)).await?;
-        ensure!(r.error_code.is_none(), "{id} failed: {:?}", r.error_message);
-    }
-    let peak_rss = hwm_kib(env)?;
-
-    println!();
-    println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| warm no-op, {SEQUENTIAL} sequential, p50 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
-        iso_seq.p50,
-        ctr_seq.p50,
-        runc_seq.p50,
-        iso_seq.p50 / ctr_seq.p50
-    );
-    println!(
-        "| p90 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
-        iso_seq.p90,
-        ctr_seq.p90,
-        runc_seq.p90,
-        iso_seq.p90 / ctr_seq.p90
-    );
-    println!(
-        "| p99 ms | {:.1} | {:.1} | {:.1} | {:.2} |",
-        iso_seq.p99,
-        ctr_seq.p99,
-        runc_seq.p99,
-        iso_seq.p99 / ctr_seq.p99
-    );
-    println!(
-        "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} |",
-        iso_tp,
-        ctr_tp,
-        runc_tp,
-        iso_tp / ctr_tp
-    );
-    println!();
-    println!("| isolated | value |");
-    println!("|---|---|");
-    println!(
-        "| RunIsolate accept p50 / p99 ms (durable write included) | {:.2} / {:.2} |",
-        acc.p50, acc.p99
-    );
-    println!("| RSS idle MiB | {:.1} |", idle_rss as f64 / 1024.0);
-    println!(
-        "| RSS peak MiB ({RSS_RUNNING} actions running) | {:.1} |",
-        peak_rss as f64 / 1024.0
-    );
-    Ok(())
+    let tp = THROUGHPUT as f64 / started.elapsed().as_secs_f64();
+    Ok(IsolatedRun {
+        seq: stats(lat),
+        tp,
+        accept_seq: stats(accept),
+        accept_load: stats(load),
+    })
 }
 
 fn request(image: &str, id: &str) -> RunIsolateRequest {
@@ -236,19 +249,21 @@ fn request(image: &str, id: &str) -> RunIsolateRequest {
 }
 
 /// One action through isolated: (RunIsolate → report, RunIsolate alone).
-async fn isolated_one(env: &Env, image: &str, id: &str) -> Result<(Duration, Duration)> {
+async fn one(
+    c: &mut DirektivIsolateClient<Channel>,
+    env: &Env,
+    image: &str,
+    id: &str,
+) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
-    env.run(request(image, id))
+    c.run_isolate(request(image, id))
         .await
         .map_err(|s| anyhow::anyhow!("RunIsolate({id}): {s}"))?;
     let accepted = t0.elapsed();
     let r = env.flow.wait_report(id, Duration::from_secs(120)).await?;
     let total = t0.elapsed();
     if let Some(code) = r.error_code {
-        bail!(
-            "{id} failed: {code}: {}",
-            r.error_message.unwrap_or_default()
-        );
+        bail!("{id} failed: {code}: {}", r.error_message.unwrap_or_default());
     }
     Ok((total, accepted))
 }
@@ -315,8 +330,8 @@ fn runc_bundle(dir: &Path) -> Result<PathBuf> {
     Ok(bundle)
 }
 
-fn status_kib(env: &Env, key: &str) -> Result<u64> {
-    let pid = env.isolated.pid().context("isolated is not running")?;
+fn status_kib(isolated: &Isolated, key: &str) -> Result<u64> {
+    let pid = isolated.pid().context("isolated is not running")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -324,12 +339,4 @@ fn status_kib(env: &Env, key: &str) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
-}
-
-fn rss_kib(env: &Env) -> Result<u64> {
-    status_kib(env, "VmRSS:")
-}
-
-fn hwm_kib(env: &Env) -> Result<u64> {
-    status_kib(env, "VmHWM:")
 }

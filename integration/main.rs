@@ -2,8 +2,12 @@
 //! flow receiver. One environment is shared by all trials; see `harness`.
 
 mod core;
+mod durability;
 mod harness;
 mod harness_selftest;
+mod network;
+mod operator;
+mod reaper;
 
 use std::process::ExitCode;
 
@@ -13,6 +17,10 @@ fn main() -> ExitCode {
     let args = Arguments::from_args();
     let mut trials = harness_selftest::trials();
     trials.extend(core::trials());
+    trials.extend(network::trials());
+    trials.extend(operator::trials());
+    trials.extend(reaper::trials());
+    trials.extend(durability::trials());
 
     let runs_something = !args.list
         && trials

@@ -233,6 +233,14 @@ impl Handle {
         });
     }
 
+    /// Running since `started_at_ms`, the time its deadline counts from.
+    pub fn set_running(&self, started_at_ms: i64) {
+        self.actions.update(&self.key, |i| {
+            i.state = ActionState::Running as i32;
+            i.started_at_ms = started_at_ms;
+        });
+    }
+
     /// Why the action was cancelled, once it was.
     pub fn cancel_reason(&self) -> String {
         self.cancel_reason

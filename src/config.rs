@@ -91,7 +91,7 @@ settings! {
     flow_endpoint: String = "127.0.0.1:7777".into(), "DIREKTIV_FLOW_ENDPOINT", "127.0.0.1:7777";
     /// containerd's gRPC socket (ignored with embedded_containerd).
     containerd_address: PathBuf = "/run/containerd/containerd.sock".into(), "ISOLATED_CONTAINERD_ADDRESS", "/run/containerd/containerd.sock";
-    /// Start and supervise a private containerd (from PATH) with its root, state, socket and config under <state_dir>/containerd.
+    /// Start and supervise a private containerd (from PATH), its root, state, socket and config under state_dir/containerd.
     embedded_containerd: bool = false, "ISOLATED_EMBEDDED_CONTAINERD", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Directory for action data, logs and the daemon's state.
     state_dir: PathBuf = "/var/lib/isolated".into(), "ISOLATED_STATE_DIR", "/var/lib/isolated";
@@ -137,6 +137,8 @@ settings! {
     cni_timeout_secs: u64 = 30, "ISOLATED_CNI_TIMEOUT_SECS", "30";
     /// DNS servers for actions (comma separated); empty: the host's resolv.conf.
     dns_servers: Vec<String> = Vec::new(), "ISOLATED_DNS_SERVERS", "(host's)", value_delimiter = ',';
+    /// Log every phase span when it closes, with its duration (for finding where time goes).
+    log_span_times: bool = false, "ISOLATED_LOG_SPAN_TIMES", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Log format: text or json.
     log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
     /// Address of the Prometheus /metrics endpoint (host:port); empty disables it.

@@ -22,7 +22,7 @@ const ACTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("actions");
 
 /// Why the store failed. Every variant is an I/O failure of the state
 /// directory; callers treat them alike.
-#[derive(Debug, thiserror::Error, displaydoc::Display)]
+#[derive(Debug, Clone, thiserror::Error, displaydoc::Display)]
 pub enum StoreError {
     /// cannot open the store {path}: {reason}
     Open { path: PathBuf, reason: String },
@@ -82,10 +82,46 @@ pub enum Sync {
     Lazy,
 }
 
+/// A change waiting for the writer.
+enum Op {
+    Put(String, Vec<u8>),
+    Remove(String),
+}
+
+struct Job {
+    op: Op,
+    sync: Sync,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Changes go through one writer thread that commits whatever has queued
+/// up in one transaction: under load many accepts share one fsync (group
+/// commit), and redb's blocking commit never runs on an async worker.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
 }
+
+struct Inner {
+    db: Arc<Database>,
+    jobs: std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// Lets the writer finish what is queued and release the database, so
+    /// the file can be opened again (by a restart in the same process).
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Most changes one transaction takes, so one slow batch cannot grow
+/// without bound.
+const MAX_BATCH: usize = 512;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -102,63 +138,56 @@ impl Store {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| open_err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(ACTIONS)
-            .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(ACTIONS).map_err(|e| open_err(e.to_string()))?;
         txn.commit().map_err(|e| open_err(e.to_string()))?;
-        Ok(Store { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let writer_db = db.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(writer_db, rx))
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                jobs: std::sync::Mutex::new(Some(jobs)),
+                writer: std::sync::Mutex::new(Some(handle)),
+            }),
+        })
     }
 
     /// Inserts or replaces a record.
     pub async fn put(&self, record: &StoredAction, sync: Sync) -> Result<(), StoreError> {
-        let key = record.key();
         let bytes = prost::Message::encode_to_vec(record);
-        self.write(sync, move |t| {
-            t.insert(key.as_str(), bytes.as_slice()).map(|_| ())
-        })
-        .await
+        self.submit(Op::Put(record.key(), bytes), sync).await
     }
 
-    pub async fn remove(
-        &self,
-        namespace: &str,
-        action_id: &str,
-        sync: Sync,
-    ) -> Result<(), StoreError> {
+    pub async fn remove(&self, namespace: &str, action_id: &str, sync: Sync) -> Result<(), StoreError> {
         self.remove_key(&key(namespace, action_id), sync).await
     }
 
     pub async fn remove_key(&self, key: &str, sync: Sync) -> Result<(), StoreError> {
-        let key = key.to_string();
-        self.write(sync, move |t| t.remove(key.as_str()).map(|_| ()))
-            .await
+        self.submit(Op::Remove(key.to_string()), sync).await
     }
 
-    async fn write<F>(&self, sync: Sync, f: F) -> Result<(), StoreError>
-    where
-        F: FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError> + Send + 'static,
-    {
-        let db = self.db.clone();
-        // redb's commit blocks on fsync: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            let w = |e: &dyn std::fmt::Display| StoreError::Write(e.to_string());
-            let mut txn = db.begin_write().map_err(|e| w(&e))?;
-            if sync == Sync::Lazy {
-                txn.set_durability(Durability::None).map_err(|e| w(&e))?;
-            }
-            {
-                let mut table = txn.open_table(ACTIONS).map_err(|e| w(&e))?;
-                f(&mut table).map_err(|e| w(&e))?;
-            }
-            txn.commit().map_err(|e| w(&e))
-        })
-        .await
-        .map_err(|e| StoreError::Write(e.to_string()))?
+    async fn submit(&self, op: Op, sync: Sync) -> Result<(), StoreError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let sent = match self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(jobs) => jobs.send(Job { op, sync, done }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(StoreError::Write("the store's writer has stopped".into()));
+        }
+        result
+            .await
+            .map_err(|_| StoreError::Write("the store's writer has stopped".into()))?
     }
 
     /// Every record, for recovery at start-up.
     pub fn load_all(&self) -> Result<Vec<StoredAction>, StoreError> {
         let r = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
-        let txn = self.db.begin_read().map_err(|e| r(&e))?;
+        let txn = self.inner.db.begin_read().map_err(|e| r(&e))?;
         let table = txn.open_table(ACTIONS).map_err(|e| r(&e))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| r(&e))? {
@@ -172,6 +201,44 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The writer thread: one transaction per batch of queued changes, made
+/// durable if any of them asks for it.
+fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|j| j.sync == Sync::Durable);
+        let result = commit(&db, &batch, durable);
+        for job in batch {
+            let _ = job.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(db: &Database, batch: &[Job], durable: bool) -> Result<(), StoreError> {
+    let w = |e: &dyn std::fmt::Display| StoreError::Write(e.to_string());
+    let mut txn = db.begin_write().map_err(|e| w(&e))?;
+    if !durable {
+        txn.set_durability(Durability::None).map_err(|e| w(&e))?;
+    }
+    {
+        let mut table = txn.open_table(ACTIONS).map_err(|e| w(&e))?;
+        for job in batch {
+            match &job.op {
+                Op::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map(|_| ()),
+                Op::Remove(k) => table.remove(k.as_str()).map(|_| ()),
+            }
+            .map_err(|e| w(&e))?;
+        }
+    }
+    txn.commit().map_err(|e| w(&e))
 }
 
 #[cfg(test)]
@@ -189,6 +256,24 @@ mod tests {
             state: state as i32,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("store.redb")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let sync = if i % 2 == 0 { Sync::Durable } else { Sync::Lazy };
+                s.put(&rec("n", &format!("a{i}"), ActionState::Accepted), sync).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(s.load_all().unwrap().len(), 200);
     }
 
     #[tokio::test]

@@ -22,6 +22,13 @@ impl Env {
     /// are the image cache and may stay.
     pub async fn leftovers(&self, ns: &str) -> Result<Vec<String>> {
         let cns = Self::containerd_namespace(ns);
+        self.leftovers_in(&cns, self.state_dir()).await
+    }
+
+    /// Like `leftovers`, for containerd namespace `cns` of the daemon whose state dir is
+    /// `state_dir` (tests may run a second daemon with a prefix of its own).
+    pub async fn leftovers_in(&self, cns: &str, state_dir: &Path) -> Result<Vec<String>> {
+        let cns = cns.to_string();
         let channel = self.containerd.channel().await?;
         let mut left = Vec::new();
 
@@ -67,13 +74,13 @@ impl Env {
             }
         }
 
-        let dir = self.actions_dir(ns);
+        let dir = state_dir.join("actions").join(&cns);
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 left.push(format!("state dir entry {}", e.path().display()));
             }
         }
-        left.extend(network_leftovers(self.state_dir(), &cns));
+        left.extend(network_leftovers(state_dir, &cns));
         Ok(left)
     }
 

@@ -127,7 +127,15 @@ impl Env {
             containerd_socket: containerd.socket().to_path_buf(),
             state_dir: dir.join("state"),
             log: dir.join("isolated.log"),
-            extra_args: vec!["--cni-conf-dir".into(), net.conf_dir.display().to_string()],
+            extra_args: vec![
+                // Each phase's duration in the log: where a slow test spent its time.
+                "--log-span-times".into(),
+                "--cni-conf-dir".into(),
+                net.conf_dir.display().to_string(),
+                // Its own metrics port: the default one may be a developer's isolated.
+                "--metrics-bind".into(),
+                format!("127.0.0.1:{}", free_port()?),
+            ],
         });
         // The harness's own trials still run when the daemon does not start.
         let isolated_error = match isolated.start(STARTUP).await {

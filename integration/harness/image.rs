@@ -242,13 +242,16 @@ fn spec_layer(spec: &ImageSpec) -> Result<Layer> {
     Layer::from_tar(b.into_inner()?)
 }
 
-/// Builds the image of `spec` and pushes it to `registry` as `repository:tag`.
-pub async fn push(
-    registry: &Registry,
-    repository: &str,
-    tag: &str,
-    spec: &ImageSpec,
-) -> Result<PushedImage> {
+/// An image of `spec`, built: its layers, config and manifest, with digests.
+struct Built {
+    layers: [Layer; 2],
+    config: Vec<u8>,
+    config_digest: String,
+    manifest: Vec<u8>,
+    digest: String,
+}
+
+fn build(spec: &ImageSpec) -> Result<Built> {
     let layers = [base_layer()?, spec_layer(spec)?];
     let mut config = json!({
         "created": "2023-11-14T22:13:20Z",
@@ -290,7 +293,65 @@ pub async fn push(
         })).collect::<Vec<_>>(),
     }))?;
     let digest = sha256(&manifest);
+    Ok(Built {
+        layers,
+        config,
+        config_digest,
+        manifest,
+        digest,
+    })
+}
 
+/// The image of `spec` as an OCI archive (an OCI image layout as tar, as `ctr images
+/// export` writes it), its index naming it `name`.
+pub fn oci_archive(spec: &ImageSpec, name: &str) -> Result<Vec<u8>> {
+    let b = build(spec)?;
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "digest": b.digest,
+            "size": b.manifest.len(),
+            "annotations": { "org.opencontainers.image.ref.name": name },
+        }],
+    }))?;
+    let mut tar = tar::Builder::new(Vec::new());
+    // Blobs first and index.json last, as a streaming writer would order them.
+    let mut blobs: Vec<(String, &[u8])> = b
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), &l.gz[..]))
+        .collect();
+    blobs.push((b.config_digest.clone(), &b.config));
+    blobs.push((b.digest.clone(), &b.manifest));
+    for (digest, data) in blobs {
+        let hex = digest.trim_start_matches("sha256:");
+        add_file(&mut tar, &format!("blobs/sha256/{hex}"), data, 0o644)?;
+    }
+    add_file(
+        &mut tar,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+    )?;
+    add_file(&mut tar, "index.json", &index, 0o644)?;
+    Ok(tar.into_inner()?)
+}
+
+/// Builds the image of `spec` and pushes it to `registry` as `repository:tag`.
+pub async fn push(
+    registry: &Registry,
+    repository: &str,
+    tag: &str,
+    spec: &ImageSpec,
+) -> Result<PushedImage> {
+    let Built {
+        layers,
+        config,
+        config_digest,
+        manifest,
+        digest,
+    } = build(spec)?;
     let host = registry.host().to_string();
     let reference_str = format!("{host}/{repository}:{tag}");
     let reference: Reference = reference_str

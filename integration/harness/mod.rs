@@ -15,6 +15,7 @@ pub mod flow;
 pub mod image;
 pub mod isolated;
 pub mod mounts;
+pub mod private;
 pub mod process;
 pub mod registry;
 pub mod stale;

@@ -63,7 +63,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&cfg.log_format);
+    init_logging(&cfg.log_format, cfg.log_span_times);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -78,7 +78,7 @@ fn main() {
     }
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, span_times: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal, not in a log file.
@@ -86,6 +86,11 @@ fn init_logging(format: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        .with_span_events(if span_times {
+            tracing_subscriber::fmt::format::FmtSpan::CLOSE
+        } else {
+            tracing_subscriber::fmt::format::FmtSpan::NONE
+        })
         .with_writer(std::io::stderr);
     if format == "json" {
         builder

@@ -224,6 +224,10 @@ impl Networks {
     /// Prepares the network of one action. On failure nothing of it is
     /// left.
     pub async fn attach(&self, t: &NetTarget<'_>) -> Result<Attachment, NetworkError> {
+        // An earlier attempt of the same action (a retry, or a run cut
+        // short by a crash and started again) may have left a network: it
+        // is released, never overwritten, or its lease would be lost.
+        self.detach(t).await;
         match self.mode {
             Mode::None => Ok(Attachment {
                 netns: None,

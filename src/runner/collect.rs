@@ -12,11 +12,18 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::{delete_task, stdio::Stdio, Action, Runner};
+/// How long the output streams get to end after the task exited. They end
+/// at once unless something outside the container holds them open.
+const STREAM_END_WAIT: Duration = Duration::from_secs(2);
+
+use super::{stdio::Stdio, Action, Runner};
 use crate::report::{Collected, Stopped, ERROR_JSON_MAX};
 
-/// Collects everything the report needs; the task is deleted on the way,
-/// because only then has the shim flushed the output streams.
+/// Collects everything the report needs. The task is not deleted here:
+/// the shim closes the output FIFOs as soon as the container's last writer
+/// is gone, so the streams end on their own, and deleting the task (runc
+/// delete, shim exit) is left to the cleanup after the report, off the
+/// path the flow engine waits on.
 pub async fn collect(
     runner: &Runner,
     a: &Action,
@@ -25,11 +32,10 @@ pub async fn collect(
     stopped: Option<Stopped>,
     memory_limit: i64,
 ) -> Collected {
-    // The cgroup is gone once the task is deleted: read it first.
+    // Read while the task's cgroup still exists (it goes with the task).
     let oom = oom_killed(&a.cgroups_path());
-    let deleted_status = delete_task(&runner.cd, &a.cns, a.id()).await;
-    let (_stdout, stderr_tail) = stdio.finish(Duration::from_secs(5)).await;
-    debug!(exit_code, ?deleted_status, oom, "task ended");
+    let (_stdout, stderr_tail) = stdio.finish(STREAM_END_WAIT).await;
+    debug!(exit_code, oom, "task ended");
 
     let data = a.data_dir();
     let error_json = match read_result_file(&data, "error.json", ERROR_JSON_MAX) {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::{
     container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
-    DeleteContainerRequest, DeleteTaskRequest, GetRequest, StartRequest, WaitRequest,
+    DeleteContainerRequest, DeleteTaskRequest, GetRequest, KillRequest, StartRequest, WaitRequest,
 };
 use tonic::Code;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -196,6 +196,7 @@ impl Runner {
                         _ => self.run_fresh(&action, &mut record).await,
                     };
                     action.handle.finished(&outcome);
+                    crate::metrics::action_finished(outcome.code());
                     info!(
                         code = outcome.code().unwrap_or("ok"),
                         ms = started.elapsed().as_millis() as u64,
@@ -320,10 +321,10 @@ impl Runner {
             .instrument(info_span!("start"))
             .await
             .map_err(RunError::containerd("start the task"))?;
-        let deadline_ms = now_ms() + a.req.timeout.as_millis() as i64;
-        a.handle.set_state(ActionState::Running);
+        let started_ms = now_ms();
+        let deadline_ms = started_ms + a.req.timeout.as_millis() as i64;
         record.state = ActionState::Running as i32;
-        record.started_at_ms = now_ms();
+        record.started_at_ms = started_ms;
         record.deadline_ms = deadline_ms;
         // The credentials did their job; they need not stay on disk.
         if let Some(r) = record.request.as_mut() {
@@ -333,6 +334,10 @@ impl Runner {
             // The task runs; losing the deadline only matters after a crash.
             error!(error = %e, "cannot store the running state");
         }
+        // Shown as running only once stored as running: an action the
+        // control API calls running is re-attached, deadline and all, by
+        // the next start after a crash (before, it is started again).
+        a.handle.set_running(started_ms);
         let (code, stopped) = self
             .supervise(a, deadline_ms, &mut exit)
             .instrument(info_span!("wait"))
@@ -390,6 +395,7 @@ impl Runner {
     where
         F: std::future::Future<Output = Result<u32, RunError>> + Unpin,
     {
+        let _timer = crate::metrics::timer(crate::metrics::Phase::Run);
         let left = Duration::from_millis((deadline_ms - now_ms()).max(0) as u64);
         let deadline = tokio::time::Instant::now() + left;
         let grace = self.cfg.kill_grace();
@@ -410,6 +416,7 @@ impl Runner {
 
     /// Snapshot, spec, container and task, in that order, under one lease.
     async fn create(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
+        let _timer = crate::metrics::timer(crate::metrics::Phase::Start);
         let lease = self
             .cd
             .lease(&a.cns)
@@ -594,7 +601,11 @@ impl Runner {
 }
 
 /// Deletes a task, which also ends its shim; retried because containerd
-/// can time out under I/O load (containerd #9309).
+/// can time out under I/O load (containerd #9309). A task that is still
+/// running here has nobody left to stop it (an orphan of an earlier life,
+/// or a run cut short by a crash before it was stored as running, now
+/// started again): containerd refuses to delete it, so it is killed first,
+/// or it would outlive its action, holding its cgroup and shim forever.
 pub async fn delete_task(cd: &Containerd, cns: &str, id: &str) -> Option<u32> {
     for attempt in 1..=3 {
         let del = DeleteTaskRequest {
@@ -604,12 +615,35 @@ pub async fn delete_task(cd: &Containerd, cns: &str, id: &str) -> Option<u32> {
             Ok(r) => return Some(r.into_inner().exit_status),
             Err(e) if e.code() == Code::NotFound => return None,
             Err(e) => {
-                warn!(attempt, error = %e.message(), "cannot delete task");
+                warn!(attempt, error = %e.message(), "cannot delete task; killing it first");
+                kill_and_wait(cd, cns, id).await;
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
         }
     }
     None
+}
+
+/// SIGKILL to every process of the task, then up to 5 s for its exit.
+async fn kill_and_wait(cd: &Containerd, cns: &str, id: &str) {
+    let kill = KillRequest {
+        container_id: id.to_string(),
+        exec_id: String::new(),
+        signal: nix::sys::signal::Signal::SIGKILL as u32,
+        all: true,
+    };
+    if cd.tasks().kill(with_ns(kill, cns, None)).await.is_err() {
+        return;
+    }
+    let wait = WaitRequest {
+        container_id: id.to_string(),
+        exec_id: String::new(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        cd.tasks().wait(with_ns(wait, cns, None)),
+    )
+    .await;
 }
 
 /// The exit code of the task's init process. A dropped connection to

@@ -1,0 +1,133 @@
+//! At-least-once delivery (ISOLATE.md §3): a report the flow endpoint refuses is kept and
+//! retried until acknowledged, by the same process or, after a crash, by the next one.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use direktiv_isolate::proto::control::{ActionState, ListIsolatesRequest};
+
+use super::{expect_output, FAST_GRACE};
+use crate::core::echo_spec;
+use crate::harness::private::{action_ref, PrivateIsolated};
+use crate::harness::{Ctx, FIRST_PULL, NOTHING_LEFT};
+
+/// The flow endpoint answers the action's report with UNAVAILABLE for 10 s: isolated keeps
+/// retrying with backoff meanwhile, the operator sees the report pending (finished, not
+/// reported, attempts counted), and the report arrives, once, after the endpoint is back.
+///
+/// Only this action's reports are refused, so the trials running alongside are not
+/// delayed.
+pub async fn flow_unavailable_for_10s(t: Ctx) -> Result<()> {
+    const OUTAGE: Duration = Duration::from_secs(10);
+    let flow = &t.env.flow;
+    let image = t.push(&echo_spec()).await?;
+    let id = t.action_id("outage");
+    let mut req = t.request(&image.reference, &id);
+    req.data = Some(format!("kept for {id}").into_bytes());
+    let input = req.data.clone().unwrap_or_default();
+    flow.refuse_action(&id, true);
+    let res = async {
+        t.run(req)
+            .await
+            .map_err(|s| anyhow::anyhow!("RunIsolate: {s}"))?;
+        flow.wait_refused(&id, 1, FIRST_PULL).await?;
+        let outage_ends = tokio::time::Instant::now() + OUTAGE;
+        tokio::time::sleep_until(outage_ends).await;
+
+        let refused = flow.refused_count(&id);
+        ensure!(
+            refused >= 3,
+            "only {refused} delivery attempts in {OUTAGE:?} of outage: no retries with backoff"
+        );
+        let mut control = t.env.control_client().await?;
+        let info = control
+            .get_isolate(action_ref(&t.ns, &id))
+            .await?
+            .into_inner();
+        ensure!(
+            info.state() == ActionState::Finished && info.report_attempts as usize >= refused,
+            "during the outage the action shows as {:?} with {} report attempts ({refused} refused)",
+            info.state(),
+            info.report_attempts
+        );
+        let pending = control
+            .list_isolates(ListIsolatesRequest {
+                namespace: t.ns.clone(),
+                state: ActionState::Finished as i32,
+            })
+            .await?
+            .into_inner()
+            .actions;
+        ensure!(
+            pending.iter().any(|a| a.action_id == id),
+            "ListIsolates(finished) does not show the undelivered report: {pending:?}"
+        );
+        ensure!(flow.count(&id) == 0, "a refused report counted as accepted");
+
+        flow.refuse_action(&id, false);
+        // Backoff is capped at 30 s (with jitter below it).
+        let report = flow.wait_report(&id, Duration::from_secs(40)).await?;
+        expect_output(&report, &input)?;
+        t.env.assert_nothing_left(&t.ns, NOTHING_LEFT).await?;
+        ensure!(
+            flow.count(&id) == 1,
+            "acknowledged {} times",
+            flow.count(&id)
+        );
+        Ok(())
+    }
+    .await;
+    flow.refuse_action(&id, false);
+    res
+}
+
+/// A finished action whose report the flow endpoint refuses, then isolated SIGKILLed: the
+/// restarted isolated delivers the stored report (it does not run the action again) once
+/// the endpoint takes it, and cleans up after it.
+pub async fn stored_report_survives_sigkill(t: Ctx) -> Result<()> {
+    let flow = &t.env.flow;
+    let p = PrivateIsolated::start(t.env, &FAST_GRACE).await?;
+    p.adopt(&t.ns);
+    let id = t.action_id("outbox");
+    flow.refuse_action(&id, true);
+    let res = async {
+        let image = t.push(&echo_spec()).await?;
+        let mut req = t.request(&image.reference, &id);
+        req.data = Some(format!("stored for {id}").into_bytes());
+        let input = req.data.clone().unwrap_or_default();
+        p.accept(req).await?;
+        flow.wait_refused(&id, 1, FIRST_PULL).await?;
+        let before = p.get(&t.ns, &id).await?;
+        ensure!(
+            before.state() == ActionState::Finished && before.started_at_ms > 0,
+            "the refused action is {before:?}"
+        );
+
+        p.kill();
+        let refused = flow.refused_count(&id);
+        p.start_again().await?;
+        // The new process tries on its own, from the store.
+        flow.wait_refused(&id, refused + 1, Duration::from_secs(30))
+            .await?;
+        let after = p.get(&t.ns, &id).await?;
+        ensure!(
+            after.state() == ActionState::Finished && after.started_at_ms == 0,
+            "after the restart the action is {after:?}: its stored report should be pending, the action not run again"
+        );
+
+        flow.refuse_action(&id, false);
+        let report = flow.wait_report(&id, Duration::from_secs(40)).await?;
+        expect_output(&report, &input)?;
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await?;
+        ensure!(
+            flow.count(&id) == 1,
+            "acknowledged {} times",
+            flow.count(&id)
+        );
+        Ok(())
+    }
+    .await;
+    flow.refuse_action(&id, false);
+    res.map_err(|e| p.explain(e))
+}

@@ -1,0 +1,86 @@
+//! Accepted means reported (issue 4; ISOLATE.md §2, §3, §6): isolated killed with SIGKILL
+//! and restarted on its state dir, the flow endpoint down, containerd restarted, orphans
+//! from an earlier life, many clients at once and a full queue.
+//!
+//! Every trial that kills, restarts or starves a daemon gets its own (see
+//! `harness::private`), so the trials on the shared ones are not disturbed; reports go to
+//! the shared flow receiver, where they are counted per action id.
+
+mod containerd_restart;
+mod crash;
+mod delivery;
+mod load;
+mod orphans;
+
+use anyhow::{ensure, Result};
+use direktiv_isolate::proto::flow::ReportActionResultsRequest;
+use libtest_mimic::Trial;
+
+use crate::core::expect_success;
+use crate::harness::{trial, ImageSpec};
+
+/// A 1 s grace period for the private daemons: their trials are not about it.
+pub const FAST_GRACE: [&str; 2] = ["--kill-grace-secs", "1"];
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "durability::sigkill_while_running",
+            crash::sigkill_while_running,
+        ),
+        trial(
+            "durability::sigkill_with_three_unfinished",
+            crash::sigkill_with_three_unfinished,
+        ),
+        trial(
+            "durability::flow_unavailable_for_10s",
+            delivery::flow_unavailable_for_10s,
+        ),
+        trial(
+            "durability::stored_report_survives_sigkill",
+            delivery::stored_report_survives_sigkill,
+        ),
+        trial(
+            "durability::containerd_restart_while_running",
+            containerd_restart::containerd_restart_while_running,
+        ),
+        trial(
+            "durability::orphans_removed_at_start",
+            orphans::orphans_removed_at_start,
+        ),
+        trial(
+            "durability::five_hundred_from_32_clients",
+            load::five_hundred_from_32_clients,
+        ),
+        trial(
+            "durability::queue_full_is_resource_exhausted",
+            load::queue_full_is_resource_exhausted,
+        ),
+    ]
+}
+
+/// An image whose action sleeps for the number of seconds that starts its input, then
+/// answers with the whole input: the output tells which request it ran.
+pub fn sleep_then_echo() -> ImageSpec {
+    ImageSpec::with_script(
+        "read secs rest < /direktiv-data/data.in\nsleep \"$secs\"\ncat /direktiv-data/data.in > /direktiv-data/data.out",
+    )
+}
+
+/// Input for `sleep_then_echo`: sleep `secs`, answer with a text unique to `id`.
+pub fn sleep_input(secs: u32, id: &str) -> Vec<u8> {
+    format!("{secs} output of {id}").into_bytes()
+}
+
+/// A success report whose output is exactly `input`.
+pub fn expect_output(report: &ReportActionResultsRequest, input: &[u8]) -> Result<()> {
+    let output = expect_success(report)?;
+    ensure!(
+        output == input,
+        "action {:?}: output {:?}, expected {:?}",
+        report.action_id,
+        String::from_utf8_lossy(&output),
+        String::from_utf8_lossy(input)
+    );
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `--embedded-containerd` from nothing: a second isolated with its own state dir and ports
+//! starts its own containerd, runs actions, restarts that containerd when it dies, replaces
+//! the one a killed isolated left behind, and leaves no process behind when stopped.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{ctl, shown};
+use crate::core::echo_spec;
+use crate::harness::process::{free_port, wait_ready, ChildProcess};
+use crate::harness::{Ctx, FIRST_PULL};
+
+/// Processes whose command line mentions `needle` (containerd and its shims name their
+/// config or socket, both under the state dir).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(needle) {
+            found.push(format!("pid {pid}: {}", text.trim()));
+        }
+    }
+    found
+}
+
+/// Whether `pid` is a live process (a zombie has an empty command line).
+fn alive(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// The pid in the embedded containerd's pid file, if it names a live process.
+fn containerd_pid(state: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(state.join("containerd/containerd.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    alive(pid).then_some(pid)
+}
+
+/// Polls `f` every 50 ms until it holds; fails naming `what` after `timeout`.
+async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn start_isolated(state: &Path, bind: &str) -> Result<ChildProcess> {
+    let state_arg = state.display().to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_isolated"));
+    cmd.args(["--embedded-containerd", "--state-dir", &state_arg])
+        .args(["--bind", bind, "--flow-endpoint", "none"])
+        .args([
+            "--metrics-bind",
+            "",
+            "--network",
+            "none",
+            "--log-format",
+            "text",
+        ])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info");
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("ISOLATED_") || k.starts_with("DIREKTIV_") {
+            cmd.env_remove(&key);
+        }
+    }
+    std::fs::create_dir_all(state)?;
+    ChildProcess::spawn("embedded isolated", cmd, &state.with_extension("log"))
+}
+
+async fn ready(isolated: &mut ChildProcess, addr: SocketAddr) -> Result<()> {
+    let probe = || async move {
+        tokio::net::TcpStream::connect(addr).await?;
+        Ok(())
+    };
+    wait_ready(
+        "embedded isolated",
+        isolated,
+        Duration::from_secs(60),
+        probe,
+    )
+    .await
+}
+
+/// Runs the echo image through `addr` and checks its output.
+async fn echo_through(t: &Ctx, addr: SocketAddr, image: &str, label: &str) -> Result<String> {
+    let id = t.action_id(label);
+    let input = format!("from the embedded one: {label}");
+    let args = [
+        "run",
+        "-n",
+        &t.ns,
+        "-i",
+        image,
+        "-d",
+        &input,
+        "--action-id",
+        &id,
+    ];
+    let out = ctl(addr, &args, FIRST_PULL).await?;
+    ensure!(
+        out.status.code() == Some(0) && out.stdout == input.as_bytes(),
+        "run {label} on the embedded containerd: {}",
+        shown(&out)
+    );
+    Ok(id)
+}
+
+pub async fn from_nothing(t: Ctx) -> Result<()> {
+    let image = t.push(&echo_spec()).await?;
+    let state = t
+        .env
+        .dir()
+        .join(format!("emb-{:06x}", rand::random::<u32>() >> 8));
+    let bind = format!("127.0.0.1:{}", free_port()?);
+    let addr: SocketAddr = bind.parse()?;
+    let mut isolated = start_isolated(&state, &bind)?;
+    ready(&mut isolated, addr).await?;
+    let config = state.join("containerd/config.toml");
+    ensure!(
+        !processes_mentioning(&config.display().to_string()).is_empty(),
+        "no containerd runs with {}",
+        config.display()
+    );
+
+    let id = echo_through(&t, addr, &image.reference, "first")
+        .await
+        .with_context(|| format!("log:\n{}", isolated.log_tail(30)))?;
+    // No flow engine: the result is kept, and the action counts as reported at once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctl(addr, &["get", "-n", &t.ns, &id, "--json"], FIRST_PULL).await?;
+        let info: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| shown(&out))?;
+        if info["state"] == "reported" {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never reported: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // containerd dies: isolated starts a new one and goes on serving.
+    let first = containerd_pid(&state).context("the embedded containerd has a pid file")?;
+    kill(Pid::from_raw(first), Signal::SIGKILL)?;
+    until("new containerd", Duration::from_secs(20), || {
+        containerd_pid(&state).is_some_and(|p| p != first)
+    })
+    .await?;
+    echo_through(&t, addr, &image.reference, "after-containerd-died").await?;
+
+    // isolated dies: its containerd is left running, and the next start replaces it.
+    let orphan = containerd_pid(&state).context("the restarted containerd has a pid file")?;
+    isolated.kill();
+    ensure!(
+        alive(orphan),
+        "containerd went down with a SIGKILLed isolated: the leftover case is not tested"
+    );
+    let mut isolated = start_isolated(&state, &bind)?;
+    ready(&mut isolated, addr).await?;
+    ensure!(
+        !alive(orphan),
+        "the containerd a killed isolated left (pid {orphan}) still runs after the next start"
+    );
+    echo_through(&t, addr, &image.reference, "after-isolated-died").await?;
+
+    let status = isolated.stop(Duration::from_secs(30));
+    ensure!(
+        status.success(),
+        "embedded isolated exited with {status}; log:\n{}",
+        isolated.log_tail(30)
+    );
+    let needle = state.display().to_string();
+    until("clean process table", Duration::from_secs(15), || {
+        processes_mentioning(&needle).is_empty()
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "still running:\n  {}",
+            processes_mentioning(&needle).join("\n  ")
+        )
+    })?;
+    ensure!(
+        !state.join("containerd/containerd.pid").exists(),
+        "the pid file of a stopped containerd is left"
+    );
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The operator's side (issue 6): `isolatectl` against the harness's daemon, image import
+//! and offline runs, the embedded containerd, `make install`, metrics and health.
+
+mod cli;
+mod embedded;
+mod install;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use libtest_mimic::Trial;
+
+use crate::harness::{harness_trial, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "operator::cli_run_output_error_and_exit_codes",
+            cli::run_output_error_and_exit_codes,
+        ),
+        trial("operator::cli_ls_get_logs_cancel", cli::ls_get_logs_cancel),
+        trial(
+            "operator::image_import_then_run_offline",
+            cli::image_import_then_run_offline,
+        ),
+        trial(
+            "operator::quick_start_demo_image",
+            cli::quick_start_demo_image,
+        ),
+        trial(
+            "operator::embedded_containerd_from_nothing",
+            embedded::from_nothing,
+        ),
+        harness_trial("operator::install_into_destdir", install::into_destdir),
+        trial(
+            "operator::metrics_move_and_health_serves",
+            metrics::move_and_health_serves,
+        ),
+    ]
+}
+
+/// `isolatectl ARGS` against `addr`, stdin closed, at most `timeout`.
+pub async fn ctl(addr: SocketAddr, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isolatectl"));
+    cmd.args(args)
+        .env("ISOLATECTL_ADDR", addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(timeout, cmd.output())
+        .await
+        .map_err(|_| anyhow!("isolatectl {args:?} did not end within {timeout:?}"))?
+        .with_context(|| format!("run isolatectl {args:?}"))?;
+    Ok(out)
+}
+
+/// One line about an isolatectl run, for failure messages.
+pub fn shown(out: &Output) -> String {
+    format!(
+        "exit {:?}, stdout {:?}, stderr {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
