@@ -79,7 +79,12 @@ struct IsolatedRun {
 async fn bench(env: &'static Env) -> Result<()> {
     env.register_namespace(NS);
     let image = env
-        .push_image(&env.open_registry, "bench/noop", "v1", &ImageSpec::with_script("exit 0"))
+        .push_image(
+            &env.open_registry,
+            "bench/noop",
+            "v1",
+            &ImageSpec::with_script("exit 0"),
+        )
         .await?;
     let cns = Env::containerd_namespace(NS);
 
@@ -199,7 +204,12 @@ async fn client(isolated: &Isolated) -> Result<DirektivIsolateClient<Channel>> {
     Ok(DirektivIsolateClient::new(channel))
 }
 
-async fn measure_isolated(env: &'static Env, isolated: &Isolated, image: &str, tag: &str) -> Result<IsolatedRun> {
+async fn measure_isolated(
+    env: &'static Env,
+    isolated: &Isolated,
+    image: &str,
+    tag: &str,
+) -> Result<IsolatedRun> {
     let mut c = client(isolated).await?;
     // Warm: the image is pulled and unpacked once, as on a busy node.
     for i in 0..3 {
@@ -263,7 +273,10 @@ async fn one(
     let r = env.flow.wait_report(id, Duration::from_secs(120)).await?;
     let total = t0.elapsed();
     if let Some(code) = r.error_code {
-        bail!("{id} failed: {code}: {}", r.error_message.unwrap_or_default());
+        bail!(
+            "{id} failed: {code}: {}",
+            r.error_message.unwrap_or_default()
+        );
     }
     Ok((total, accepted))
 }

@@ -138,7 +138,8 @@ impl Store {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| open_err(e.to_string()))?;
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        txn.open_table(ACTIONS).map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(ACTIONS)
+            .map_err(|e| open_err(e.to_string()))?;
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         let db = Arc::new(db);
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
@@ -162,7 +163,12 @@ impl Store {
         self.submit(Op::Put(record.key(), bytes), sync).await
     }
 
-    pub async fn remove(&self, namespace: &str, action_id: &str, sync: Sync) -> Result<(), StoreError> {
+    pub async fn remove(
+        &self,
+        namespace: &str,
+        action_id: &str,
+        sync: Sync,
+    ) -> Result<(), StoreError> {
         self.remove_key(&key(namespace, action_id), sync).await
     }
 
@@ -172,7 +178,13 @@ impl Store {
 
     async fn submit(&self, op: Op, sync: Sync) -> Result<(), StoreError> {
         let (done, result) = tokio::sync::oneshot::channel();
-        let sent = match self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let sent = match self
+            .inner
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             Some(jobs) => jobs.send(Job { op, sync, done }).is_ok(),
             None => false,
         };
@@ -266,8 +278,13 @@ mod tests {
         for i in 0..200 {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
-                let sync = if i % 2 == 0 { Sync::Durable } else { Sync::Lazy };
-                s.put(&rec("n", &format!("a{i}"), ActionState::Accepted), sync).await
+                let sync = if i % 2 == 0 {
+                    Sync::Durable
+                } else {
+                    Sync::Lazy
+                };
+                s.put(&rec("n", &format!("a{i}"), ActionState::Accepted), sync)
+                    .await
             }));
         }
         for t in tasks {

@@ -5,8 +5,10 @@ use std::collections::HashMap;
 
 use anyhow::{ensure, Context, Result};
 
-use super::{echo_spec, ensure_echo_works, ensure_ids_echoed, expect_error, CODE_IMAGE};
-use crate::harness::{Ctx, FIRST_PULL};
+use super::{
+    echo_spec, ensure_echo_works, ensure_ids_echoed, expect_error, expect_success, CODE_IMAGE,
+};
+use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
 
 /// A tag the open registry does not have: image error naming the reference, and the daemon
 /// goes on serving.
@@ -163,4 +165,65 @@ fn base64(data: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The image cache (ISOLATE.md §6): concurrent first requests for one image in one
+/// namespace share one pull (one manifest GET at the registry); within the tag TTL a
+/// moved tag is not resolved again, so the namespace keeps running what it pulled; the
+/// cache is per namespace, so another namespace resolves the tag anew.
+pub async fn image_cache_and_single_flight(t: Ctx) -> Result<()> {
+    let repo = format!("itest/cache-{:08x}", rand::random::<u32>());
+    let one = ImageSpec::with_script("echo one > /direktiv-data/data.out");
+    let two = ImageSpec::with_script("echo two > /direktiv-data/data.out");
+    let registry = &t.env.open_registry;
+    let image = t.env.push_image(registry, &repo, "v1", &one).await?;
+    let manifest_gets = || -> Result<usize> {
+        let log = std::fs::read_to_string(registry.log_path()).context("read the registry log")?;
+        let uri = format!("/v2/{repo}/manifests/");
+        Ok(log
+            .lines()
+            .filter(|l| l.contains("http.request.method=GET") && l.contains(&uri))
+            .filter(|l| l.contains("response completed"))
+            .count())
+    };
+
+    let mut runs = Vec::new();
+    for i in 0..6 {
+        let req = t.request(&image.reference, &t.action_id(&format!("flight{i}")));
+        runs.push(t.run_and_wait(req, FIRST_PULL));
+    }
+    for report in futures::future::join_all(runs).await {
+        ensure!(
+            expect_success(&report?)? == b"one\n",
+            "a concurrent first run did not see v1"
+        );
+    }
+    let gets = manifest_gets()?;
+    ensure!(
+        gets == 1,
+        "6 concurrent first runs fetched the manifest {gets} times, not once"
+    );
+
+    // The tag moves; within the TTL this namespace keeps the image it has.
+    t.env.push_image(registry, &repo, "v1", &two).await?;
+    let req = t.request(&image.reference, &t.action_id("cached"));
+    let out = expect_success(&t.run_and_wait(req, FIRST_PULL).await?)?;
+    ensure!(
+        out == b"one\n",
+        "the tag was re-resolved within its TTL: {out:?}"
+    );
+    ensure!(
+        manifest_gets()? == 1,
+        "a cached tag was fetched again within its TTL"
+    );
+
+    // Another namespace has its own cache and sees where the tag points now.
+    let other = t.namespace("other");
+    let req = t.request_in(&other, &image.reference, &t.action_id("fresh"));
+    let out = expect_success(&t.run_and_wait(req, FIRST_PULL).await?)?;
+    ensure!(
+        out == b"two\n",
+        "another namespace did not resolve the tag anew: {out:?}"
+    );
+    Ok(())
 }

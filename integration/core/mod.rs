@@ -53,6 +53,10 @@ pub fn trials() -> Vec<Trial> {
             action::image_user_is_honoured,
         ),
         trial("core::missing_image", images::missing_image),
+        trial(
+            "core::image_cache_and_single_flight",
+            images::image_cache_and_single_flight,
+        ),
         trial("core::unreachable_registry", images::unreachable_registry),
         trial(
             "core::unparseable_image_reference",

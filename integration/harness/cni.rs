@@ -4,6 +4,10 @@
 //! The bridge is created here, with its gateway address, so that a test can bind a server
 //! to it before any action ran; it is removed, with isolated's iptables rules naming it,
 //! when the run ends (or by the next run, if this one died).
+//!
+//! [`Outside`] stands for the world beyond the host: a network namespace of the test's own
+//! behind a veth pair, so that outbound traffic (and its NAT) is tested without sending a
+//! packet anywhere but to addresses the test made.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,8 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
-/// Recorded bridges of a run, one per line, for the clean-up after it.
+/// Recorded links (bridges, veths) and `netns:<name>` namespaces of a run, one per line,
+/// for the clean-up after it.
 const BRIDGES_FILE: &str = "bridges";
 /// Test subnets are 10.88.X.0/24.
 const FIRST_OCTETS: [u8; 2] = [10, 88];
@@ -36,11 +41,9 @@ impl TestNet {
         record_bridge(run_dir, &bridge);
         let mut last_err = anyhow!("no attempt");
         for _ in 0..20 {
-            let x = rand::random_range(1..255u8);
-            let prefix = [FIRST_OCTETS[0], FIRST_OCTETS[1], x];
-            if subnet_in_use(prefix)? {
+            let Some(prefix) = free_prefix()? else {
                 continue;
-            }
+            };
             let net = TestNet {
                 name: format!("net-{bridge}"),
                 conf_dir: run_dir.join(format!("cni-{bridge}")),
@@ -175,6 +178,128 @@ fn routes() -> Result<Vec<(String, String)>> {
         .unwrap_or_default())
 }
 
+/// A random 10.88.X that no route overlaps, if the draw found one.
+fn free_prefix() -> Result<Option<[u8; 3]>> {
+    let x = rand::random_range(1..255u8);
+    let prefix = [FIRST_OCTETS[0], FIRST_OCTETS[1], x];
+    Ok((!subnet_in_use(prefix)?).then_some(prefix))
+}
+
+/// A network namespace beyond the host, reached through a veth pair on a /24 of its own:
+/// `<prefix>.1` on the host, `<prefix>.2` inside.
+pub struct Outside {
+    pub netns: String,
+    pub host_if: String,
+    prefix: [u8; 3],
+}
+
+impl Outside {
+    pub fn create(run_dir: &Path) -> Result<Outside> {
+        let tag = format!("{:08x}", rand::random::<u32>());
+        let netns = format!("isotout{tag}");
+        let host_if = format!("isoo{tag}");
+        let peer = format!("isoi{tag}");
+        record_bridge(run_dir, &format!("netns:{netns}"));
+        record_bridge(run_dir, &host_if);
+        ip(&["netns", "add", &netns])?;
+        let mut last_err = anyhow!("no attempt");
+        for _ in 0..20 {
+            let Some(prefix) = free_prefix()? else {
+                continue;
+            };
+            let out = Outside {
+                netns: netns.clone(),
+                host_if: host_if.clone(),
+                prefix,
+            };
+            match out.bring_up(&peer) {
+                Ok(()) => return Ok(out),
+                Err(e) => {
+                    let _ = ip(&["link", "del", &host_if]);
+                    last_err = e;
+                }
+            }
+        }
+        let _ = ip(&["netns", "del", &netns]);
+        Err(last_err.context("find a free 10.88.X.0/24 for the outside network"))
+    }
+
+    fn bring_up(&self, peer: &str) -> Result<()> {
+        let [a, b, c] = self.prefix;
+        let ns = self.netns.as_str();
+        ip(&[
+            "link",
+            "add",
+            &self.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            ns,
+        ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{a}.{b}.{c}.1/24"),
+            "dev",
+            &self.host_if,
+        ])?;
+        ip(&["link", "set", &self.host_if, "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{a}.{b}.{c}.2/24"),
+            "dev",
+            peer,
+        ])?;
+        ip(&["-n", ns, "link", "set", peer, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The host's address on the link.
+    pub fn host_addr(&self) -> Ipv4Addr {
+        let [a, b, c] = self.prefix;
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    /// The outside's address.
+    pub fn addr(&self) -> Ipv4Addr {
+        let [a, b, c] = self.prefix;
+        Ipv4Addr::new(a, b, c, 2)
+    }
+
+    /// A listening socket on the outside's address, made inside its namespace (by a thread
+    /// of its own that ends there); it stays in that namespace wherever it is used.
+    pub fn listen(&self) -> Result<std::net::TcpListener> {
+        let path = PathBuf::from("/run/netns").join(&self.netns);
+        let addr = self.addr();
+        std::thread::spawn(move || -> Result<std::net::TcpListener> {
+            let ns =
+                std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+            let l = std::net::TcpListener::bind((addr, 0)).context("bind")?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| anyhow!("the listening thread panicked"))?
+    }
+
+    /// Removes the namespace and the veth pair.
+    pub fn remove(&self) -> Vec<String> {
+        let mut failed = remove_bridge(&self.host_if);
+        if let Err(e) = ip(&["netns", "del", &self.netns]) {
+            failed.push(format!("{e:#}"));
+        }
+        failed
+    }
+}
+
 /// Whether any route's destination overlaps 10.88.X.0/24.
 fn subnet_in_use(prefix: [u8; 3]) -> Result<bool> {
     let candidate = u32::from(Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 0));
@@ -212,7 +337,15 @@ pub fn remove_recorded(run_dir: &Path) -> Vec<String> {
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.is_empty())
-        .flat_map(remove_bridge)
+        .flat_map(|l| match l.strip_prefix("netns:") {
+            Some(ns) if Path::new("/run/netns").join(ns).exists() => ip(&["netns", "del", ns])
+                .err()
+                .map(|e| format!("{e:#}"))
+                .into_iter()
+                .collect(),
+            Some(_) => Vec::new(),
+            None => remove_bridge(l),
+        })
         .collect()
 }
 
@@ -224,9 +357,13 @@ fn remove_bridge(bridge: &str) -> Vec<String> {
             failed.push(format!("{e:#}"));
         }
     }
-    for chain in ["ISOLATED-FORWARD", "ISOLATED-INPUT"] {
+    for (table, chain) in [
+        ("filter", "ISOLATED-FORWARD"),
+        ("filter", "ISOLATED-INPUT"),
+        ("nat", "ISOLATED-POSTROUTING"),
+    ] {
         let Ok(out) = Command::new("iptables")
-            .args(["-w", "10", "-t", "filter", "-S", chain])
+            .args(["-w", "10", "-t", table, "-S", chain])
             .output()
         else {
             continue;
@@ -244,7 +381,7 @@ fn remove_bridge(bridge: &str) -> Vec<String> {
                 continue;
             };
             let ok = Command::new("iptables")
-                .args(["-w", "10", "-t", "filter", "-D", chain])
+                .args(["-w", "10", "-t", table, "-D", chain])
                 .args(&args)
                 .status()
                 .is_ok_and(|s| s.success());

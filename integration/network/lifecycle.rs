@@ -181,7 +181,18 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
     );
     ensure!(net.ports().len() == 1, "bridge ports: {:?}", net.ports());
     ensure!(!leases(&state_dir).is_empty(), "no lease was taken");
-    ensure!(!nat_rules_of(&cns).is_empty(), "no NAT rule was made");
+    let masquerade = Command::new("iptables")
+        .args(["-w", "10", "-t", "nat", "-S", "ISOLATED-POSTROUTING"])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&masquerade.stdout).contains(&format!(
+            "-s {} ! -o {}",
+            net.subnet(),
+            net.bridge
+        )),
+        "no masquerade rule for {}",
+        net.subnet()
+    );
     for file in ["resolv.conf", "hosts"] {
         ensure!(dir.join(file).is_file(), "no {file} in the action dir");
     }

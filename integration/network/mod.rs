@@ -45,6 +45,10 @@ pub fn trials() -> Vec<Trial> {
             reach::host_loopback_is_unreachable,
         ),
         trial(
+            "network::outbound_traffic_is_masqueraded",
+            reach::outbound_traffic_is_masqueraded,
+        ),
+        trial(
             "network::concurrent_actions_are_isolated",
             reach::concurrent_actions_are_isolated,
         ),
@@ -214,7 +218,7 @@ pub fn pinned_namespaces(state_dir: &Path) -> Vec<String> {
         .collect()
 }
 
-type Handler =
+pub type Handler =
     Arc<dyn Fn(String, IpAddr) -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
 /// A minimal HTTP/1.0 server for actions to talk to: answers every GET with what the
@@ -227,9 +231,15 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn start(ip: IpAddr, handler: Handler) -> Result<HttpServer> {
-        let listener = tokio::net::TcpListener::bind((ip, 0))
-            .await
+        let listener = std::net::TcpListener::bind((ip, 0))
             .with_context(|| format!("bind a test server to {ip}"))?;
+        listener.set_nonblocking(true)?;
+        Self::on(listener, handler)
+    }
+
+    /// Serves on a listening socket made elsewhere (in another network namespace).
+    pub fn on(listener: std::net::TcpListener, handler: Handler) -> Result<HttpServer> {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let peers = Arc::new(Mutex::new(Vec::new()));
         let seen = peers.clone();
@@ -263,17 +273,20 @@ impl HttpServer {
 
     /// A server answering every path with `body`.
     pub async fn fixed(ip: IpAddr, body: &str) -> Result<HttpServer> {
-        let body = body.to_string();
-        Self::start(
-            ip,
-            Arc::new(move |_, _| {
-                let b = body.clone();
-                Box::pin(async move { b })
-            }),
-        )
-        .await
+        Self::start(ip, fixed_body(body)).await
     }
+}
 
+/// A handler answering every path with `body`.
+pub fn fixed_body(body: &str) -> Handler {
+    let body = body.to_string();
+    Arc::new(move |_, _| {
+        let b = body.clone();
+        Box::pin(async move { b })
+    })
+}
+
+impl HttpServer {
     /// The addresses that connected so far.
     pub fn peers(&self) -> Vec<IpAddr> {
         self.peers.lock().unwrap().clone()

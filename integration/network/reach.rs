@@ -1,5 +1,8 @@
 //! What an action on the default (cni) network reaches: a server on the host side of its
 //! bridge, yes; the host's loopback services and isolated's port, no; another action, no.
+//!
+//! The scripts bound waits with busybox `timeout`, not the applets' own options: Debian's
+//! busybox 1.35 `wget -T` segfaults after a successful fetch.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,8 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tokio::sync::Notify;
 
-use super::{inet_of, HttpServer};
+use super::{fixed_body, inet_of, HttpServer};
 use crate::core::expect_success;
+use crate::harness::cni::Outside;
 use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
 
 /// The nameservers of the host's resolv.conf that an action can use.
@@ -112,8 +116,8 @@ pub async fn host_loopback_is_unreachable(t: Ctx) -> Result<()> {
         format!("{gw} {}", on_gateway.addr.port()),
     ];
     let mut script = String::from(
-        "probe() { if timeout 5 nc $1 $2 </dev/null >/dev/null 2>&1; then echo \"$1:$2 reached\"; \
-         else echo \"$1:$2 blocked\"; fi; }\n",
+        "probe() { if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc $1 $2 >/dev/null 2>&1; \
+         then echo \"$1:$2 reached\"; else echo \"$1:$2 blocked\"; fi; }\n",
     );
     for target in &targets {
         script.push_str(&format!("probe {target} >> /direktiv-data/data.out\n"));
@@ -151,6 +155,44 @@ pub async fn host_loopback_is_unreachable(t: Ctx) -> Result<()> {
         on_gateway.peers().len() == 1,
         "the gateway server saw {:?}",
         on_gateway.peers()
+    );
+    Ok(())
+}
+
+/// An action reaches a server beyond the host (a namespace of the test's own behind a veth
+/// pair) through the bridge and the host's forwarding, and arrives there with the host's
+/// address on that link, not its own: outbound traffic is masqueraded.
+pub async fn outbound_traffic_is_masqueraded(t: Ctx) -> Result<()> {
+    let outside = Outside::create(t.env.dir())?;
+    let result = masqueraded(&t, &outside).await;
+    let failed = outside.remove();
+    result?;
+    ensure!(
+        failed.is_empty(),
+        "removing the outside network: {failed:?}"
+    );
+    Ok(())
+}
+
+async fn masqueraded(t: &Ctx, outside: &Outside) -> Result<()> {
+    let token = format!("outside-{:016x}", rand::random::<u64>());
+    let server = HttpServer::on(outside.listen()?, fixed_body(&token))?;
+    let script = format!(
+        "timeout 10 wget -q -O /direktiv-data/data.out http://{}/",
+        server.addr
+    );
+    let image = t.push(&ImageSpec::with_script(&script)).await?;
+    let id = t.action_id("outbound");
+    let report = t
+        .run_and_wait(t.request(&image.reference, &id), FIRST_PULL)
+        .await?;
+    let output = String::from_utf8(expect_success(&report)?)?;
+    ensure!(output == token, "the action fetched {output:?}");
+    ensure!(
+        server.peers() == vec![IpAddr::V4(outside.host_addr())],
+        "the outside saw {:?}, not the host's {}",
+        server.peers(),
+        outside.host_addr()
     );
     Ok(())
 }
@@ -236,8 +278,8 @@ else
   peer=$(timeout 120 wget -q -O - http://{c}/peer/client)
   echo "peer $peer" > $out
   if timeout 5 wget -q -O - http://$peer:8080/ >/dev/null 2>&1; then echo "http reached" >> $out; else echo "http blocked" >> $out; fi
-  if ping -c 1 -W 2 $peer >/dev/null 2>&1; then echo "ping reached" >> $out; else echo "ping blocked" >> $out; fi
-  if ping -c 1 -W 2 {gw} >/dev/null 2>&1; then echo "gateway reached" >> $out; else echo "gateway blocked" >> $out; fi
+  if timeout 3 ping -c 1 $peer >/dev/null 2>&1; then echo "ping reached" >> $out; else echo "ping blocked" >> $out; fi
+  if timeout 3 ping -c 1 {gw} >/dev/null 2>&1; then echo "gateway reached" >> $out; else echo "gateway blocked" >> $out; fi
 fi"#
     );
     let image = t.push(&ImageSpec::with_script(&script)).await?;

@@ -12,7 +12,7 @@ use crate::core::{
     echo_spec, ensure_echo_works, expect_error, mentions_number, CODE_EXIT, CODE_OOM,
 };
 use crate::harness::private::{cgroup_of, now_ms, task_processes, wait_state};
-use crate::harness::{Ctx, Env, ImageSpec, ACTION, FIRST_PULL};
+use crate::harness::{Ctx, Env, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
 /// Size 0 (256 MiB): a process that fills a 400 MiB buffer as the action's init process
 /// is OOM-killed, and the report says oom naming the limit, not "exit 137". A process of
@@ -135,10 +135,22 @@ pub async fn fork_bomb_stays_inside(t: Ctx) -> Result<()> {
         took_ms <= bound_s * 1000,
         "the bomb was reported {took_ms} ms after it started, later than timeout + grace + {SLACK_S} s (pids.events: {failed_forks:?})"
     );
+    // Reported once its init process is gone, and with it the PID namespace: not one
+    // process of the bomb may be left by then. The cgroup itself goes with the task.
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
     ensure!(
-        !cgroup.exists(),
-        "the bomb's pids cgroup {} outlived its report",
-        cgroup.display()
+        procs.trim().is_empty(),
+        "processes of the bomb outlived its report: {}",
+        procs.split_whitespace().collect::<Vec<_>>().join(" ")
     );
+    let deadline = tokio::time::Instant::now() + NOTHING_LEFT;
+    while cgroup.exists() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the bomb's pids cgroup {} outlived its report by {NOTHING_LEFT:?}",
+            cgroup.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

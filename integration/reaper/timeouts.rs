@@ -20,6 +20,15 @@ use crate::harness::{Ctx, Env, ImageSpec, FIRST_PULL, NOTHING_LEFT};
 /// ignored across exec), so only SIGKILL after the grace period can end them.
 async fn time_out(t: &Ctx, ignore_term: bool) -> Result<i64> {
     const TIMEOUT_S: i64 = 2;
+    ensure!(
+        !t.env
+            .isolated
+            .config()
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--kill-grace")),
+        "the shared isolated no longer runs with the default grace period these bounds assume"
+    );
     let script = if ignore_term {
         "trap '' TERM\nsleep 600"
     } else {

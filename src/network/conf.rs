@@ -153,6 +153,37 @@ impl NetConfList {
         self
     }
 
+    /// Takes the bridge plugin's `ipMasq` over when it can: the plugin
+    /// builds a NAT chain per action with half a dozen iptables runs on ADD
+    /// and again on DEL, the slowest part of an action's network, where one
+    /// rule per subnet, installed once ([`super::isolation`]), does the same.
+    /// Only for a bridge whose IPAM is host-local with IPv4 ranges only
+    /// (the subnets must be known, and the rule is IPv4); otherwise the
+    /// plugin keeps the job. Returns the subnets to masquerade.
+    pub fn take_over_ip_masq(&mut self) -> Vec<String> {
+        if self.bridge().is_none() {
+            return Vec::new();
+        }
+        let first = &mut self.plugins[0];
+        if first.get("ipMasq").and_then(Value::as_bool) != Some(true) {
+            return Vec::new();
+        }
+        let subnets = first
+            .get("ipam")
+            .filter(|ipam| ipam.get("type").and_then(Value::as_str) == Some("host-local"))
+            .map(host_local_subnets)
+            .unwrap_or_default();
+        let all_v4 = !subnets.is_empty()
+            && subnets
+                .iter()
+                .all(|s| super::cni::parse_cidr(s).is_ok_and(|(ip, _)| ip.is_ipv4()));
+        if !all_v4 {
+            return Vec::new();
+        }
+        first.insert("ipMasq".into(), Value::Bool(false));
+        subnets
+    }
+
     /// Whether the CHECK command exists for this list (spec 0.4.0 on) and
     /// the list does not turn it off.
     pub fn supports_check(&self) -> bool {
@@ -186,6 +217,25 @@ impl NetConfList {
         );
         Value::Object(top)
     }
+}
+
+/// The subnets of a host-local IPAM config: `ranges` (sets of ranges) or
+/// the older single `subnet`.
+fn host_local_subnets(ipam: &Value) -> Vec<String> {
+    let mut subnets: Vec<String> = ipam
+        .get("ranges")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_array)
+        .flatten()
+        .filter_map(|r| r.get("subnet").and_then(Value::as_str))
+        .map(String::from)
+        .collect();
+    if let Some(s) = ipam.get("subnet").and_then(Value::as_str) {
+        subnets.push(s.to_string());
+    }
+    subnets
 }
 
 /// Loads the list isolated uses: the built-in one when `conf_dir` is empty,
@@ -251,6 +301,34 @@ mod tests {
         let l = l.with_ipam_data_dir(Path::new("/state/cni/ipam"));
         assert_eq!(l.plugins[0]["ipam"]["dataDir"], "/state/cni/ipam");
         assert_eq!(l.plugins[0]["ipMasq"], true);
+    }
+
+    #[test]
+    fn ip_masq_is_taken_over_only_when_the_subnets_are_known_ipv4() {
+        let mut l = NetConfList::parse(BUILT_IN, "built-in").unwrap();
+        assert_eq!(l.take_over_ip_masq(), vec!["10.213.0.0/16"]);
+        assert_eq!(l.plugins[0]["ipMasq"], false);
+        assert!(l.take_over_ip_masq().is_empty(), "twice");
+        let parse = |t: &str| NetConfList::parse(t, "t").unwrap();
+        let mut old = parse(
+            r#"{"cniVersion":"0.4.0","name":"n","plugins":[{"type":"bridge","ipMasq":true,
+                "ipam":{"type":"host-local","subnet":"10.1.0.0/24"}}]}"#,
+        );
+        assert_eq!(old.take_over_ip_masq(), vec!["10.1.0.0/24"]);
+        for keep in [
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge","ipMasq":true,
+                "ipam":{"type":"host-local","ranges":[[{"subnet":"10.1.0.0/24"}],[{"subnet":"fd00::/64"}]]}}]}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge","ipMasq":true,"ipam":{"type":"dhcp"}}]}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge","ipMasq":false,
+                "ipam":{"type":"host-local","subnet":"10.1.0.0/24"}}]}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"ptp","ipMasq":true,
+                "ipam":{"type":"host-local","subnet":"10.1.0.0/24"}}]}"#,
+        ] {
+            let mut l = parse(keep);
+            let before = l.clone();
+            assert!(l.take_over_ip_masq().is_empty(), "{keep}");
+            assert_eq!(l, before);
+        }
     }
 
     #[test]

@@ -18,11 +18,15 @@
 //!                     -o BR ctstate REL,EST        ACCEPT  and get the replies
 //!   ISOLATED-INPUT    -i BR -d 127.0.0.0/8         DROP    no host loopback, even with route_localnet
 //!                     -i BR -p tcp --dport PORT    DROP    never isolated's own gRPC port
+//!   ISOLATED-POSTROUTING (nat table)
+//!                     -s SUBNET ! -o BR            MASQUERADE  outbound NAT, one rule per subnet
 //!   ```
 //!
 //!   The DROP catches packets one action routes through the host to
 //!   another (and, with br_netfilter, bridged ones too); the ACCEPTs keep
-//!   actions online on hosts whose FORWARD policy is DROP.
+//!   actions online on hosts whose FORWARD policy is DROP. The MASQUERADE
+//!   rule stands in for the bridge plugin's per-action NAT chains when the
+//!   config list lets isolated take `ipMasq` over ([`super::conf`]).
 //!
 //! The bridge also stops taking IPv6 router advertisements and redirects:
 //! an action must not be able to change the host's routes.
@@ -40,6 +44,7 @@ use super::NetworkError;
 
 pub const FORWARD_CHAIN: &str = "ISOLATED-FORWARD";
 pub const INPUT_CHAIN: &str = "ISOLATED-INPUT";
+pub const POSTROUTING_CHAIN: &str = "ISOLATED-POSTROUTING";
 
 /// How long installed rules are trusted before they are checked again (an
 /// operator's `iptables -F` must not leave actions unisolated for long).
@@ -48,9 +53,10 @@ const RECHECK: Duration = Duration::from_secs(60);
 /// Seconds iptables waits for the xtables lock another program holds.
 const XTABLES_WAIT: &str = "10";
 
-/// One rule: its chain and its match/target arguments.
+/// One rule: its table, chain and match/target arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    pub table: &'static str,
     pub chain: &'static str,
     pub args: Vec<String>,
 }
@@ -58,12 +64,21 @@ pub struct Rule {
 fn rule(chain: &'static str, args: &[&str], comment: &str, target: &str) -> Rule {
     let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     v.extend(["-m", "comment", "--comment", comment, "-j", target].map(String::from));
-    Rule { chain, args: v }
+    let table = if chain == POSTROUTING_CHAIN {
+        "nat"
+    } else {
+        "filter"
+    };
+    Rule {
+        table,
+        chain,
+        args: v,
+    }
 }
 
 /// The rules of one bridge (see the module doc). `port` is isolated's gRPC
-/// port.
-pub fn bridge_rules(bridge: &str, port: Option<u16>) -> Vec<Rule> {
+/// port; `masquerade` the subnets whose outbound NAT isolated does.
+pub fn bridge_rules(bridge: &str, port: Option<u16>, masquerade: &[String]) -> Vec<Rule> {
     let b = bridge;
     let mut rules = vec![
         rule(
@@ -107,12 +122,24 @@ pub fn bridge_rules(bridge: &str, port: Option<u16>) -> Vec<Rule> {
             "DROP",
         ));
     }
+    for subnet in masquerade {
+        rules.push(rule(
+            POSTROUTING_CHAIN,
+            &["-s", subnet, "!", "-o", b],
+            "isolated: actions reach the outside as the host",
+            "MASQUERADE",
+        ));
+    }
     rules
 }
 
-/// The jumps into isolated's chains, one per built-in chain.
-pub fn jumps() -> [(&'static str, &'static str); 2] {
-    [("FORWARD", FORWARD_CHAIN), ("INPUT", INPUT_CHAIN)]
+/// The jumps into isolated's chains: (table, built-in chain, chain).
+pub fn jumps() -> [(&'static str, &'static str, &'static str); 3] {
+    [
+        ("filter", "FORWARD", FORWARD_CHAIN),
+        ("filter", "INPUT", INPUT_CHAIN),
+        ("nat", "POSTROUTING", POSTROUTING_CHAIN),
+    ]
 }
 
 /// Enforces the rules above; remembers which bridges are done.
@@ -131,38 +158,43 @@ impl Isolation {
 
     /// Makes sure `bridge`'s iptables rules are in place. Runs before the
     /// action's veth exists, so no action is ever on the bridge unguarded.
-    pub async fn ensure_rules(&self, bridge: &str) -> Result<(), NetworkError> {
+    pub async fn ensure_rules(
+        &self,
+        bridge: &str,
+        masquerade: &[String],
+    ) -> Result<(), NetworkError> {
+        let key = format!("{bridge} {}", masquerade.join(" "));
         let mut installed = self.installed.lock().await;
-        if installed.get(bridge).is_some_and(|t| t.elapsed() < RECHECK) {
+        if installed.get(&key).is_some_and(|t| t.elapsed() < RECHECK) {
             return Ok(());
         }
-        let rules = bridge_rules(bridge, self.port);
+        let rules = bridge_rules(bridge, self.port, masquerade);
         let b = bridge.to_string();
         tokio::task::spawn_blocking(move || install(&rules))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r)
             .map_err(|reason| NetworkError::Isolation { bridge: b, reason })?;
-        installed.insert(bridge.to_string(), Instant::now());
+        installed.insert(key, Instant::now());
         Ok(())
     }
 }
 
-fn iptables(args: &[&str]) -> Result<std::process::Output, String> {
+fn iptables(table: &str, args: &[&str]) -> Result<std::process::Output, String> {
     Command::new("iptables")
-        .args(["-w", XTABLES_WAIT, "-t", "filter"])
+        .args(["-w", XTABLES_WAIT, "-t", table])
         .args(args)
         .output()
         .map_err(|e| format!("cannot run iptables: {e}"))
 }
 
-fn iptables_ok(args: &[&str]) -> Result<(), String> {
-    let out = iptables(args)?;
+fn iptables_ok(table: &str, args: &[&str]) -> Result<(), String> {
+    let out = iptables(table, args)?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "iptables {} failed: {}",
+            "iptables -t {table} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -171,33 +203,36 @@ fn iptables_ok(args: &[&str]) -> Result<(), String> {
 
 /// Creates the chains and jumps if missing, then appends missing rules.
 fn install(rules: &[Rule]) -> Result<(), String> {
-    for (builtin, chain) in jumps() {
-        if !iptables(&["-S", chain])?.status.success() {
+    for (table, builtin, chain) in jumps() {
+        if !iptables(table, &["-S", chain])?.status.success() {
             // Another daemon may create it at the same moment.
-            if let Err(e) = iptables_ok(&["-N", chain]) {
-                if !iptables(&["-S", chain])?.status.success() {
+            if let Err(e) = iptables_ok(table, &["-N", chain]) {
+                if !iptables(table, &["-S", chain])?.status.success() {
                     return Err(e);
                 }
             }
         }
         let jump = ["-j", chain];
-        if iptables(&[&["-C", builtin][..], &jump].concat())?
+        if iptables(table, &[&["-C", builtin][..], &jump].concat())?
             .status
             .success()
         {
-            warn_unless_first(builtin, chain)?;
+            warn_unless_first(table, builtin, chain)?;
         } else {
-            iptables_ok(&[&["-I", builtin, "1"][..], &jump].concat())?;
-            info!(chain, builtin, "installed the jump to isolated's chain");
+            iptables_ok(table, &[&["-I", builtin, "1"][..], &jump].concat())?;
+            info!(
+                table,
+                chain, builtin, "installed the jump to isolated's chain"
+            );
         }
     }
     for r in rules {
         let args: Vec<&str> = r.args.iter().map(String::as_str).collect();
-        if !iptables(&[&["-C", r.chain][..], &args].concat())?
+        if !iptables(r.table, &[&["-C", r.chain][..], &args].concat())?
             .status
             .success()
         {
-            iptables_ok(&[&["-A", r.chain][..], &args].concat())?;
+            iptables_ok(r.table, &[&["-A", r.chain][..], &args].concat())?;
         }
     }
     Ok(())
@@ -206,12 +241,13 @@ fn install(rules: &[Rule]) -> Result<(), String> {
 /// A rule above the jump could accept what the chain would drop. Moving
 /// the jump cannot be done atomically with the iptables command, so this
 /// says so; the bridge-port isolation still holds.
-fn warn_unless_first(builtin: &str, chain: &str) -> Result<(), String> {
-    let out = iptables(&["-S", builtin])?;
+fn warn_unless_first(table: &str, builtin: &str, chain: &str) -> Result<(), String> {
+    let out = iptables(table, &["-S", builtin])?;
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().find(|l| l.starts_with("-A "));
     if first != Some(format!("-A {builtin} -j {chain}").as_str()) {
         warn!(
+            table,
             chain,
             builtin,
             first_rule = first.unwrap_or(""),
@@ -271,7 +307,7 @@ mod tests {
 
     #[test]
     fn rules_name_the_bridge_and_the_port() {
-        let rules = bridge_rules("isolated0", Some(8888));
+        let rules = bridge_rules("isolated0", Some(8888), &["10.213.0.0/16".into()]);
         let text: Vec<String> = rules
             .iter()
             .map(|r| format!("{} {}", r.chain, r.args.join(" ")))
@@ -284,9 +320,12 @@ mod tests {
                 "ISOLATED-FORWARD -o isolated0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment isolated: replies reach actions -j ACCEPT",
                 "ISOLATED-INPUT -i isolated0 -d 127.0.0.0/8 -m comment --comment isolated: actions do not reach host loopback -j DROP",
                 "ISOLATED-INPUT -i isolated0 -p tcp --dport 8888 -m comment --comment isolated: actions do not reach isolated -j DROP",
+                "ISOLATED-POSTROUTING -s 10.213.0.0/16 ! -o isolated0 -m comment --comment isolated: actions reach the outside as the host -j MASQUERADE",
             ]
         );
-        assert_eq!(bridge_rules("b", None).len(), 4);
+        assert_eq!(rules[5].table, "nat");
+        assert!(rules[..5].iter().all(|r| r.table == "filter"));
+        assert_eq!(bridge_rules("b", None, &[]).len(), 4);
     }
 
     #[test]

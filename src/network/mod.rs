@@ -239,10 +239,11 @@ impl Networks {
 
     async fn attach_cni(&self, t: &NetTarget<'_>) -> Result<Attachment, NetworkError> {
         let started = Instant::now();
-        let list = conf::load(&self.conf_dir)?.with_ipam_data_dir(&self.paths.ipam);
+        let mut list = conf::load(&self.conf_dir)?.with_ipam_data_dir(&self.paths.ipam);
+        let masquerade = list.take_over_ip_masq();
         let bridge = list.bridge();
         if let Some(b) = &bridge {
-            self.isolation.ensure_rules(b).await?;
+            self.isolation.ensure_rules(b, &masquerade).await?;
         }
         let record_path = self.paths.record(t);
         let mut record = Record {
@@ -254,7 +255,7 @@ impl Networks {
             result: None,
         };
         // Written first: whatever exists after this point is found again.
-        record.write(&record_path)?;
+        record.write(&record_path, true)?;
         if let Err(e) = netns::create(&record.netns).await {
             let _ = Record::remove(&record_path);
             return Err(e);
@@ -312,7 +313,9 @@ impl Networks {
         cni::add(&self.plugins, &lo, &lo_params).await?;
         let (raw, result) = cni::add(&self.plugins, list, &params).await?;
         record.result = Some(raw);
-        record.write(record_path)?;
+        // Not synced: without the result DEL still works, and the
+        // namespace and veth do not outlive a power loss anyway.
+        record.write(record_path, false)?;
         if let Some(b) = bridge {
             isolation::isolate_ports(b, &result)?;
         }

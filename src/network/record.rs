@@ -49,9 +49,12 @@ impl Record {
             })
     }
 
-    /// Writes the record durably: a temp file synced and renamed over it,
-    /// so a crash leaves the old record or the new one, never half of one.
-    pub fn write(&self, path: &Path) -> Result<(), NetworkError> {
+    /// Writes the record: a temp file renamed over it, so a crash leaves
+    /// the old record or the new one, never half of one. `durable` syncs it
+    /// first, for the write that must outlast a power loss: IPAM leases are
+    /// files that survive a reboot, and a lease without its record would
+    /// never be released.
+    pub fn write(&self, path: &Path, durable: bool) -> Result<(), NetworkError> {
         let io = |what: &'static str, p: &Path, e: std::io::Error| NetworkError::Io {
             what,
             path: p.to_owned(),
@@ -70,7 +73,10 @@ impl Record {
             std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
             let written = std::fs::File::create(&tmp).and_then(|mut f| {
                 f.write_all(&bytes)?;
-                f.sync_all()
+                if durable {
+                    f.sync_all()?;
+                }
+                Ok(())
             });
             match written {
                 Ok(()) => break,
@@ -119,10 +125,10 @@ mod tests {
             conflist: json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "bridge"}]}),
             result: None,
         };
-        r.write(&path).unwrap();
+        r.write(&path, true).unwrap();
         assert_eq!(Record::read(&path).unwrap().as_ref(), Some(&r));
         r.result = Some(json!({"ips": []}));
-        r.write(&path).unwrap();
+        r.write(&path, false).unwrap();
         assert_eq!(Record::read(&path).unwrap(), Some(r));
         Record::remove(&path).unwrap();
         Record::remove(&path).unwrap();
