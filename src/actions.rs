@@ -268,6 +268,15 @@ impl Handle {
         self.actions.update(&self.key, |i| i.report_attempts += 1);
     }
 
+    /// The action was refused after its id was claimed (queue full, store
+    /// failing): it never existed, so nothing of it stays.
+    pub fn abandon(&self) {
+        let mut t = self.actions.lock();
+        t.entries.remove(&self.key);
+        drop(t);
+        self.actions.drained.notify_waiters();
+    }
+
     /// The report was acknowledged and the action cleaned up: the pair is
     /// free again, and the entry is kept for a while for operators.
     pub fn reported(&self) {

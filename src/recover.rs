@@ -84,6 +84,12 @@ pub async fn recover(
                 Start::Fresh
             }
         };
+        if matches!(start, Start::Fresh) {
+            // Already accepted: it takes its queue place whatever the limit.
+            runner
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         plans.push((Action::new(&runner.cfg, req, handle), record, start));
     }
 

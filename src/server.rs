@@ -34,11 +34,11 @@ impl DirektivIsolate for IsolateService {
         let wire = request.into_inner();
         // The store keeps the request as it came, for recovery.
         let req = ActionRequest::validate(wire.clone(), &self.limits).map_err(Error::from)?;
-        let queued = self.runner.queued.load(Ordering::SeqCst);
-        if queued >= self.max_queued {
+        let handle = self.actions.claim(&req)?;
+        if let Err(queued) = self.runner.reserve_queue_place(self.max_queued) {
+            handle.abandon();
             return Err(Error::Busy(queued).into());
         }
-        let handle = self.actions.claim(&req)?;
         let record = StoredAction {
             request: Some(wire),
             state: ActionState::Accepted as i32,
@@ -48,7 +48,8 @@ impl DirektivIsolate for IsolateService {
         if let Err(e) = self.runner.store.put(&record, Sync::Durable).await {
             // Not durable, so not accepted: the caller may try again.
             error!(error = %e, "cannot store an accepted action");
-            handle.reported();
+            self.runner.queued.fetch_sub(1, Ordering::SeqCst);
+            handle.abandon();
             return Err(Status::unavailable(format!(
                 "cannot accept the action: {e}"
             )));

@@ -48,12 +48,11 @@ impl Env {
             .await?
             .into_inner()
             .tasks;
-        left.extend(tasks.iter().map(|t| {
-            format!(
-                "task {cns}/{} (pid {}, status {})",
-                t.container_id, t.pid, t.status
-            )
-        }));
+        left.extend(
+            tasks
+                .iter()
+                .map(|t| format!("task {cns}/{} (pid {}, status {})", t.id, t.pid, t.status)),
+        );
 
         let mut snaps = SnapshotsClient::new(channel);
         for s in list_snapshots(&mut snaps, &cns).await? {

@@ -136,7 +136,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 .into_inner()
                 .tasks;
             for task in listed {
-                let id = task.container_id.clone();
+                // containerd 1.6 leaves ListTasks' container_id empty; the id is the container's.
+                let id = task.id.clone();
                 let _ = tasks
                     .kill(with_ns(
                         KillRequest {

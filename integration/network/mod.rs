@@ -223,10 +223,14 @@ pub type Handler =
 
 /// A minimal HTTP/1.0 server for actions to talk to: answers every GET with what the
 /// handler returns for its path, and records who connected.
+///
+/// It runs on a thread and runtime of its own: the shared runtime's two workers are busy
+/// with every other trial, and an action's probe must not time out because its server was
+/// not scheduled.
 pub struct HttpServer {
     pub addr: SocketAddr,
     peers: Arc<Mutex<Vec<IpAddr>>>,
-    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl HttpServer {
@@ -239,42 +243,63 @@ impl HttpServer {
 
     /// Serves on a listening socket made elsewhere (in another network namespace).
     pub fn on(listener: std::net::TcpListener, handler: Handler) -> Result<HttpServer> {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let peers = Arc::new(Mutex::new(Vec::new()));
         let seen = peers.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut conn, peer)) = listener.accept().await {
-                seen.lock().unwrap().push(peer.ip());
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("http-{addr}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = serve(listener, handler, seen) => {}
+                        _ = stopped => {}
                     }
-                    let text = String::from_utf8_lossy(&buf);
-                    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    let body = handler(path, peer.ip()).await;
-                    let response = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(response.as_bytes()).await;
-                    let _ = conn.shutdown().await;
-                });
-            }
-        });
-        Ok(HttpServer { addr, peers, task })
+                })
+            })?;
+        Ok(HttpServer {
+            addr,
+            peers,
+            stop: Some(stop),
+        })
     }
 
     /// A server answering every path with `body`.
     pub async fn fixed(ip: IpAddr, body: &str) -> Result<HttpServer> {
         Self::start(ip, fixed_body(body)).await
     }
+}
+
+async fn serve(listener: tokio::net::TcpListener, handler: Handler, seen: Arc<Mutex<Vec<IpAddr>>>) {
+    while let Ok((conn, peer)) = listener.accept().await {
+        seen.lock().unwrap().push(peer.ip());
+        tokio::spawn(answer(conn, peer.ip(), handler.clone()));
+    }
+}
+
+/// Reads one request's head and answers it with the handler's body.
+async fn answer(mut conn: tokio::net::TcpStream, peer: IpAddr, handler: Handler) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16384 {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let body = handler(path, peer).await;
+    let head = "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n";
+    let response = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
+    let _ = conn.write_all(response.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }
 
 /// A handler answering every path with `body`.
@@ -295,7 +320,9 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

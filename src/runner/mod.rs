@@ -243,12 +243,17 @@ impl Runner {
     /// unreachable before the task started, it waits and tries again rather
     /// than report a failure that is nobody's fault.
     async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
-        let permit = {
-            self.queued.fetch_add(1, Ordering::SeqCst);
-            let permit = self.slots.acquire().await;
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            permit
+        // The queue place was reserved when the action was accepted
+        // (`reserve_queue_place`); it is given back once a slot is had, or
+        // the action is cancelled while it waits.
+        let permit = tokio::select! {
+            p = self.slots.acquire() => p,
+            _ = a.handle.cancel.cancelled() => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
+            }
         };
+        self.queued.fetch_sub(1, Ordering::SeqCst);
         let _permit = match permit {
             Ok(p) => p,
             Err(_) => return Outcome::failed(ErrorCode::Internal, "isolated is shutting down"),
@@ -269,6 +274,17 @@ impl Runner {
                 Err(e) => return Outcome::failed(e.code(), e.to_string()),
             }
         }
+    }
+
+    /// Takes a place in the queue for a new action, or says the queue is
+    /// full. Check and take are one atomic step, so concurrent requests
+    /// cannot overshoot the limit.
+    pub fn reserve_queue_place(&self, max: usize) -> Result<(), usize> {
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < max).then_some(q + 1)
+            })
+            .map(|_| ())
     }
 
     async fn wait_for_containerd(&self, until: Instant) {
