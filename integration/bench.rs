@@ -91,23 +91,18 @@ async fn bench(env: &'static Env) -> Result<()> {
     // Like for like with `ctr run`, whose containers get a private network
     // namespace with loopback only: an isolated with `network = "none"`.
     // The shared one (CNI bridge) is measured after it.
-    let plain = Isolated::new(IsolatedConfig {
-        bind: format!("127.0.0.1:{}", free_port()?).parse()?,
-        flow_endpoint: env.flow.addr(),
-        containerd_socket: env.containerd.socket().to_path_buf(),
-        state_dir: env.dir().join("bench-state"),
-        log: env.dir().join("bench-isolated.log"),
-        extra_args: vec![
-            "--network".into(),
-            "none".into(),
-            "--metrics-bind".into(),
-            format!("127.0.0.1:{}", free_port()?),
-        ],
-    });
+    let plain = private_isolated(env, "plain", &["--network", "none"])?;
+    let grouped = private_isolated(
+        env,
+        "grouped",
+        &["--network", "none", "--shim-group", "namespace"],
+    )?;
+    grouped.start(Duration::from_secs(60)).await?;
     plain.start(Duration::from_secs(60)).await?;
     let result = async {
         let idle_rss = status_kib(&plain, "VmRSS:")?;
         let none = measure_isolated(env, &plain, &image.reference, "none").await?;
+        let group = measure_isolated(env, &grouped, &image.reference, "group").await?;
         let cni = measure_isolated(env, &env.isolated, &image.reference, "cni").await?;
 
         // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
@@ -157,24 +152,25 @@ async fn bench(env: &'static Env) -> Result<()> {
         let peak_rss = status_kib(&plain, "VmHWM:")?;
 
         println!();
-        println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated with CNI |");
-        println!("|---|---|---|---|---|---|");
-        for (name, i, c, r, n) in [
-            ("p50", none.seq.p50, ctr_seq.p50, runc_seq.p50, cni.seq.p50),
-            ("p90", none.seq.p90, ctr_seq.p90, runc_seq.p90, cni.seq.p90),
-            ("p99", none.seq.p99, ctr_seq.p99, runc_seq.p99, cni.seq.p99),
+        println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated, shim group | isolated with CNI |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, i, c, r, g, n) in [
+            ("p50", none.seq.p50, ctr_seq.p50, runc_seq.p50, group.seq.p50, cni.seq.p50),
+            ("p90", none.seq.p90, ctr_seq.p90, runc_seq.p90, group.seq.p90, cni.seq.p90),
+            ("p99", none.seq.p99, ctr_seq.p99, runc_seq.p99, group.seq.p99, cni.seq.p99),
         ] {
             println!(
-                "| warm no-op, {SEQUENTIAL} sequential, {name} ms | {i:.1} | {c:.1} | {r:.1} | {:.2} | {n:.1} |",
+                "| warm no-op, {SEQUENTIAL} sequential, {name} ms | {i:.1} | {c:.1} | {r:.1} | {:.2} | {g:.1} | {n:.1} |",
                 i / c
             );
         }
         println!(
-            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |",
+            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
             none.tp,
             ctr_tp,
             runc_tp,
             none.tp / ctr_tp,
+            group.tp,
             cni.tp
         );
         println!();
@@ -194,7 +190,25 @@ async fn bench(env: &'static Env) -> Result<()> {
     }
     .await;
     plain.stop(Duration::from_secs(20));
+    grouped.stop(Duration::from_secs(20));
     result
+}
+
+/// A second isolated on the harness's containerd and flow receiver.
+fn private_isolated(env: &Env, name: &str, args: &[&str]) -> Result<Isolated> {
+    let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    extra_args.extend([
+        "--metrics-bind".to_string(),
+        format!("127.0.0.1:{}", free_port()?),
+    ]);
+    Ok(Isolated::new(IsolatedConfig {
+        bind: format!("127.0.0.1:{}", free_port()?).parse()?,
+        flow_endpoint: env.flow.addr(),
+        containerd_socket: env.containerd.socket().to_path_buf(),
+        state_dir: env.dir().join(format!("bench-{name}")),
+        log: env.dir().join(format!("bench-{name}.log")),
+        extra_args,
+    }))
 }
 
 async fn client(isolated: &Isolated) -> Result<DirektivIsolateClient<Channel>> {

@@ -121,6 +121,8 @@ settings! {
     size_cpus: Vec<f64> = vec![1.0, 1.0, 2.0], "ISOLATED_SIZE_CPUS", "1,1,2", value_delimiter = ',';
     /// containerd snapshotter for images and actions.
     snapshotter: String = "overlayfs".into(), "ISOLATED_SNAPSHOTTER", "overlayfs";
+    /// Shim per action (none) or one shim for the running actions of a namespace (namespace).
+    shim_group: String = "none".into(), "ISOLATED_SHIM_GROUP", "none";
     /// containerd runtime (shim) for action tasks.
     runtime: String = "io.containerd.runc.v2".into(), "ISOLATED_RUNTIME", "io.containerd.runc.v2";
     /// A base OCI runtime spec replacing the built-in runtime-spec/base.json.
@@ -226,6 +228,9 @@ impl Config {
         }
         if self.max_timeout_secs == 0 {
             return invalid("max_timeout_secs", "must be positive");
+        }
+        if !matches!(self.shim_group.as_str(), "none" | "namespace") {
+            return invalid("shim_group", "is none or namespace");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "is text or json");

@@ -172,6 +172,12 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
             }
         }
     }
+    // Networks (namespace, lease) whose action left nothing else behind.
+    for key in runner.networks.attached() {
+        if !known.contains(&key) {
+            orphans.insert(key);
+        }
+    }
     for (cns, id) in &orphans {
         warn!(namespace = %cns, action_id = %id, "removing leftovers of an unknown action");
         remove_orphan(runner, cns, id).await;

@@ -21,6 +21,9 @@ const SECCOMP: &str = include_str!("../runtime-spec/seccomp.json");
 /// Where the action's data directory appears inside the container.
 pub const DATA_MOUNT: &str = "/direktiv-data";
 
+/// The annotation the runc v2 shim groups containers by.
+pub const SHIM_GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
+
 /// CFS period: 100 ms, the kernel's and runc's default.
 const CPU_PERIOD: u64 = 100_000;
 
@@ -63,6 +66,9 @@ pub struct SpecInput<'a> {
     pub netns: Option<PathBuf>,
     /// Host files bind-mounted read-only at container paths (resolv.conf, hosts).
     pub files: Vec<(PathBuf, String)>,
+    /// The runc v2 shim group: containers with the same group share one
+    /// shim process instead of starting one each.
+    pub shim_group: Option<String>,
 }
 
 /// The base spec with the seccomp profile merged in, parsed once.
@@ -178,6 +184,7 @@ impl SpecTemplate {
 
         let linux = spec.linux_mut().get_or_insert_with(Default::default);
         linux.set_cgroups_path(Some(PathBuf::from(&input.cgroups_path)));
+
         if let Some(path) = &input.netns {
             for ns in linux.namespaces_mut().iter_mut().flatten() {
                 if ns.typ() == LinuxNamespaceType::Network {
@@ -202,6 +209,13 @@ impl SpecTemplate {
             .build()
             .map_err(|e| SpecError::Encode(e.to_string()))?;
         resources.set_cpu(Some(cpu));
+        if let Some(group) = &input.shim_group {
+            // An OCI annotation, not a container label: the shim reads only
+            // the spec (CONTAINERD-NOTES.md).
+            spec.annotations_mut()
+                .get_or_insert_with(Default::default)
+                .insert(SHIM_GROUP_ANNOTATION.to_string(), group.clone());
+        }
         Ok(spec)
     }
 }
@@ -377,6 +391,7 @@ mod tests {
             cgroups_path: "/isolated/ns/a".into(),
             netns: None,
             files: vec![],
+            shim_group: None,
         }
     }
 

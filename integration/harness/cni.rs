@@ -81,6 +81,13 @@ impl TestNet {
 
     fn bring_up(&self) -> Result<()> {
         ip(&["link", "add", "name", &self.bridge, "type", "bridge"])?;
+        // As the bridge plugin does: otherwise the bridge's MAC follows its ports.
+        let mac = std::fs::read_to_string(
+            Path::new("/sys/class/net")
+                .join(&self.bridge)
+                .join("address"),
+        )?;
+        ip(&["link", "set", &self.bridge, "address", mac.trim()])?;
         ip(&[
             "addr",
             "add",

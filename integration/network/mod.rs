@@ -49,6 +49,10 @@ pub fn trials() -> Vec<Trial> {
             reach::outbound_traffic_is_masqueraded,
         ),
         trial(
+            "network::own_port_unreachable_when_bound_to_all",
+            reach::own_port_unreachable_when_bound_to_all,
+        ),
+        trial(
             "network::concurrent_actions_are_isolated",
             reach::concurrent_actions_are_isolated,
         ),
@@ -89,6 +93,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon with `args` after the standard flags.
     pub async fn start(env: &Env, label: &str, args: Vec<String>) -> Result<Daemon> {
+        Self::start_on(env, label, IpAddr::V4(Ipv4Addr::LOCALHOST), args).await
+    }
+
+    /// Like `start`, with the gRPC port bound to `ip` (the metrics port is off).
+    pub async fn start_on(env: &Env, label: &str, ip: IpAddr, args: Vec<String>) -> Result<Daemon> {
         let tag = format!("{label}-{:08x}", rand::random::<u32>());
         let state_dir = env.dir().join(format!("state-{tag}"));
         let prefix = format!("isot-{:08x}.", rand::random::<u32>());
@@ -101,7 +110,7 @@ impl Daemon {
             String::new(),
         ]);
         let isolated = Isolated::new(IsolatedConfig {
-            bind: format!("127.0.0.1:{}", free_port()?).parse()?,
+            bind: SocketAddr::new(ip, free_port()?),
             flow_endpoint: env.flow.addr(),
             containerd_socket: env.containerd.socket().to_path_buf(),
             state_dir: state_dir.clone(),

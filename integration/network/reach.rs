@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tokio::sync::Notify;
 
-use super::{fixed_body, inet_of, HttpServer};
+use super::{fixed_body, inet_of, Daemon, HttpServer};
 use crate::core::expect_success;
-use crate::harness::cni::Outside;
+use crate::harness::cni::{Outside, TestNet};
 use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
 
 /// The nameservers of the host's resolv.conf that an action can use.
@@ -99,6 +99,11 @@ pub async fn fetches_from_the_host_through_the_bridge(t: Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A shell function: `probe HOST PORT` prints `HOST:PORT reached` when an HTTP request
+/// there gets an answer within 3 s, `HOST:PORT blocked` otherwise.
+const PROBE: &str = "probe() { if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 3 nc $1 $2 \
+                     >/dev/null 2>&1; then echo \"$1:$2 reached\"; else echo \"$1:$2 blocked\"; fi; }\n";
+
 /// A server on the host's 127.0.0.1 and isolated's own port are out of reach, by the
 /// loopback address and by the gateway address alike; a server on the gateway address is
 /// reached by the same action (so the network itself works).
@@ -115,10 +120,7 @@ pub async fn host_loopback_is_unreachable(t: Ctx) -> Result<()> {
         format!("{gw} {isolated_port}"),
         format!("{gw} {}", on_gateway.addr.port()),
     ];
-    let mut script = String::from(
-        "probe() { if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc $1 $2 >/dev/null 2>&1; \
-         then echo \"$1:$2 reached\"; else echo \"$1:$2 blocked\"; fi; }\n",
-    );
+    let mut script = String::from(PROBE);
     for target in &targets {
         script.push_str(&format!("probe {target} >> /direktiv-data/data.out\n"));
     }
@@ -157,6 +159,52 @@ pub async fn host_loopback_is_unreachable(t: Ctx) -> Result<()> {
         on_gateway.peers()
     );
     Ok(())
+}
+
+/// A daemon whose gRPC port listens on every address (0.0.0.0) is still out of its
+/// actions' reach on the gateway address (isolated's INPUT rule for its own port), while a
+/// test server on the same address is reached.
+pub async fn own_port_unreachable_when_bound_to_all(t: Ctx) -> Result<()> {
+    let net = TestNet::create(t.env.dir())?;
+    let result = own_port(&t, &net).await;
+    let failed = net.remove();
+    result?;
+    ensure!(failed.is_empty(), "removing the test bridge: {failed:?}");
+    Ok(())
+}
+
+async fn own_port(t: &Ctx, net: &TestNet) -> Result<()> {
+    let daemon = Daemon::start_on(
+        t.env,
+        "bound-to-all",
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        vec!["--cni-conf-dir".into(), net.conf_dir.display().to_string()],
+    )
+    .await?;
+    let gw = net.gateway();
+    let server = HttpServer::fixed(IpAddr::V4(gw), "gateway").await?;
+    let port = daemon.isolated.addr().port();
+    let script = format!(
+        "{PROBE}probe {gw} {port} >> /direktiv-data/data.out\n\
+         probe {gw} {} >> /direktiv-data/data.out\n",
+        server.addr.port()
+    );
+    let image = t.push(&ImageSpec::with_script(&script)).await?;
+    let id = t.action_id("ownport");
+    let report = daemon
+        .run_and_wait(t.env, t.request(&image.reference, &id), FIRST_PULL)
+        .await?;
+    let output = String::from_utf8(expect_success(&report)?)?;
+    let expected = format!("{gw}:{port} blocked\n{gw}:{} reached\n", server.addr.port());
+    ensure!(
+        output == expected,
+        "probes from the action:\n{output}\nexpected:\n{expected}"
+    );
+    // The daemon itself answers on that address from the host.
+    tokio::net::TcpStream::connect((gw, port))
+        .await
+        .context("the daemon does not listen on the gateway address")?;
+    daemon.assert_nothing_left(t.env, &t.ns).await
 }
 
 /// An action reaches a server beyond the host (a namespace of the test's own behind a veth

@@ -283,15 +283,17 @@ pub async fn check(
     Ok(())
 }
 
-/// DEL over the whole list in reverse order. Unlike libcni it goes on past
-/// a failing plugin, so that one failure does not keep the others' state
-/// (a lease, NAT rules) forever; the first error is returned.
+/// DEL over the whole list in reverse order, with the ADD result as
+/// prevResult from spec 0.4.0 on. Unlike libcni it goes on past a failing
+/// plugin, so that one failure does not keep the others' state (a lease,
+/// NAT rules) forever; the first error is returned.
 pub async fn del(
     plugins: &Plugins,
     list: &NetConfList,
     p: &Params<'_>,
     result: Option<&Value>,
 ) -> Result<(), NetworkError> {
+    let result = result.filter(|_| list.at_least_0_4());
     let mut first_error = None;
     for i in (0..list.plugins.len()).rev() {
         let conf = list.plugin_config(i, result);

@@ -187,7 +187,13 @@ impl NetConfList {
     /// Whether the CHECK command exists for this list (spec 0.4.0 on) and
     /// the list does not turn it off.
     pub fn supports_check(&self) -> bool {
-        !self.disable_check && matches!(self.cni_version.as_str(), "0.4.0" | "1.0.0")
+        !self.disable_check && self.at_least_0_4()
+    }
+
+    /// Spec 0.4.0 added CHECK and the ADD result as `prevResult` on DEL;
+    /// older plugins are not handed what they do not expect.
+    pub fn at_least_0_4(&self) -> bool {
+        matches!(self.cni_version.as_str(), "0.4.0" | "1.0.0")
     }
 
     /// Plugin `i`'s stdin: its object plus the list's name and cniVersion,
@@ -297,7 +303,7 @@ mod tests {
         assert_eq!(l.name, "isolated");
         assert_eq!(l.cni_version, "1.0.0");
         assert_eq!(l.bridge().as_deref(), Some("isolated0"));
-        assert!(l.supports_check());
+        assert!(l.supports_check() && l.at_least_0_4());
         let l = l.with_ipam_data_dir(Path::new("/state/cni/ipam"));
         assert_eq!(l.plugins[0]["ipam"]["dataDir"], "/state/cni/ipam");
         assert_eq!(l.plugins[0]["ipMasq"], true);

@@ -17,7 +17,7 @@
 //!                     -i BR ! -o BR                ACCEPT  actions reach the outside
 //!                     -o BR ctstate REL,EST        ACCEPT  and get the replies
 //!   ISOLATED-INPUT    -i BR -d 127.0.0.0/8         DROP    no host loopback, even with route_localnet
-//!                     -i BR -p tcp --dport PORT    DROP    never isolated's own gRPC port
+//!                     -i BR -p tcp --dport PORT    DROP    never isolated's own ports
 //!   ISOLATED-POSTROUTING (nat table)
 //!                     -s SUBNET ! -o BR            MASQUERADE  outbound NAT, one rule per subnet
 //!   ```
@@ -26,10 +26,14 @@
 //!   another (and, with br_netfilter, bridged ones too); the ACCEPTs keep
 //!   actions online on hosts whose FORWARD policy is DROP. The MASQUERADE
 //!   rule stands in for the bridge plugin's per-action NAT chains when the
-//!   config list lets isolated take `ipMasq` over ([`super::conf`]).
+//!   config list lets isolated take `ipMasq` over ([`super::conf`]). The
+//!   port rules exist only for isolated's listeners bound beyond loopback
+//!   (gRPC, metrics): one on loopback is out of the actions' reach anyway,
+//!   and a rule per port would pile up as ports change across restarts.
 //!
-//! The bridge also stops taking IPv6 router advertisements and redirects:
-//! an action must not be able to change the host's routes.
+//! The bridge also stops taking IPv6 router advertisements and redirects
+//! (an action must not be able to change the host's routes), and gets a
+//! fixed MAC address (see [`pin_mac`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -76,9 +80,10 @@ fn rule(chain: &'static str, args: &[&str], comment: &str, target: &str) -> Rule
     }
 }
 
-/// The rules of one bridge (see the module doc). `port` is isolated's gRPC
-/// port; `masquerade` the subnets whose outbound NAT isolated does.
-pub fn bridge_rules(bridge: &str, port: Option<u16>, masquerade: &[String]) -> Vec<Rule> {
+/// The rules of one bridge (see the module doc). `ports` are isolated's
+/// own listening ports; `masquerade` the subnets whose outbound NAT
+/// isolated does.
+pub fn bridge_rules(bridge: &str, ports: &[u16], masquerade: &[String]) -> Vec<Rule> {
     let b = bridge;
     let mut rules = vec![
         rule(
@@ -113,7 +118,7 @@ pub fn bridge_rules(bridge: &str, port: Option<u16>, masquerade: &[String]) -> V
             "DROP",
         ),
     ];
-    if let Some(port) = port {
+    for port in ports {
         let port = port.to_string();
         rules.push(rule(
             INPUT_CHAIN,
@@ -144,14 +149,15 @@ pub fn jumps() -> [(&'static str, &'static str, &'static str); 3] {
 
 /// Enforces the rules above; remembers which bridges are done.
 pub struct Isolation {
-    port: Option<u16>,
+    ports: Vec<u16>,
     installed: Mutex<HashMap<String, Instant>>,
 }
 
 impl Isolation {
-    pub fn new(port: Option<u16>) -> Self {
+    /// `ports`: isolated's listening ports that actions could reach.
+    pub fn new(ports: Vec<u16>) -> Self {
         Isolation {
-            port,
+            ports,
             installed: Mutex::new(HashMap::new()),
         }
     }
@@ -168,7 +174,7 @@ impl Isolation {
         if installed.get(&key).is_some_and(|t| t.elapsed() < RECHECK) {
             return Ok(());
         }
-        let rules = bridge_rules(bridge, self.port, masquerade);
+        let rules = bridge_rules(bridge, &self.ports, masquerade);
         let b = bridge.to_string();
         tokio::task::spawn_blocking(move || install(&rules))
             .await
@@ -284,6 +290,7 @@ pub fn isolate_ports(bridge: &str, result: &CniResult) -> Result<(), NetworkErro
             )));
         }
     }
+    pin_mac(bridge).map_err(fail)?;
     let conf = Path::new("/proc/sys/net/ipv6/conf").join(bridge);
     if conf.is_dir() {
         for key in ["accept_ra", "accept_redirects"] {
@@ -292,6 +299,39 @@ pub fn isolate_ports(bridge: &str, result: &CniResult) -> Result<(), NetworkErro
                 .map_err(|e| fail(format!("cannot write {}: {e}", p.display())))?;
         }
     }
+    Ok(())
+}
+
+/// Fixes the bridge's MAC address unless someone already did. A bridge
+/// whose address was never set takes the lowest MAC among its ports and
+/// changes it as actions come and go, and actions then send to the
+/// gateway's old MAC (lost) until their ARP entry expires. The bridge
+/// plugin fixes it only when it adds the gateway address itself, not on a
+/// bridge made beforehand with its address.
+fn pin_mac(bridge: &str) -> Result<(), String> {
+    /// `addr_assign_type` of an address set by hand (NET_ADDR_SET).
+    const SET: &str = "3";
+    let dir = Path::new("/sys/class/net").join(bridge);
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("cannot read {}: {e}", dir.join(f).display()))
+    };
+    if read("addr_assign_type")? == SET {
+        return Ok(());
+    }
+    let mac = read("address")?;
+    let out = Command::new("ip")
+        .args(["link", "set", "dev", bridge, "address", &mac])
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot fix the MAC address of {bridge}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    info!(bridge, mac, "fixed the bridge's MAC address");
     Ok(())
 }
 
@@ -307,7 +347,7 @@ mod tests {
 
     #[test]
     fn rules_name_the_bridge_and_the_port() {
-        let rules = bridge_rules("isolated0", Some(8888), &["10.213.0.0/16".into()]);
+        let rules = bridge_rules("isolated0", &[8888], &["10.213.0.0/16".into()]);
         let text: Vec<String> = rules
             .iter()
             .map(|r| format!("{} {}", r.chain, r.args.join(" ")))
@@ -325,7 +365,7 @@ mod tests {
         );
         assert_eq!(rules[5].table, "nat");
         assert!(rules[..5].iter().all(|r| r.table == "filter"));
-        assert_eq!(bridge_rules("b", None, &[]).len(), 4);
+        assert_eq!(bridge_rules("b", &[], &[]).len(), 4);
     }
 
     #[test]

@@ -27,8 +27,9 @@ pub mod netns;
 pub mod record;
 pub mod resolv;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -133,6 +134,7 @@ pub struct Networks {
     conf_dir: PathBuf,
     plugins: Plugins,
     isolation: Isolation,
+    dns_warned: AtomicBool,
 }
 
 impl Networks {
@@ -170,7 +172,8 @@ impl Networks {
                 bin_dir: cfg.cni_bin_dir.clone(),
                 timeout: Duration::from_secs(cfg.cni_timeout_secs.max(1)),
             },
-            isolation: Isolation::new(Some(cfg.bind.port())),
+            isolation: Isolation::new(reachable_ports(cfg)),
+            dns_warned: AtomicBool::new(false),
         };
         if mode == Mode::Cni {
             netns::prepare_dir(&networks.paths.netns)?;
@@ -450,7 +453,8 @@ impl Networks {
         let (resolv_conf, warning) =
             resolv::resolv_conf(&self.dns, cni_dns, &host, upstream.as_deref());
         if let Some(w) = warning {
-            if self.mode == Mode::Cni {
+            // Once: it holds for every action until the host's config changes.
+            if self.mode == Mode::Cni && !self.dns_warned.swap(true, Ordering::Relaxed) {
                 warn!("{w}");
             }
         }
@@ -470,6 +474,18 @@ impl Networks {
             })
             .collect()
     }
+}
+
+/// isolated's own listening ports that an action could reach: those not
+/// bound to loopback.
+fn reachable_ports(cfg: &Config) -> Vec<u16> {
+    let metrics = cfg.metrics_bind.trim().parse::<SocketAddr>().ok();
+    [Some(cfg.bind), metrics]
+        .into_iter()
+        .flatten()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.port())
+        .collect()
 }
 
 /// The loopback plugin as a list of its own, in the main list's version.
@@ -501,6 +517,17 @@ mod tests {
         };
         assert_eq!(a.container_id(), "direktiv.a-b--c");
         assert_ne!(a.container_id(), b.container_id());
+    }
+
+    #[test]
+    fn only_ports_beyond_loopback_need_a_rule() {
+        let mut cfg = crate::config::Config::load(Default::default(), None).unwrap();
+        assert!(reachable_ports(&cfg).is_empty());
+        cfg.bind = "0.0.0.0:8888".parse().unwrap();
+        cfg.metrics_bind = "[::]:9464".into();
+        assert_eq!(reachable_ports(&cfg), vec![8888, 9464]);
+        cfg.metrics_bind = String::new();
+        assert_eq!(reachable_ports(&cfg), vec![8888]);
     }
 
     #[test]
