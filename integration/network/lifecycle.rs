@@ -142,8 +142,9 @@ pub async fn nothing_leaks_after_100_actions(t: Ctx) -> Result<()> {
 }
 
 /// The network layer alone: an attachment survives the `Networks` that made it (as after a
-/// crash), a new one (as after a restart) finds it, CHECKs it and releases it from the
-/// target alone, twice without harm.
+/// crash), a new one (as after a restart) finds it, CHECKs it, attaches the action again
+/// without leaking the first network, and releases it from the target alone, twice without
+/// harm.
 pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
     let net = TestNet::create(t.env.dir())?;
     let tag = format!("{:08x}", rand::random::<u32>());
@@ -214,6 +215,17 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
         networks.attached()
     );
     networks.check(&target).await?;
+    // An action that never started is run again after a restart: attaching anew
+    // releases the old network instead of leaking it.
+    let old_lease = leases(&state_dir);
+    networks.attach(&target).await?;
+    networks.check(&target).await?;
+    let new_lease = leases(&state_dir);
+    ensure!(
+        net.ports().len() == 1 && new_lease.len() == 1 && new_lease != old_lease,
+        "after attaching again: ports {:?}, leases {old_lease:?} then {new_lease:?}",
+        net.ports()
+    );
     networks.detach(&target).await;
     networks.detach(&target).await;
 

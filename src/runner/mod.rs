@@ -303,8 +303,9 @@ impl Runner {
     async fn attempt(&self, a: &Action, record: &mut StoredAction) -> Result<Outcome, RunError> {
         prepare_dir(a)?;
         a.handle.set_state(ActionState::Pulling);
+        // Pulling is shown, not stored: recovery treats it like accepted
+        // (start again), so writing it would buy nothing.
         record.state = ActionState::Pulling as i32;
-        self.store.put(record, Sync::Lazy).await?;
         let image = self
             .images
             .ensure(&a.cns, &a.req.reference, &a.req.registries)
