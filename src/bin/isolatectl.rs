@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use direktiv_isolate::containerd::error_chain;
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, ImportImageRequest,
@@ -276,20 +277,6 @@ async fn connect(addr: &str) -> Outcome<Clients> {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 async fn dispatch(cli: Cli) -> Outcome<u8> {

@@ -49,13 +49,7 @@ impl Stdio {
             }
             let rx = pipe::OpenOptions::new().open_receiver(path)?;
             keepalive.push(pipe::OpenOptions::new().open_sender(path)?);
-            let tail = Tail {
-                logs: logs.clone(),
-                stream,
-                name,
-                line: Vec::new(),
-            };
-            readers.push(tokio::spawn(drain(rx, tail).in_current_span()));
+            readers.push(spawn_reader(rx, &logs, stream, name));
         }
         Ok(Stdio {
             stdout,
@@ -78,13 +72,7 @@ impl Stdio {
             (&stderr, "stderr", Stream::Stderr),
         ] {
             if let Ok(rx) = pipe::OpenOptions::new().open_receiver(path) {
-                let tail = Tail {
-                    logs: logs.clone(),
-                    stream,
-                    name,
-                    line: Vec::new(),
-                };
-                readers.push(tokio::spawn(drain(rx, tail).in_current_span()));
+                readers.push(spawn_reader(rx, &logs, stream, name));
             }
         }
         Stdio {
@@ -121,6 +109,21 @@ impl Drop for Stdio {
             r.abort();
         }
     }
+}
+
+fn spawn_reader(
+    rx: pipe::Receiver,
+    logs: &std::sync::Arc<Logs>,
+    stream: Stream,
+    name: &'static str,
+) -> JoinHandle<()> {
+    let tail = Tail {
+        logs: logs.clone(),
+        stream,
+        name,
+        line: Vec::new(),
+    };
+    tokio::spawn(drain(rx, tail).in_current_span())
 }
 
 async fn drain(mut rx: pipe::Receiver, mut tail: Tail) {
