@@ -135,6 +135,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let reporter = Reporter::new(&cfg.flow_endpoint, max_message)?;
     let networks = Networks::new(&cfg)?;
     let store = Store::open(&cfg.store_path())?;
+    // Archives of imports cut short by a crash: no import outlives its call.
+    let _ = std::fs::remove_dir_all(cfg.state_dir.join("imports"));
     let listener = tokio::net::TcpListener::bind(cfg.bind)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.bind))?;

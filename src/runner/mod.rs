@@ -370,6 +370,9 @@ impl Runner {
     /// waits for it (or stops it, if its deadline passed meanwhile) and
     /// collects it like any other.
     async fn resume(&self, a: &Action, deadline_ms: i64) -> Outcome {
+        // The task already runs, so it never waits for a slot; it takes one
+        // if there is one, so new actions see the node as busy as it is.
+        let _permit = self.slots.try_acquire().ok();
         let get = GetRequest {
             container_id: a.id().to_string(),
             exec_id: String::new(),
