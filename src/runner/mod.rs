@@ -583,12 +583,17 @@ impl Runner {
                 Ok(_) => break,
                 // A grouped shim can be exiting (its last task just deleted)
                 // as this task asks to join it; a second try starts a new one.
+                // Likewise a task of the same id deleted a moment ago (a run cut
+                // short by a crash, cleaned up just now) whose bundle containerd
+                // is still removing: `mkdir …: file exists`.
                 Err(e)
                     if attempt < 3
                         && (e.message().contains("failed to start shim")
-                            || e.message().contains("ttrpc: closed")) =>
+                            || e.message().contains("ttrpc: closed")
+                            || e.message().contains("file exists")) =>
                 {
                     delete_task(&self.cd, &a.cns, a.id()).await;
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
                     warn!(attempt, error = %e.message(), "shim went away under us; creating the task again");
                     attempt += 1;
                 }
