@@ -12,7 +12,7 @@
 pub mod collect;
 pub mod stdio;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -593,6 +593,7 @@ impl Runner {
                             || e.message().contains("file exists")) =>
                 {
                     delete_task(&self.cd, &a.cns, a.id()).await;
+                    remove_leaked_bundle(e.message(), &a.cns, a.id());
                     tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
                     warn!(attempt, error = %e.message(), "shim went away under us; creating the task again");
                     attempt += 1;
@@ -666,6 +667,53 @@ pub async fn delete_task(cd: &Containerd, cns: &str, id: &str) -> Option<u32> {
         }
     }
     None
+}
+
+/// A task create cut short (isolated killed while containerd was starting
+/// the shim, containerd #6860) can leave the task's bundle directory, and a
+/// shim, behind without a task containerd knows: every later create of the
+/// same id then fails with `mkdir <bundle>: file exists`, and Tasks.Delete
+/// says NotFound. The bundle is named in the error; when it is this
+/// action's own (`…/io.containerd.runtime.v2.task/<cns>/<id>`), its shim is
+/// killed, its rootfs unmounted and the directory removed, so the next try
+/// can create the task.
+fn remove_leaked_bundle(message: &str, cns: &str, id: &str) {
+    let Some(path) = message
+        .split("mkdir ")
+        .nth(1)
+        .and_then(|rest| rest.split(": file exists").next())
+    else {
+        return;
+    };
+    let bundle = Path::new(path);
+    let own = bundle.ends_with(format!("{cns}/{id}"))
+        && path.contains("/io.containerd.runtime.v2.task/")
+        && !path.contains("/../");
+    if !own || !bundle.is_dir() {
+        return;
+    }
+    warn!(bundle = %bundle.display(), "removing the bundle of a task whose creation was cut short");
+    if let Ok(pid) = std::fs::read_to_string(bundle.join("shim.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let rootfs = bundle.join("rootfs");
+    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    // Never delete through a mount that is still there: it would be the
+    // action's snapshot, not the bundle.
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
+    if rootfs.exists() && dev(&rootfs) != dev(bundle) {
+        warn!(bundle = %bundle.display(), "the leaked bundle's rootfs is still mounted; leaving it");
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(bundle) {
+        warn!(bundle = %bundle.display(), error = %e, "cannot remove the leaked bundle");
+    }
 }
 
 /// SIGKILL to every process of the task, then up to 5 s for its exit.
@@ -809,6 +857,26 @@ mod tests {
                 format!("lowerdir={}", lower.join(":")),
             ],
         }]
+    }
+
+    #[test]
+    fn only_our_own_leaked_bundle_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let ours = t
+            .path()
+            .join("io.containerd.runtime.v2.task/direktiv.ns/act-1");
+        let other = t
+            .path()
+            .join("io.containerd.runtime.v2.task/direktiv.ns/act-2");
+        std::fs::create_dir_all(ours.join("rootfs")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let msg = |p: &Path| format!("failed to start shim: mkdir {}: file exists", p.display());
+        remove_leaked_bundle(&msg(&other), "direktiv.ns", "act-1");
+        assert!(other.exists(), "another action's bundle was removed");
+        remove_leaked_bundle("some other error", "direktiv.ns", "act-1");
+        assert!(ours.exists());
+        remove_leaked_bundle(&msg(&ours), "direktiv.ns", "act-1");
+        assert!(!ours.exists(), "our leaked bundle is still there");
     }
 
     #[test]
