@@ -590,10 +590,17 @@ impl Runner {
                     if attempt < 3
                         && (e.message().contains("failed to start shim")
                             || e.message().contains("ttrpc: closed")
-                            || e.message().contains("file exists")) =>
+                            || e.message().contains("file exists")
+                            || e.message()
+                                .contains("container with given ID already exists")) =>
                 {
                     delete_task(&self.cd, &a.cns, a.id()).await;
                     remove_leaked_bundle(e.message(), &a.cns, a.id());
+                    if e.message()
+                        .contains("container with given ID already exists")
+                    {
+                        remove_leaked_runc_container(&a.cns, a.id()).await;
+                    }
                     tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
                     warn!(attempt, error = %e.message(), "shim went away under us; creating the task again");
                     attempt += 1;
@@ -713,6 +720,25 @@ fn remove_leaked_bundle(message: &str, cns: &str, id: &str) {
     }
     if let Err(e) = std::fs::remove_dir_all(bundle) {
         warn!(bundle = %bundle.display(), error = %e, "cannot remove the leaked bundle");
+    }
+}
+
+/// The other half of a create cut short: runc created the container, but
+/// containerd never recorded the task, so runc refuses the id. The runc v2
+/// shim keeps runc's state under `/run/containerd/runc/<namespace>`; a
+/// forced delete there kills what runs and frees the id.
+async fn remove_leaked_runc_container(cns: &str, id: &str) {
+    warn!("removing a runc container left by a task create cut short");
+    let out = tokio::process::Command::new("runc")
+        .arg("--root")
+        .arg(format!("/run/containerd/runc/{cns}"))
+        .args(["delete", "--force", id])
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "runc delete failed"),
+        Err(e) => warn!(error = %e, "cannot run runc"),
     }
 }
 
