@@ -67,13 +67,7 @@ pub async fn containerd_restart_while_running(t: Ctx) -> Result<()> {
         expect_output(&report, &late_input)?;
         p.assert_nothing_left(cd.get()?, &t.ns, NOTHING_LEFT)
             .await?;
-        for id in [&id, &late] {
-            ensure!(
-                t.env.flow.count(id) == 1,
-                "{id} reported {} times",
-                t.env.flow.count(id)
-            );
-        }
+        super::ensure_reported_once(&t.env.flow, [&id, &late])?;
         Ok(())
     }
     .await;

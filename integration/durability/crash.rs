@@ -77,13 +77,7 @@ pub async fn sigkill_while_running(t: Ctx) -> Result<()> {
 
         p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
             .await?;
-        for id in [&work, &overdue] {
-            ensure!(
-                t.env.flow.count(id) == 1,
-                "{id} reported {} times",
-                t.env.flow.count(id)
-            );
-        }
+        super::ensure_reported_once(&t.env.flow, [&work, &overdue])?;
         Ok(())
     }
     .await;
@@ -160,13 +154,7 @@ pub async fn sigkill_with_three_unfinished(t: Ctx) -> Result<()> {
         }
         p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
             .await?;
-        for id in &ids {
-            ensure!(
-                t.env.flow.count(id) == 1,
-                "{id} reported {} times",
-                t.env.flow.count(id)
-            );
-        }
+        super::ensure_reported_once(&t.env.flow, &ids)?;
         Ok(())
     }
     .await;

@@ -160,13 +160,7 @@ pub async fn queue_full_is_resource_exhausted(t: Ctx) -> Result<()> {
         expect_output(&report, refused_req.data.as_deref().unwrap_or_default())?;
         p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
             .await?;
-        for id in [&running, &queued, &refused] {
-            ensure!(
-                t.env.flow.count(id) == 1,
-                "{id} reported {} times",
-                t.env.flow.count(id)
-            );
-        }
+        super::ensure_reported_once(&t.env.flow, [&running, &queued, &refused])?;
         Ok(())
     }
     .await;

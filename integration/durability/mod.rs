@@ -73,6 +73,19 @@ pub fn sleep_input(secs: u32, id: &str) -> Vec<u8> {
 }
 
 /// A success report whose output is exactly `input`.
+/// Each action id reached the flow receiver exactly once.
+pub fn ensure_reported_once<S: AsRef<str>>(
+    flow: &crate::harness::flow::FlowReceiver,
+    ids: impl IntoIterator<Item = S>,
+) -> Result<()> {
+    for id in ids {
+        let id = id.as_ref();
+        let n = flow.count(id);
+        ensure!(n == 1, "{id} reported {n} times");
+    }
+    Ok(())
+}
+
 pub fn expect_output(report: &ReportActionResultsRequest, input: &[u8]) -> Result<()> {
     let output = expect_success(report)?;
     ensure!(
