@@ -26,6 +26,99 @@ const CONCURRENCY: usize = 16;
 const RSS_RUNNING: usize = 64;
 const NS: &str = "bench";
 
+/// `BENCH_PARTS=none,ctr` runs only those parts (none, group, cni, ctr, runc, rss);
+/// the others print as NaN. All by default.
+fn part(name: &str) -> bool {
+    match std::env::var("BENCH_PARTS") {
+        Ok(parts) => parts.split(',').any(|p| p.trim() == name),
+        Err(_) => true,
+    }
+}
+
+fn nan_stats() -> Stats {
+    Stats {
+        p50: f64::NAN,
+        p90: f64::NAN,
+        p99: f64::NAN,
+    }
+}
+
+/// CPU time (ms) spent per action during a throughput run, by whom.
+#[derive(Clone, Copy)]
+struct CpuPerAction {
+    total: f64,
+    containerd: f64,
+    isolated: f64,
+}
+
+impl CpuPerAction {
+    fn nan() -> CpuPerAction {
+        CpuPerAction {
+            total: f64::NAN,
+            containerd: f64::NAN,
+            isolated: f64::NAN,
+        }
+    }
+}
+
+/// Busy CPU ticks: the whole machine, containerd, isolated (if any).
+struct CpuMark([u64; 3]);
+
+impl CpuMark {
+    fn now(containerd: u32, isolated: Option<u32>) -> Result<CpuMark> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .context("empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+        let busy = cpu.iter().take(8).sum::<u64>() - cpu[3] - cpu[4];
+        let proc_ticks = |pid: u32| -> Result<u64> {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // Fields after the command name (which may hold spaces): utime and stime
+            // are the 12th and 13th.
+            let rest = &s[s.rfind(')').context("bad stat")? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+        };
+        Ok(CpuMark([
+            busy,
+            proc_ticks(containerd)?,
+            isolated.map(proc_ticks).transpose()?.unwrap_or(0),
+        ]))
+    }
+
+    fn per_action(&self, earlier: &CpuMark, n: usize) -> CpuPerAction {
+        let tick_ms = 1000.0
+            / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+                .ok()
+                .flatten()
+                .unwrap_or(100) as f64;
+        let d = |i: usize| (self.0[i] - earlier.0[i]) as f64 * tick_ms / n as f64;
+        CpuPerAction {
+            total: d(0),
+            containerd: d(1),
+            isolated: d(2),
+        }
+    }
+}
+
+impl IsolatedRun {
+    fn skipped() -> IsolatedRun {
+        IsolatedRun {
+            seq: nan_stats(),
+            tp: f64::NAN,
+            accept_seq: nan_stats(),
+            accept_load: nan_stats(),
+            cpu: CpuPerAction::nan(),
+        }
+    }
+}
+
 fn main() {
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
@@ -74,6 +167,7 @@ struct IsolatedRun {
     tp: f64,
     accept_seq: Stats,
     accept_load: Stats,
+    cpu: CpuPerAction,
 }
 
 async fn bench(env: &'static Env) -> Result<()> {
@@ -101,9 +195,23 @@ async fn bench(env: &'static Env) -> Result<()> {
     plain.start(Duration::from_secs(60)).await?;
     let result = async {
         let idle_rss = status_kib(&plain, "VmRSS:")?;
-        let none = measure_isolated(env, &plain, &image.reference, "none").await?;
-        let group = measure_isolated(env, &grouped, &image.reference, "group").await?;
-        let cni = measure_isolated(env, &env.isolated, &image.reference, "cni").await?;
+        let none = if part("none") {
+            measure_isolated(env, &plain, &image.reference, "none").await?
+        } else {
+            // ctr needs the image in the namespace.
+            one(&mut client(&plain).await?, env, &image.reference, "pull").await?;
+            IsolatedRun::skipped()
+        };
+        let group = if part("group") {
+            measure_isolated(env, &grouped, &image.reference, "group").await?
+        } else {
+            IsolatedRun::skipped()
+        };
+        let cni = if part("cni") {
+            measure_isolated(env, &env.isolated, &image.reference, "cni").await?
+        } else {
+            IsolatedRun::skipped()
+        };
 
         // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
         let ctr_run = |id: String| {
@@ -111,12 +219,18 @@ async fn bench(env: &'static Env) -> Result<()> {
             cmd.args(["run", "--rm", &image.reference, &id, "/bin/sh", "-c", "exit 0"]);
             cmd
         };
-        let mut lat = Vec::new();
-        for i in 0..SEQUENTIAL {
-            lat.push(ms(time_cmd(ctr_run(format!("ctr-seq-{i}")))?));
-        }
-        let ctr_seq = stats(lat);
-        let ctr_tp = parallel(THROUGHPUT, CONCURRENCY, |i| ctr_run(format!("ctr-tp-{i}")))?;
+        let (ctr_seq, ctr_tp, ctr_cpu) = if part("ctr") {
+            let mut lat = Vec::new();
+            for i in 0..SEQUENTIAL {
+                lat.push(ms(time_cmd(ctr_run(format!("ctr-seq-{i}")))?));
+            }
+            let cpu0 = CpuMark::now(env.containerd.pid(), None)?;
+            let tp = parallel(THROUGHPUT, CONCURRENCY, |i| ctr_run(format!("ctr-tp-{i}")))?;
+            let cpu = CpuMark::now(env.containerd.pid(), None)?.per_action(&cpu0, THROUGHPUT);
+            (stats(lat), tp, cpu)
+        } else {
+            (nan_stats(), f64::NAN, CpuPerAction::nan())
+        };
 
         // runc run of a prepared bundle: the floor.
         let bundle = runc_bundle(env.dir())?;
@@ -126,30 +240,18 @@ async fn bench(env: &'static Env) -> Result<()> {
             cmd.arg("--root").arg(&runc_root).args(["run", "-b"]).arg(&bundle).arg(id);
             cmd
         };
-        let mut lat = Vec::new();
-        for i in 0..SEQUENTIAL {
-            lat.push(ms(time_cmd(runc_run(format!("runc-seq-{i}")))?));
-        }
-        let runc_seq = stats(lat);
-        let runc_tp = parallel(THROUGHPUT, CONCURRENCY, |i| runc_run(format!("runc-tp-{i}")))?;
+        let (runc_seq, runc_tp) = if part("runc") {
+            let mut lat = Vec::new();
+            for i in 0..SEQUENTIAL {
+                lat.push(ms(time_cmd(runc_run(format!("runc-seq-{i}")))?));
+            }
+            let tp = parallel(THROUGHPUT, CONCURRENCY, |i| runc_run(format!("runc-tp-{i}")))?;
+            (stats(lat), tp)
+        } else {
+            (nan_stats(), f64::NAN)
+        };
 
-        // Peak RSS with 64 actions running at once.
-        let sleeper = env
-            .push_image(&env.open_registry, "bench/sleep", "v1", &ImageSpec::with_script("sleep 3"))
-            .await?;
-        let mut client = client(&plain).await?;
-        one(&mut client, env, &sleeper.reference, "sleep-warm").await?;
-        let mut ids = Vec::new();
-        for i in 0..RSS_RUNNING {
-            let id = format!("rss-{i}");
-            client.run_isolate(request(&sleeper.reference, &id)).await?;
-            ids.push(id);
-        }
-        for id in &ids {
-            let r = env.flow.wait_report(id, Duration::from_secs(300)).await?;
-            ensure!(r.error_code.is_none(), "{id} failed: {:?}", r.error_message);
-        }
-        let peak_rss = status_kib(&plain, "VmHWM:")?;
+        let peak_rss = if part("rss") { peak_rss(env, &plain).await? } else { 0 };
 
         println!();
         println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated, shim group | isolated with CNI |");
@@ -173,6 +275,20 @@ async fn bench(env: &'static Env) -> Result<()> {
             group.tp,
             cni.tp
         );
+        for (name, f) in [
+            ("machine", (|c: &CpuPerAction| c.total) as fn(&CpuPerAction) -> f64),
+            ("containerd", |c| c.containerd),
+            ("isolated (ctr: -)", |c| c.isolated),
+        ] {
+            println!(
+                "| CPU ms per action at concurrency {CONCURRENCY}, {name} | {:.1} | {:.1} | - | {:.2} | {:.1} | {:.1} |",
+                f(&none.cpu),
+                f(&ctr_cpu),
+                f(&none.cpu) / f(&ctr_cpu),
+                f(&group.cpu),
+                f(&cni.cpu)
+            );
+        }
         println!();
         println!("| isolated | value |");
         println!("|---|---|");
@@ -192,6 +308,31 @@ async fn bench(env: &'static Env) -> Result<()> {
     plain.stop(Duration::from_secs(20));
     grouped.stop(Duration::from_secs(20));
     result
+}
+
+/// Peak RSS (KiB) with 64 actions running at once.
+async fn peak_rss(env: &'static Env, plain: &Isolated) -> Result<u64> {
+    let sleeper = env
+        .push_image(
+            &env.open_registry,
+            "bench/sleep",
+            "v1",
+            &ImageSpec::with_script("sleep 3"),
+        )
+        .await?;
+    let mut client = client(plain).await?;
+    one(&mut client, env, &sleeper.reference, "sleep-warm").await?;
+    let mut ids = Vec::new();
+    for i in 0..RSS_RUNNING {
+        let id = format!("rss-{i}");
+        client.run_isolate(request(&sleeper.reference, &id)).await?;
+        ids.push(id);
+    }
+    for id in &ids {
+        let r = env.flow.wait_report(id, Duration::from_secs(300)).await?;
+        ensure!(r.error_code.is_none(), "{id} failed: {:?}", r.error_message);
+    }
+    status_kib(plain, "VmHWM:")
 }
 
 /// A second isolated on the harness's containerd and flow receiver.
@@ -235,6 +376,8 @@ async fn measure_isolated(
         lat.push(ms(total));
         accept.push(ms(acc));
     }
+    let containerd = env.containerd.pid();
+    let cpu0 = CpuMark::now(containerd, isolated.pid())?;
     let started = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut tasks = Vec::new();
@@ -252,11 +395,13 @@ async fn measure_isolated(
         load.push(t.await??);
     }
     let tp = THROUGHPUT as f64 / started.elapsed().as_secs_f64();
+    let cpu = CpuMark::now(containerd, isolated.pid())?.per_action(&cpu0, THROUGHPUT);
     Ok(IsolatedRun {
         seq: stats(lat),
         tp,
         accept_seq: stats(accept),
         accept_load: stats(load),
+        cpu,
     })
 }
 

@@ -99,7 +99,11 @@ impl SpecTemplate {
             Some(p) if p.as_os_str() == "unconfined" => None,
             Some(p) => Some(parse_seccomp(&read(p)?)?),
             None => Some(parse_seccomp(SECCOMP)?),
-        };
+        }
+        .map(|mut profile| {
+            host_architectures_only(&mut profile, std::env::consts::ARCH);
+            profile
+        });
         if let Some(linux) = spec.linux_mut() {
             linux.set_seccomp(seccomp);
         }
@@ -217,6 +221,26 @@ impl SpecTemplate {
                 .insert(SHIM_GROUP_ANNOTATION.to_string(), group.clone());
         }
         Ok(spec)
+    }
+}
+
+/// Keeps only the architectures this host's kernel can present to the filter.
+///
+/// runc compiles the filter with libseccomp inside every container's init, and
+/// the cost grows with each architecture listed: 2 instead of 4 saves about
+/// 12 ms of CPU per action here (runtime-spec/README.md). Dropping the others
+/// changes nothing a process can do, because a syscall from an architecture the
+/// kernel cannot run never reaches the filter. Unknown hosts keep the list.
+fn host_architectures_only(profile: &mut LinuxSeccomp, host: &str) {
+    use oci_spec::runtime::Arch;
+    let family: &[Arch] = match host {
+        "x86_64" => &[Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32],
+        "aarch64" => &[Arch::ScmpArchAarch64, Arch::ScmpArchArm],
+        _ => return,
+    };
+    if let Some(archs) = profile.architectures().clone() {
+        let kept: Vec<Arch> = archs.into_iter().filter(|a| family.contains(a)).collect();
+        profile.set_architectures(Some(kept));
     }
 }
 
@@ -550,6 +574,24 @@ mod tests {
             .find(|n| n.typ() == LinuxNamespaceType::Network)
             .unwrap();
         assert_eq!(net.path().as_deref(), Some(Path::new("/s/netns/ns/a")));
+    }
+
+    #[test]
+    fn seccomp_keeps_the_host_family_only() {
+        use oci_spec::runtime::Arch;
+        let archs = |host: &str| {
+            let mut p = parse_seccomp(SECCOMP).unwrap();
+            host_architectures_only(&mut p, host);
+            p.architectures().clone().unwrap()
+        };
+        // x32 is not in the shipped profile: its syscalls get the default action.
+        assert_eq!(archs("x86_64"), [Arch::ScmpArchX86_64, Arch::ScmpArchX86]);
+        assert_eq!(archs("aarch64"), [Arch::ScmpArchAarch64, Arch::ScmpArchArm]);
+        assert_eq!(archs("riscv64").len(), 4);
+        let template = SpecTemplate::load(None, None).unwrap();
+        let linux = template.base.linux().as_ref().unwrap();
+        let loaded = linux.seccomp().as_ref().unwrap().architectures().clone();
+        assert_eq!(loaded.unwrap(), archs(std::env::consts::ARCH));
     }
 
     #[test]
