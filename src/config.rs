@@ -121,8 +121,12 @@ settings! {
     size_cpus: Vec<f64> = vec![1.0, 1.0, 2.0], "ISOLATED_SIZE_CPUS", "1,1,2", value_delimiter = ',';
     /// containerd snapshotter for images and actions.
     snapshotter: String = "overlayfs".into(), "ISOLATED_SNAPSHOTTER", "overlayfs";
-    /// Shim per action (none) or one shim for the running actions of a namespace (namespace).
-    shim_group: String = "none".into(), "ISOLATED_SHIM_GROUP", "none";
+    /// One runc shim per namespace, kept alive by a parked keeper (namespace), or a shim per action (none).
+    shim_group: String = "namespace".into(), "ISOLATED_SHIM_GROUP", "namespace";
+    /// Seconds a namespace's shim (and its keeper) stays after its last action.
+    shim_keep_secs: u64 = 30, "ISOLATED_SHIM_KEEP_SECS", "30";
+    /// Most shims of one namespace (each creates its tasks one at a time); 0 is one per CPU.
+    shims_per_namespace: usize = 0, "ISOLATED_SHIMS_PER_NAMESPACE", "0";
     /// containerd runtime (shim) for action tasks.
     runtime: String = "io.containerd.runc.v2".into(), "ISOLATED_RUNTIME", "io.containerd.runc.v2";
     /// A base OCI runtime spec replacing the built-in runtime-spec/base.json.
@@ -231,6 +235,9 @@ impl Config {
         }
         if !matches!(self.shim_group.as_str(), "none" | "namespace") {
             return invalid("shim_group", "is none or namespace");
+        }
+        if self.shims_per_namespace > crate::runner::shim_keeper::MAX_SHIMS_PER_NAMESPACE {
+            return invalid("shims_per_namespace", "is at most 99");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "is text or json");

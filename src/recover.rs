@@ -20,6 +20,7 @@ use crate::containerd::{with_ns, LABEL_ACTION_ID, LABEL_MANAGED};
 use crate::network::NetTarget;
 use crate::proto::control::ActionState;
 use crate::request::ActionRequest;
+use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
 use crate::runner::{delete_task, Action, Runner, Start};
 use crate::store::{StoreError, Sync};
 
@@ -133,6 +134,14 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
         };
         if let Ok(r) = cd.containers().list(with_ns(list, cns, None)).await {
             for c in r.into_inner().containers {
+                if c.labels.get(LABEL_ROLE).map(String::as_str) == Some(ROLE_SHIM_KEEPER) {
+                    if let Some(k) = &runner.keepers {
+                        k.remove_stale(cns, &c.id).await;
+                    } else {
+                        orphans.insert((cns.clone(), c.id));
+                    }
+                    continue;
+                }
                 if !known.contains(&(cns.clone(), c.id.clone())) {
                     orphans.insert((cns.clone(), c.id));
                 }

@@ -13,6 +13,8 @@ use containerd_client::services::v1::snapshots::Kind;
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{ListContainersRequest, ListTasksRequest};
 
+use direktiv_isolate::runner::shim_keeper::KEEPER_ID_PREFIX;
+
 use super::containerd::{list_snapshots, with_ns};
 use super::env::Env;
 
@@ -40,6 +42,7 @@ impl Env {
         left.extend(
             containers
                 .iter()
+                .filter(|c| !is_keeper(&c.id))
                 .map(|c| format!("container {cns}/{}", c.id)),
         );
 
@@ -51,6 +54,7 @@ impl Env {
         left.extend(
             tasks
                 .iter()
+                .filter(|t| !is_keeper(&t.id))
                 .map(|t| format!("task {cns}/{} (pid {}, status {})", t.id, t.pid, t.status)),
         );
 
@@ -63,6 +67,10 @@ impl Env {
         }
 
         for cgroup in action_cgroups(&cns) {
+            let name = cgroup.file_name().unwrap_or_default().to_string_lossy();
+            if name.split_once('@').is_some_and(|(_, id)| is_keeper(id)) {
+                continue;
+            }
             left.push(format!("cgroup {}", cgroup.display()));
         }
         for cgroup in namespace_cgroups(&cns) {
@@ -102,6 +110,12 @@ impl Env {
             interval = (interval * 2).min(Duration::from_millis(500));
         }
     }
+}
+
+/// A namespace's shim keeper is no action's leftover: it stays, by design, until the
+/// namespace has been idle for `shim_keep_secs` (the shim_keeper trials check that).
+pub fn is_keeper(id: &str) -> bool {
+    id.starts_with(KEEPER_ID_PREFIX)
 }
 
 /// The network state isolated keeps under `state_dir` for containerd namespace `cns`:

@@ -21,6 +21,7 @@ use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServ
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
 use direktiv_isolate::recover::recover;
 use direktiv_isolate::report::flow::Reporter;
+use direktiv_isolate::runner::shim_keeper::ShimKeepers;
 use direktiv_isolate::runner::Runner;
 use direktiv_isolate::server::IsolateService;
 use direktiv_isolate::spec::SpecTemplate;
@@ -147,6 +148,22 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         cfg.insecure_registries.clone(),
         cfg.tag_ttl(),
     );
+    let keepers = match cfg.shim_group.as_str() {
+        "namespace" => Some(
+            ShimKeepers::new(
+                cd.clone(),
+                &cfg.runtime,
+                &cfg.state_dir,
+                Duration::from_secs(cfg.shim_keep_secs),
+                match cfg.shims_per_namespace {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => n,
+                },
+            )
+            .context("cannot set up the shim keepers")?,
+        ),
+        _ => None,
+    };
     let runner = Arc::new(Runner {
         cfg: cfg.clone(),
         cd,
@@ -155,6 +172,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         reporter,
         networks,
         store,
+        keepers,
         slots: tokio::sync::Semaphore::new(cfg.max_running),
         queued: Default::default(),
     });
@@ -181,7 +199,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         .set_serving::<IsolateControlServer<ControlService>>()
         .await;
     let isolate = IsolateService {
-        runner,
+        runner: runner.clone(),
         actions: actions.clone(),
         limits: cfg.limits(),
         max_queued: cfg.max_queued,
@@ -216,6 +234,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             unfinished = actions.in_flight(),
             "exiting with actions unfinished"
         );
+    }
+    if let Some(k) = &runner.keepers {
+        k.remove_idle().await;
     }
     stop_metrics.cancel();
     if let Some(e) = embedded {

@@ -10,6 +10,7 @@
 //! Stopping a task at its deadline is the reaper's (`crate::reaper`).
 
 pub mod collect;
+pub mod shim_keeper;
 pub mod stdio;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use crate::request::ActionRequest;
 use crate::spec::{self, SpecError, SpecInput, SpecTemplate};
 use crate::store::{Store, StoreError, StoredAction, Sync};
 
+use self::shim_keeper::{ShimHold, ShimKeepers};
 use self::stdio::Stdio;
 
 /// Why an action could not be run to its end. Each names what failed.
@@ -109,6 +111,8 @@ pub struct Runner {
     pub reporter: Reporter,
     pub networks: Networks,
     pub store: Store,
+    /// Each namespace's shim keeper, when `shim_group = "namespace"`.
+    pub keepers: Option<ShimKeepers>,
     /// One permit per action allowed to run at once.
     pub slots: tokio::sync::Semaphore,
     /// Actions waiting for a permit.
@@ -123,6 +127,9 @@ pub struct Action {
     /// `<state>/actions/<cns>/<actionId>`.
     pub dir: PathBuf,
     pub handle: Handle,
+    /// Its claim on the namespace's shim, from its task's creation until
+    /// the task is deleted.
+    shim: std::sync::Mutex<Option<ShimHold>>,
 }
 
 impl Action {
@@ -134,6 +141,7 @@ impl Action {
             cns,
             dir,
             handle,
+            shim: Default::default(),
         }
     }
 
@@ -234,6 +242,8 @@ impl Runner {
             self.cleanup(&action)
                 .instrument(info_span!("cleanup"))
                 .await;
+            // The task is gone from the namespace's shim.
+            drop(action.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
             action.handle.reported();
         }
         .instrument(span)
@@ -512,6 +522,7 @@ impl Runner {
             .attach(&a.net())
             .instrument(info_span!("network"))
             .await?;
+        let shim_group = self.join_shim(a).await;
         let size = a.req.size.index();
         let memory = (self.cfg.size_memory_mib[size] as i64) << 20;
         let step = a.req.step.map(|s| s.to_string()).unwrap_or_default();
@@ -533,7 +544,7 @@ impl Runner {
             memory_bytes: memory,
             cpus: self.cfg.size_cpus[size],
             cgroups_path: a.cgroups_path(),
-            shim_group: (self.cfg.shim_group == "namespace").then(|| format!("isolated-{}", a.cns)),
+            shim_group,
             netns: net.netns,
             files: net.files,
         };
@@ -609,6 +620,25 @@ impl Runner {
             }
         }
         Ok((stdio, memory))
+    }
+
+    /// The shim group the action's task joins: its namespace's, held open
+    /// by the keeper, or none (a shim of its own).
+    async fn join_shim(&self, a: &Action) -> Option<String> {
+        let keepers = self.keepers.as_ref()?;
+        let held = a
+            .shim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(ShimHold::group);
+        if held.is_some() {
+            return held;
+        }
+        let hold = keepers.hold(&a.cns).instrument(info_span!("shim")).await?;
+        let group = hold.group();
+        *a.shim.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
+        Some(group)
     }
 
     /// Removes the task, container, snapshot and directory of an action.
