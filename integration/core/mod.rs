@@ -6,6 +6,7 @@
 mod action;
 mod images;
 mod limits;
+mod shims;
 mod validation;
 
 use anyhow::{ensure, Result};
@@ -75,6 +76,14 @@ pub fn trials() -> Vec<Trial> {
             validation::duplicate_action_id_while_running,
         ),
         trial("core::memory_limit_by_size", limits::memory_limit_by_size),
+        trial(
+            "core::namespace_shares_one_shim_until_idle",
+            shims::namespace_shares_one_shim_until_idle,
+        ),
+        trial(
+            "core::keepers_removed_after_crash_and_at_stop",
+            shims::keepers_removed_after_crash_and_at_stop,
+        ),
     ]
 }
 

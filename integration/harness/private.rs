@@ -25,7 +25,7 @@ use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateCl
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
 use tonic::transport::Channel;
 
-use super::cleanup::{action_cgroups, namespace_cgroups};
+use super::cleanup::{action_cgroups, is_keeper, namespace_cgroups};
 use super::containerd::{list_snapshots, with_ns, Containerd};
 use super::env::Env;
 use super::isolated::{Isolated, IsolatedConfig};
@@ -261,6 +261,7 @@ pub async fn leftovers_in(
     left.extend(
         containers
             .iter()
+            .filter(|c| !is_keeper(&c.id))
             .map(|c| format!("container {cns}/{}", c.id)),
     );
     let tasks = TasksClient::new(channel.clone())
@@ -271,7 +272,8 @@ pub async fn leftovers_in(
     left.extend(
         tasks
             .iter()
-            .map(|t| format!("task {cns}/{} (pid {})", t.container_id, t.pid)),
+            .filter(|t| !is_keeper(&t.id) && !is_keeper(&t.container_id))
+            .map(|t| format!("task {cns}/{} (pid {})", t.id, t.pid)),
     );
     let mut snaps = SnapshotsClient::new(channel);
     for s in list_snapshots(&mut snaps, cns).await? {
@@ -383,6 +385,11 @@ impl PrivateIsolated {
     /// SIGKILL, as a crash would.
     pub fn kill(&self) {
         self.isolated.kill();
+    }
+
+    /// SIGTERM, and wait for it to exit.
+    pub fn stop(&self) {
+        self.isolated.stop(Duration::from_secs(15));
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,15 +96,11 @@ struct Slot {
     n: usize,
     /// Actions that chose this shim and have not deleted their task yet.
     holds: AtomicUsize,
-    state: tokio::sync::Mutex<SlotState>,
-}
-
-#[derive(Default)]
-struct SlotState {
-    alive: bool,
     /// Bumped by every hold, so an idle timer knows whether the shim was
     /// used while it slept.
-    generation: u64,
+    generation: AtomicU64,
+    /// Whether the keeper exists; held while it is created or removed.
+    alive: tokio::sync::Mutex<bool>,
 }
 
 /// One action's claim on a shim of its namespace; released (on drop) after
@@ -158,19 +154,21 @@ impl ShimKeepers {
             .iter()
             .min_by_key(|s| s.holds.load(Ordering::SeqCst))?
             .clone();
+        // Counted before the keeper is made sure of, so that an idle timer
+        // that wakes meanwhile leaves it be.
         slot.holds.fetch_add(1, Ordering::SeqCst);
-        let mut state = slot.state.lock().await;
-        if !state.alive {
+        slot.generation.fetch_add(1, Ordering::SeqCst);
+        let mut alive = slot.alive.lock().await;
+        if !*alive {
             if let Err(e) = self.inner.create(&slot).await {
-                drop(state);
+                drop(alive);
                 slot.holds.fetch_sub(1, Ordering::SeqCst);
                 warn!(namespace = %cns, error = %e, "no shim keeper; the action gets a shim of its own");
                 return None;
             }
-            state.alive = true;
+            *alive = true;
         }
-        state.generation += 1;
-        drop(state);
+        drop(alive);
         Some(ShimHold {
             inner: self.inner.clone(),
             slot,
@@ -189,10 +187,10 @@ impl ShimKeepers {
             .flat_map(|slots| slots.iter().cloned())
             .collect();
         for slot in all {
-            let mut state = slot.state.lock().await;
-            if state.alive && slot.holds.load(Ordering::SeqCst) == 0 {
+            let mut alive = slot.alive.lock().await;
+            if *alive && slot.holds.load(Ordering::SeqCst) == 0 {
                 self.inner.remove(&slot.cns, &keeper_id(slot.n)).await;
-                state.alive = false;
+                *alive = false;
             }
         }
     }
@@ -219,7 +217,8 @@ impl Inner {
                             cns: cns.to_string(),
                             n,
                             holds: AtomicUsize::new(0),
-                            state: Default::default(),
+                            generation: AtomicU64::new(0),
+                            alive: Default::default(),
                         })
                     })
                     .collect()
@@ -343,27 +342,24 @@ impl Drop for ShimHold {
     /// The last action out starts the idle timer; a hold taken meanwhile
     /// (a new generation) cancels it.
     fn drop(&mut self) {
+        // Given back at once, so that a shutdown right after sees it idle.
+        if self.slot.holds.fetch_sub(1, Ordering::SeqCst) > 1 {
+            return;
+        }
         let (inner, slot) = (self.inner.clone(), self.slot.clone());
+        let generation = slot.generation.load(Ordering::SeqCst);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            slot.holds.fetch_sub(1, Ordering::SeqCst);
             return;
         };
         rt.spawn(async move {
-            let generation = {
-                let state = slot.state.lock().await;
-                if slot.holds.fetch_sub(1, Ordering::SeqCst) > 1 {
-                    return;
-                }
-                state.generation
-            };
             tokio::time::sleep(inner.keep).await;
-            let mut state = slot.state.lock().await;
-            if state.alive
+            let mut alive = slot.alive.lock().await;
+            if *alive
                 && slot.holds.load(Ordering::SeqCst) == 0
-                && state.generation == generation
+                && slot.generation.load(Ordering::SeqCst) == generation
             {
                 inner.remove(&slot.cns, &keeper_id(slot.n)).await;
-                state.alive = false;
+                *alive = false;
                 info!(namespace = %slot.cns, keeper = slot.n, "shim keeper removed after its shim went idle");
             }
         });

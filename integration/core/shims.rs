@@ -1,0 +1,178 @@
+//! One runc shim per namespace (`shim_group = "namespace"`, the default): the actions of
+//! a namespace join a shim that its keeper (a container whose task is created and never
+//! started) holds open, and the keeper goes once the namespace is idle, when isolated
+//! stops, and at the next start after a crash.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::ListContainersRequest;
+use direktiv_isolate::runner::shim_keeper::KEEPER_ID_PREFIX;
+
+use super::{echo_spec, expect_success};
+use crate::harness::cleanup::{action_cgroups, is_keeper};
+use crate::harness::containerd::with_ns;
+use crate::harness::private::PrivateIsolated;
+use crate::harness::{Ctx, ACTION, FIRST_PULL, NOTHING_LEFT};
+
+/// Shim daemons serving containerd namespace `cns`: (pid, the `-id` they started for).
+fn shims_of(cns: &str) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        // The shim daemon, not containerd's short-lived `… start` and `… delete` calls of
+        // the same binary for each task.
+        let daemon = !matches!(
+            args.iter()
+                .rev()
+                .find(|a| !a.is_empty())
+                .map(String::as_str),
+            Some("start" | "delete")
+        );
+        if args.first().is_some_and(|a| a.contains("containerd-shim"))
+            && after("-namespace").as_deref() == Some(cns)
+            && daemon
+        {
+            out.push((pid, after("-id").unwrap_or_default()));
+        }
+    }
+    out
+}
+
+async fn keepers_in(t: &Ctx, cns: &str) -> Result<Vec<String>> {
+    let channel = t.env.containerd.channel().await?;
+    Ok(ContainersClient::new(channel)
+        .list(with_ns(ListContainersRequest::default(), cns))
+        .await?
+        .into_inner()
+        .containers
+        .into_iter()
+        .map(|c| c.id)
+        .filter(|id| is_keeper(id))
+        .collect())
+}
+
+/// Polls until namespace `cns` has no keeper container, no keeper cgroup and no shim.
+async fn wait_no_keeper(t: &Ctx, cns: &str, within: Duration, why: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let keepers = keepers_in(t, cns).await?;
+        let shims = shims_of(cns);
+        let cgroups: Vec<_> = action_cgroups(cns)
+            .into_iter()
+            .filter(|c| c.to_string_lossy().contains(KEEPER_ID_PREFIX))
+            .collect();
+        if keepers.is_empty() && shims.is_empty() && cgroups.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{why}: after {within:?} still keepers {keepers:?}, shims {shims:?}, cgroups {cgroups:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three actions one after another in one namespace run in one shim, started for the
+/// namespace's keeper; 3 s after the last, keeper, cgroup and shim are gone.
+pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
+    let p = PrivateIsolated::start(
+        t.env,
+        &["--shim-keep-secs", "3", "--shims-per-namespace", "1"],
+    )
+    .await?;
+    let cns = p.adopt(&t.ns);
+    let res = async {
+        let image = t.push(&echo_spec()).await?;
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let id = t.action_id(&format!("seq{i}"));
+            let mut req = t.request(&image.reference, &id);
+            req.data = Some(id.clone().into_bytes());
+            p.accept(req).await?;
+            let report = t
+                .env
+                .flow
+                .wait_report(&id, if i == 0 { FIRST_PULL } else { ACTION })
+                .await?;
+            ensure!(
+                expect_success(&report)? == id.as_bytes(),
+                "wrong output of {id}"
+            );
+            seen.extend(shims_of(&cns));
+        }
+        seen.sort();
+        seen.dedup();
+        ensure!(
+            seen.len() == 1 && seen[0].1 == format!("{KEEPER_ID_PREFIX}.0"),
+            "expected one shim, started for the keeper, across the three actions; saw {seen:?}"
+        );
+        ensure!(
+            keepers_in(&t, &cns).await?.len() == 1,
+            "the keeper is gone before the namespace went idle"
+        );
+        wait_no_keeper(&t, &cns, Duration::from_secs(20), "idle namespace").await?;
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await
+    }
+    .await;
+    res.map_err(|e| p.explain(e))
+}
+
+/// A keeper left by a crash (kill -9) is removed at the next start, a new one comes with
+/// the next action, and a graceful stop removes it with its shim.
+pub async fn keepers_removed_after_crash_and_at_stop(t: Ctx) -> Result<()> {
+    let p = PrivateIsolated::start(t.env, &["--shim-keep-secs", "600"]).await?;
+    let cns = p.adopt(&t.ns);
+    let res = async {
+        let image = t.push(&echo_spec()).await?;
+        let run = |label: &str, within: Duration| {
+            let id = t.action_id(label);
+            let req = t.request(&image.reference, &id);
+            let p = &p;
+            async move {
+                p.accept(req).await?;
+                let report = t.env.flow.wait_report(&id, within).await?;
+                expect_success(&report).map(|_| ())
+            }
+        };
+        run("before-crash", FIRST_PULL).await?;
+        ensure!(
+            !keepers_in(&t, &cns).await?.is_empty(),
+            "no keeper while the namespace is in use (shim_keep_secs 600)"
+        );
+        p.kill();
+        p.start_again().await?;
+        wait_no_keeper(&t, &cns, Duration::from_secs(20), "restart after kill -9").await?;
+        run("after-crash", ACTION).await?;
+        ensure!(
+            !keepers_in(&t, &cns).await?.is_empty(),
+            "no keeper for the action after the restart"
+        );
+        p.stop();
+        wait_no_keeper(&t, &cns, Duration::from_secs(20), "graceful stop").await?;
+        p.start_again()
+            .await
+            .context("start it again for the final check")?;
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await
+    }
+    .await;
+    res.map_err(|e| p.explain(e))
+}
