@@ -23,7 +23,8 @@ FLOW_ENDPOINT ?= none
 
 # Debian packages the build, the daemon and the tests need.
 DEB_PACKAGES := containerd runc protobuf-compiler busybox-static docker-registry \
-                apache2-utils containernetworking-plugins iptables iproute2
+                apache2-utils containernetworking-plugins iptables iproute2 \
+                gcc libc6-dev
 
 RUN_DIR := $(CURDIR)/.run
 SYSTEM_SOCK := /run/containerd/containerd.sock

@@ -6,6 +6,7 @@
 mod action;
 mod images;
 mod limits;
+mod seccomp;
 mod shims;
 mod validation;
 
@@ -76,6 +77,10 @@ pub fn trials() -> Vec<Trial> {
             validation::duplicate_action_id_while_running,
         ),
         trial("core::memory_limit_by_size", limits::memory_limit_by_size),
+        trial(
+            "core::thirty_two_bit_syscalls_are_refused",
+            seccomp::thirty_two_bit_syscalls_are_refused,
+        ),
         trial(
             "core::namespace_shares_one_shim_until_idle",
             shims::namespace_shares_one_shim_until_idle,
