@@ -340,6 +340,10 @@ async fn peak_rss(env: &'static Env, plain: &Isolated) -> Result<u64> {
 /// A second isolated on the harness's containerd and flow receiver.
 fn private_isolated(env: &Env, name: &str, args: &[&str]) -> Result<Isolated> {
     let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if std::env::var_os("BENCH_SPANS").is_some() {
+        // With RUST_LOG=info: every phase's duration in the daemon's log.
+        extra_args.push("--log-span-times".into());
+    }
     extra_args.extend([
         "--metrics-bind".to_string(),
         format!("127.0.0.1:{}", free_port()?),

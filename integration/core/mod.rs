@@ -86,6 +86,10 @@ pub fn trials() -> Vec<Trial> {
             shims::namespace_shares_one_shim_until_idle,
         ),
         trial(
+            "core::keeper_comes_back_after_its_shim_dies",
+            shims::keeper_comes_back_after_its_shim_dies,
+        ),
+        trial(
             "core::keepers_removed_after_crash_and_at_stop",
             shims::keepers_removed_after_crash_and_at_stop,
         ),

@@ -176,3 +176,73 @@ pub async fn keepers_removed_after_crash_and_at_stop(t: Ctx) -> Result<()> {
     .await;
     res.map_err(|e| p.explain(e))
 }
+
+/// The namespace's shim is killed (SIGKILL) while idle: containerd cleans up its keeper,
+/// and the next action brings a new keeper, and with it a new shim that the actions after
+/// it share.
+pub async fn keeper_comes_back_after_its_shim_dies(t: Ctx) -> Result<()> {
+    let p = PrivateIsolated::start(
+        t.env,
+        &["--shim-keep-secs", "600", "--shims-per-namespace", "1"],
+    )
+    .await?;
+    let cns = p.adopt(&t.ns);
+    let res = async {
+        let image = t.push(&echo_spec()).await?;
+        let run = |label: &str, within: Duration| {
+            let id = t.action_id(label);
+            let req = t.request(&image.reference, &id);
+            let p = &p;
+            async move {
+                p.accept(req).await?;
+                let report = t.env.flow.wait_report(&id, within).await?;
+                expect_success(&report).map(|_| ())
+            }
+        };
+        run("first", FIRST_PULL).await?;
+        let shims = shims_of(&cns);
+        ensure!(shims.len() == 1, "expected one shim, saw {shims:?}");
+        let old = shims[0].0;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        // containerd notices the lost shim and force-deletes the keeper's task.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while keeper_task_exists(&t, &cns).await? {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "containerd did not clean up the keeper of the killed shim"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            run(&format!("after{i}"), ACTION).await?;
+            seen.extend(shims_of(&cns));
+        }
+        seen.sort();
+        seen.dedup();
+        ensure!(
+            seen.len() == 1 && seen[0].0 != old && seen[0].1 == format!("{KEEPER_ID_PREFIX}.0"),
+            "expected one new shim, started for the new keeper, after the old one died; saw {seen:?}",
+        );
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await
+    }
+    .await;
+    res.map_err(|e| p.explain(e))
+}
+
+async fn keeper_task_exists(t: &Ctx, cns: &str) -> Result<bool> {
+    use containerd_client::services::v1::tasks_client::TasksClient;
+    use containerd_client::services::v1::ListTasksRequest;
+    let channel = t.env.containerd.channel().await?;
+    Ok(TasksClient::new(channel)
+        .list(with_ns(ListTasksRequest::default(), cns))
+        .await?
+        .into_inner()
+        .tasks
+        .iter()
+        .any(|task| is_keeper(&task.id)))
+}

@@ -99,8 +99,66 @@ struct Slot {
     /// Bumped by every hold, so an idle timer knows whether the shim was
     /// used while it slept.
     generation: AtomicU64,
-    /// Whether the keeper exists; held while it is created or removed.
-    alive: tokio::sync::Mutex<bool>,
+    /// The keeper's parked process, if it exists; held while the keeper is
+    /// created or removed.
+    keeper: tokio::sync::Mutex<Option<Parked>>,
+}
+
+/// The keeper's process (runc's init, parked) and its parent, the shim,
+/// each told from a later process with the same pid by its start time.
+struct Parked {
+    pid: u32,
+    started: Option<u64>,
+    shim: Option<u32>,
+}
+
+impl Parked {
+    fn new(pid: u32) -> Parked {
+        let stat = stat(pid);
+        Parked {
+            pid,
+            started: stat.map(|s| s.started),
+            shim: stat.map(|s| s.parent),
+        }
+    }
+
+    /// False once the shim died. The parked process outlives it (orphaned,
+    /// containerd's clean-up of the dead shim does not kill it), and the
+    /// next action would start a shim of its own, which exits under the
+    /// actions that join it later.
+    fn running(&self) -> bool {
+        let now = stat(self.pid);
+        self.started.is_some()
+            && now.map(|s| s.started) == self.started
+            && now.map(|s| s.parent) == self.shim
+    }
+
+    /// Kills the parked process if it is still the one created.
+    fn kill(&self) {
+        if self.started.is_some() && stat(self.pid).map(|s| s.started) == self.started {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stat {
+    parent: u32,
+    started: u64,
+}
+
+/// Fields 4 (ppid) and 22 (start time) of /proc/<pid>/stat, counted after
+/// the command name (which may hold spaces and parentheses).
+fn stat(pid: u32) -> Option<Stat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(Stat {
+        parent: fields.get(1)?.parse().ok()?,
+        started: fields.get(19)?.parse().ok()?,
+    })
 }
 
 /// One action's claim on a shim of its namespace; released (on drop) after
@@ -158,17 +216,24 @@ impl ShimKeepers {
         // that wakes meanwhile leaves it be.
         slot.holds.fetch_add(1, Ordering::SeqCst);
         slot.generation.fetch_add(1, Ordering::SeqCst);
-        let mut alive = slot.alive.lock().await;
-        if !*alive {
-            if let Err(e) = self.inner.create(&slot).await {
-                drop(alive);
-                slot.holds.fetch_sub(1, Ordering::SeqCst);
-                warn!(namespace = %cns, error = %e, "no shim keeper; the action gets a shim of its own");
-                return None;
-            }
-            *alive = true;
+        let mut keeper = slot.keeper.lock().await;
+        if let Some(lost) = keeper.take_if(|k| !k.running()) {
+            warn!(namespace = %cns, keeper = slot.n, "the namespace's shim died; creating its keeper again");
+            lost.kill();
+            self.inner.remove(cns, &keeper_id(slot.n)).await;
         }
-        drop(alive);
+        if keeper.is_none() {
+            match self.inner.create(&slot).await {
+                Ok(parked) => *keeper = Some(parked),
+                Err(e) => {
+                    drop(keeper);
+                    slot.holds.fetch_sub(1, Ordering::SeqCst);
+                    warn!(namespace = %cns, error = %e, "no shim keeper; the action gets a shim of its own");
+                    return None;
+                }
+            }
+        }
+        drop(keeper);
         Some(ShimHold {
             inner: self.inner.clone(),
             slot,
@@ -187,10 +252,13 @@ impl ShimKeepers {
             .flat_map(|slots| slots.iter().cloned())
             .collect();
         for slot in all {
-            let mut alive = slot.alive.lock().await;
-            if *alive && slot.holds.load(Ordering::SeqCst) == 0 {
-                self.inner.remove(&slot.cns, &keeper_id(slot.n)).await;
-                *alive = false;
+            let mut keeper = slot.keeper.lock().await;
+            if slot.holds.load(Ordering::SeqCst) == 0 {
+                if let Some(parked) = keeper.take() {
+                    self.inner.remove(&slot.cns, &keeper_id(slot.n)).await;
+                    // An orphan if the shim died: nobody else would end it.
+                    parked.kill();
+                }
             }
         }
     }
@@ -218,7 +286,7 @@ impl Inner {
                             n,
                             holds: AtomicUsize::new(0),
                             generation: AtomicU64::new(0),
-                            alive: Default::default(),
+                            keeper: Default::default(),
                         })
                     })
                     .collect()
@@ -226,7 +294,7 @@ impl Inner {
             .clone()
     }
 
-    async fn create(&self, slot: &Slot) -> Result<(), KeeperError> {
+    async fn create(&self, slot: &Slot) -> Result<Parked, KeeperError> {
         let (cns, id) = (slot.cns.as_str(), keeper_id(slot.n));
         let failed = |what: &'static str| {
             move |e: tonic::Status| KeeperError::Containerd {
@@ -282,14 +350,14 @@ impl Inner {
             ..Default::default()
         };
         let mut attempt = 1;
-        loop {
+        let pid = loop {
             match self
                 .cd
                 .tasks()
                 .create(with_ns(task.clone(), cns, None))
                 .await
             {
-                Ok(_) => break,
+                Ok(r) => break r.into_inner().pid,
                 // The shim of a keeper removed a moment ago can still be
                 // exiting when the new keeper asks to join it.
                 Err(e)
@@ -306,9 +374,9 @@ impl Inner {
                     return Err(failed("create the shim keeper's task")(e));
                 }
             }
-        }
-        info!(namespace = %cns, keeper = slot.n, "shim keeper created");
-        Ok(())
+        };
+        info!(namespace = %cns, keeper = slot.n, pid, "shim keeper created");
+        Ok(Parked::new(pid))
     }
 
     /// Deletes the keeper's task (its shim exits with it when no action is
@@ -353,13 +421,15 @@ impl Drop for ShimHold {
         };
         rt.spawn(async move {
             tokio::time::sleep(inner.keep).await;
-            let mut alive = slot.alive.lock().await;
-            if *alive
+            let mut keeper = slot.keeper.lock().await;
+            if keeper.is_some()
                 && slot.holds.load(Ordering::SeqCst) == 0
                 && slot.generation.load(Ordering::SeqCst) == generation
             {
                 inner.remove(&slot.cns, &keeper_id(slot.n)).await;
-                *alive = false;
+                if let Some(parked) = keeper.take() {
+                    parked.kill();
+                }
                 info!(namespace = %slot.cns, keeper = slot.n, "shim keeper removed after its shim went idle");
             }
         });
@@ -397,6 +467,23 @@ mod tests {
         assert!(crate::request::ActionRequest::validate(req, &limits).is_err());
         // But a containerd identifier (at most 76 characters).
         assert!(keeper_id(MAX_SHIMS_PER_NAMESPACE).len() <= 76);
+    }
+
+    #[test]
+    fn a_process_is_told_from_its_pid_reused() {
+        let me = Parked::new(std::process::id());
+        assert!(me.running());
+        let reused = Parked {
+            started: me.started.map(|s| s + 1),
+            ..Parked::new(std::process::id())
+        };
+        assert!(!reused.running());
+        let orphaned = Parked {
+            shim: me.shim.map(|p| p + 1),
+            ..Parked::new(std::process::id())
+        };
+        assert!(!orphaned.running());
+        assert!(!Parked::new(u32::MAX).running());
     }
 
     #[test]
