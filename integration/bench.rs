@@ -114,6 +114,7 @@ impl IsolatedRun {
             tp: f64::NAN,
             accept_seq: nan_stats(),
             accept_load: nan_stats(),
+            accept_server: (f64::NAN, f64::NAN),
             cpu: CpuPerAction::nan(),
         }
     }
@@ -167,6 +168,9 @@ struct IsolatedRun {
     tp: f64,
     accept_seq: Stats,
     accept_load: Stats,
+    /// Upper bounds of the buckets holding p50 and p99 of isolated's own
+    /// accept histogram over the concurrent run.
+    accept_server: (f64, f64),
     cpu: CpuPerAction,
 }
 
@@ -302,6 +306,10 @@ async fn bench(env: &'static Env) -> Result<()> {
             "| RunIsolate accept p50 / p99 ms, at concurrency {CONCURRENCY} | {:.2} / {:.2} |",
             none.accept_load.p50, none.accept_load.p99
         );
+        println!(
+            "| RunIsolate accept p50 / p99 ms, at concurrency {CONCURRENCY}, isolated's own histogram (bucket bound) | ≤ {:.2} / ≤ {:.2} |",
+            none.accept_server.0, none.accept_server.1
+        );
         println!("| RSS idle MiB | {:.1} |", idle_rss as f64 / 1024.0);
         println!("| RSS peak MiB ({RSS_RUNNING} actions running) | {:.1} |", peak_rss as f64 / 1024.0);
         Ok(())
@@ -310,6 +318,50 @@ async fn bench(env: &'static Env) -> Result<()> {
     plain.stop(Duration::from_secs(20));
     per_action.stop(Duration::from_secs(20));
     result
+}
+
+/// `isolated_accept_duration_seconds` buckets from the daemon's metrics
+/// endpoint: (upper bound in ms, cumulative count).
+fn accept_buckets(isolated: &Isolated) -> Option<Vec<(f64, u64)>> {
+    use std::io::{Read, Write};
+    let args = &isolated.config().extra_args;
+    let bind = args
+        .iter()
+        .position(|a| a == "--metrics-bind")
+        .and_then(|i| args.get(i + 1))?;
+    let mut conn = std::net::TcpStream::connect(bind.as_str()).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text).ok()?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("isolated_accept_duration_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let (le, count) = rest.split_once("\"} ")?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse::<f64>().ok()? * 1000.0
+        };
+        out.push((le, count.trim().parse().ok()?));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The upper bound (ms) of the bucket holding quantile `q` of what was
+/// observed between two scrapes.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> f64 {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1.saturating_sub(b.1)))
+        .collect();
+    let total = delta.last().map_or(0, |d| d.1);
+    delta
+        .iter()
+        .find(|(_, c)| *c as f64 >= q * total as f64)
+        .map_or(f64::NAN, |(le, _)| *le)
 }
 
 /// Peak RSS (KiB) with 64 actions running at once.
@@ -383,6 +435,7 @@ async fn measure_isolated(
         accept.push(ms(acc));
     }
     let containerd = env.containerd.pid();
+    let accepts0 = accept_buckets(isolated);
     let cpu0 = CpuMark::now(containerd, isolated.pid())?;
     let started = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
@@ -402,11 +455,19 @@ async fn measure_isolated(
     }
     let tp = THROUGHPUT as f64 / started.elapsed().as_secs_f64();
     let cpu = CpuMark::now(containerd, isolated.pid())?.per_action(&cpu0, THROUGHPUT);
+    let accept_server = match (accepts0, accept_buckets(isolated)) {
+        (Some(before), Some(after)) => (
+            bucket_quantile(&before, &after, 0.5),
+            bucket_quantile(&before, &after, 0.99),
+        ),
+        _ => (f64::NAN, f64::NAN),
+    };
     Ok(IsolatedRun {
         seq: stats(lat),
         tp,
         accept_seq: stats(accept),
         accept_load: stats(load),
+        accept_server,
         cpu,
     })
 }

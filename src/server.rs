@@ -31,6 +31,7 @@ impl DirektivIsolate for IsolateService {
         &self,
         request: Request<RunIsolateRequest>,
     ) -> Result<Response<()>, Status> {
+        let _timer = crate::metrics::timer(crate::metrics::Phase::Accept);
         let wire = request.into_inner();
         // The store keeps the request as it came, for recovery.
         let req = ActionRequest::validate(wire.clone(), &self.limits).map_err(Error::from)?;
