@@ -85,7 +85,9 @@ impl FlowReceiver {
         })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        // As Direktiv's flow (a Go gRPC server: Go sets TCP_NODELAY) would.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .add_service(svc)
