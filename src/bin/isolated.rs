@@ -148,8 +148,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         cfg.insecure_registries.clone(),
         cfg.tag_ttl(),
     );
+    // The group annotation is the runc v2 shim's; another runtime would run
+    // the keepers as sandboxes of their own and share nothing.
+    let runc_shim = cfg.runtime == "io.containerd.runc.v2";
+    if cfg.shim_group == "namespace" && !runc_shim {
+        warn!(runtime = %cfg.runtime, "shim_group = \"namespace\" needs the runc v2 shim; every task gets a shim of its own");
+    }
     let keepers = match cfg.shim_group.as_str() {
-        "namespace" => Some(
+        "namespace" if runc_shim => Some(
             ShimKeepers::new(
                 cd.clone(),
                 &cfg.runtime,
