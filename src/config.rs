@@ -121,7 +121,7 @@ settings! {
     size_cpus: Vec<f64> = vec![1.0, 1.0, 2.0], "ISOLATED_SIZE_CPUS", "1,1,2", value_delimiter = ',';
     /// containerd snapshotter for images and actions.
     snapshotter: String = "overlayfs".into(), "ISOLATED_SNAPSHOTTER", "overlayfs";
-    /// One runc shim per namespace, kept alive by a parked keeper (namespace), or a shim per action (none).
+    /// One runc v2 shim per namespace, kept alive by a parked keeper (namespace; other runtimes: none), or a shim per action (none).
     shim_group: String = "namespace".into(), "ISOLATED_SHIM_GROUP", "namespace";
     /// Seconds a namespace's shim (and its keeper) stays after its last action.
     shim_keep_secs: u64 = 30, "ISOLATED_SHIM_KEEP_SECS", "30";
