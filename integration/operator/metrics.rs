@@ -62,6 +62,7 @@ pub async fn move_and_health_serves(t: Ctx) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let moved = [
         "isolated_actions_total{code=\"ok\"}",
+        "isolated_accept_duration_seconds_count",
         "isolated_pull_duration_seconds_count",
         "isolated_start_duration_seconds_count",
         "isolated_run_duration_seconds_count",
