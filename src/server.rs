@@ -57,6 +57,12 @@ impl DirektivIsolate for IsolateService {
         }
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
+        // The stored record has the input; the runner's copy of the record
+        // need not hold it twice while the action waits (`req` has it).
+        let mut record = record;
+        if let Some(r) = record.request.as_mut() {
+            r.data = None;
+        }
         let action = Action::new(&self.runner.cfg, req, handle);
         tokio::spawn(
             self.runner

@@ -37,8 +37,9 @@ pub enum StoreError {
 /// One accepted action as the store keeps it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredAction {
-    /// The request as it arrived; registry credentials are dropped once the
-    /// image is pulled, so they do not stay on disk longer than needed.
+    /// The request as it arrived; registry credentials and the input are
+    /// dropped once the task runs, so they do not stay on disk longer than
+    /// needed (the input is in the action's data.in by then).
     #[prost(message, optional, tag = "1")]
     pub request: Option<RunIsolateRequest>,
     #[prost(enumeration = "ActionState", tag = "2")]

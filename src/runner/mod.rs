@@ -354,9 +354,12 @@ impl Runner {
         record.state = ActionState::Running as i32;
         record.started_at_ms = started_ms;
         record.deadline_ms = deadline_ms;
-        // The credentials did their job; they need not stay on disk.
+        // The credentials did their job; they need not stay on disk. Nor
+        // does the input (up to 32 MiB, rewritten by every later put): it is
+        // in data.in, and a running action is re-attached, never run again.
         if let Some(r) = record.request.as_mut() {
             r.registries.clear();
+            r.data = None;
         }
         if let Err(e) = self.store.put(record, Sync::Durable).await {
             // The task runs; losing the deadline only matters after a crash.
