@@ -89,6 +89,26 @@ async fn wait_no_keeper(t: &Ctx, cns: &str, within: Duration, why: &str) -> Resu
     }
 }
 
+/// Runs one echo action on `p` and expects its input back.
+async fn run_ok(
+    t: &Ctx,
+    p: &PrivateIsolated,
+    image: &str,
+    label: &str,
+    within: Duration,
+) -> Result<()> {
+    let id = t.action_id(label);
+    let mut req = t.request(image, &id);
+    req.data = Some(id.clone().into_bytes());
+    p.accept(req).await?;
+    let report = t.env.flow.wait_report(&id, within).await?;
+    ensure!(
+        expect_success(&report)? == id.as_bytes(),
+        "wrong output of {id}"
+    );
+    Ok(())
+}
+
 /// Three actions one after another in one namespace run in one shim, started for the
 /// namespace's keeper; 3 s after the last, keeper, cgroup and shim are gone.
 pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
@@ -102,19 +122,8 @@ pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
         let image = t.push(&echo_spec()).await?;
         let mut seen = Vec::new();
         for i in 0..3 {
-            let id = t.action_id(&format!("seq{i}"));
-            let mut req = t.request(&image.reference, &id);
-            req.data = Some(id.clone().into_bytes());
-            p.accept(req).await?;
-            let report = t
-                .env
-                .flow
-                .wait_report(&id, if i == 0 { FIRST_PULL } else { ACTION })
-                .await?;
-            ensure!(
-                expect_success(&report)? == id.as_bytes(),
-                "wrong output of {id}"
-            );
+            let within = if i == 0 { FIRST_PULL } else { ACTION };
+            run_ok(&t, &p, &image.reference, &format!("seq{i}"), within).await?;
             seen.extend(shims_of(&cns));
         }
         seen.sort();
@@ -142,17 +151,7 @@ pub async fn keepers_removed_after_crash_and_at_stop(t: Ctx) -> Result<()> {
     let cns = p.adopt(&t.ns);
     let res = async {
         let image = t.push(&echo_spec()).await?;
-        let run = |label: &str, within: Duration| {
-            let id = t.action_id(label);
-            let req = t.request(&image.reference, &id);
-            let p = &p;
-            async move {
-                p.accept(req).await?;
-                let report = t.env.flow.wait_report(&id, within).await?;
-                expect_success(&report).map(|_| ())
-            }
-        };
-        run("before-crash", FIRST_PULL).await?;
+        run_ok(&t, &p, &image.reference, "before-crash", FIRST_PULL).await?;
         ensure!(
             !keepers_in(&t, &cns).await?.is_empty(),
             "no keeper while the namespace is in use (shim_keep_secs 600)"
@@ -160,7 +159,7 @@ pub async fn keepers_removed_after_crash_and_at_stop(t: Ctx) -> Result<()> {
         p.kill();
         p.start_again().await?;
         wait_no_keeper(&t, &cns, Duration::from_secs(20), "restart after kill -9").await?;
-        run("after-crash", ACTION).await?;
+        run_ok(&t, &p, &image.reference, "after-crash", ACTION).await?;
         ensure!(
             !keepers_in(&t, &cns).await?.is_empty(),
             "no keeper for the action after the restart"
@@ -189,17 +188,7 @@ pub async fn keeper_comes_back_after_its_shim_dies(t: Ctx) -> Result<()> {
     let cns = p.adopt(&t.ns);
     let res = async {
         let image = t.push(&echo_spec()).await?;
-        let run = |label: &str, within: Duration| {
-            let id = t.action_id(label);
-            let req = t.request(&image.reference, &id);
-            let p = &p;
-            async move {
-                p.accept(req).await?;
-                let report = t.env.flow.wait_report(&id, within).await?;
-                expect_success(&report).map(|_| ())
-            }
-        };
-        run("first", FIRST_PULL).await?;
+        run_ok(&t, &p, &image.reference, "first", FIRST_PULL).await?;
         let shims = shims_of(&cns);
         ensure!(shims.len() == 1, "expected one shim, saw {shims:?}");
         let old = shims[0].0;
@@ -218,7 +207,7 @@ pub async fn keeper_comes_back_after_its_shim_dies(t: Ctx) -> Result<()> {
         }
         let mut seen = Vec::new();
         for i in 0..3 {
-            run(&format!("after{i}"), ACTION).await?;
+            run_ok(&t, &p, &image.reference, &format!("after{i}"), ACTION).await?;
             seen.extend(shims_of(&cns));
         }
         seen.sort();
