@@ -90,6 +90,10 @@ pub fn trials() -> Vec<Trial> {
             shims::keeper_comes_back_after_its_shim_dies,
         ),
         trial(
+            "core::running_actions_reported_when_their_shim_dies",
+            shims::running_actions_reported_when_their_shim_dies,
+        ),
+        trial(
             "core::keepers_removed_after_crash_and_at_stop",
             shims::keepers_removed_after_crash_and_at_stop,
         ),

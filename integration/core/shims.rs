@@ -10,11 +10,13 @@ use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::ListContainersRequest;
 use direktiv_isolate::runner::shim_keeper::KEEPER_ID_PREFIX;
 
+use direktiv_isolate::proto::control::ActionState;
+
 use super::{echo_spec, expect_success};
 use crate::harness::cleanup::{action_cgroups, is_keeper};
 use crate::harness::containerd::with_ns;
-use crate::harness::private::PrivateIsolated;
-use crate::harness::{Ctx, ACTION, FIRST_PULL, NOTHING_LEFT};
+use crate::harness::private::{ensure_processes_gone, task_processes, PrivateIsolated};
+use crate::harness::{Ctx, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
 /// Shim daemons serving containerd namespace `cns`: (pid, the `-id` they started for).
 fn shims_of(cns: &str) -> Vec<(i32, String)> {
@@ -234,4 +236,54 @@ async fn keeper_task_exists(t: &Ctx, cns: &str) -> Result<bool> {
         .tasks
         .iter()
         .any(|task| is_keeper(&task.id)))
+}
+
+/// What a namespace's shim takes with it when it dies: its running actions end, are
+/// reported as failed (not as successes, and not never), and leave no process behind; the
+/// next action gets a new shim.
+pub async fn running_actions_reported_when_their_shim_dies(t: Ctx) -> Result<()> {
+    let p = PrivateIsolated::start(
+        t.env,
+        &["--shim-keep-secs", "600", "--shims-per-namespace", "1"],
+    )
+    .await?;
+    let cns = p.adopt(&t.ns);
+    let res = async {
+        // A marker no other process has, to find the actions' processes by.
+        let marker = format!("sleep {}", 5000 + rand::random_range(0..4000));
+        let image = t.push(&ImageSpec::with_script(&marker)).await?;
+        let ids = [t.action_id("lost-a"), t.action_id("lost-b")];
+        let mut processes = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            p.accept(t.request(&image.reference, id)).await?;
+            let within = if i == 0 { FIRST_PULL } else { ACTION };
+            p.wait_state(&t.ns, id, ActionState::Running, within)
+                .await?;
+            processes.extend(task_processes(&t.env.containerd, &cns, id).await?);
+        }
+        let shims = shims_of(&cns);
+        ensure!(
+            shims.len() == 1,
+            "expected one shim for both, saw {shims:?}"
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shims[0].0),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        for id in &ids {
+            let report = t.env.flow.wait_report(id, ACTION).await?;
+            let message = report.error_message.clone().unwrap_or_default();
+            ensure!(
+                report.error_code.is_some() && !message.is_empty() && !message.contains('\n'),
+                "{id}: expected a failure with a one-line message, got {report:?}"
+            );
+        }
+        ensure_processes_gone(&processes, &marker)?;
+        let echo = t.push(&echo_spec()).await?;
+        run_ok(&t, &p, &echo.reference, "after", ACTION).await?;
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await
+    }
+    .await;
+    res.map_err(|e| p.explain(e))
 }
