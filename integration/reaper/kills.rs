@@ -47,8 +47,8 @@ exit 3"#,
     let message = expect_error(&kill, CODE_EXIT)
         .map_err(|e| e.context("a SIGKILL from inside the action is no OOM"))?;
     ensure!(
-        mentions_number(&message, 137),
-        "errorMessage {message:?} does not name exit code 137"
+        mentions_number(&message, 137) && message.contains("SIGKILL"),
+        "errorMessage {message:?} does not name exit code 137 and SIGKILL"
     );
     Ok(())
 }

@@ -179,10 +179,11 @@ impl Collected {
         }
         if self.exit_code != 0 {
             let tail = one_line_tail(&self.stderr_tail, STDERR_IN_MESSAGE);
+            let how = killed_by(self.exit_code);
             let msg = if tail.is_empty() {
-                format!("action exited with code {}", self.exit_code)
+                format!("action exited with code {}{how}", self.exit_code)
             } else {
-                format!("action exited with code {}: {tail}", self.exit_code)
+                format!("action exited with code {}{how}: {tail}", self.exit_code)
             };
             return Outcome::failed(ErrorCode::Exit, msg);
         }
@@ -190,6 +191,23 @@ impl Collected {
             Ok(out) => Outcome::Output(out.unwrap_or_default()),
             Err(why) => Outcome::failed(ErrorCode::Io, why),
         }
+    }
+}
+
+/// Names the signal behind an exit code above 128, the way a shell and
+/// containerd report a process killed by one. SIGSYS gets its usual cause
+/// here, so an action author need not know the profile to find it.
+fn killed_by(exit_code: u32) -> String {
+    use nix::sys::signal::Signal;
+    match exit_code
+        .checked_sub(128)
+        .and_then(|n| Signal::try_from(n as i32).ok())
+    {
+        Some(Signal::SIGSYS) => " (killed by SIGSYS: a system call the seccomp profile refuses, \
+                                such as a 32-bit one)"
+            .to_string(),
+        Some(signal) => format!(" (killed by {signal})"),
+        None => String::new(),
     }
 }
 
@@ -318,6 +336,27 @@ mod tests {
             unreachable!()
         };
         assert_eq!(message, "action exited with code 3: line one | boom");
+    }
+
+    #[test]
+    fn exit_names_the_signal_that_killed() {
+        let message = |exit_code| {
+            let c = Collected {
+                exit_code,
+                ..done()
+            };
+            let Outcome::Failed { message, .. } = c.outcome() else {
+                unreachable!()
+            };
+            message
+        };
+        assert_eq!(
+            message(137),
+            "action exited with code 137 (killed by SIGKILL)"
+        );
+        assert!(message(159).contains("SIGSYS: a system call the seccomp profile refuses"));
+        assert_eq!(message(3), "action exited with code 3");
+        assert_eq!(message(200), "action exited with code 200");
     }
 
     #[test]
