@@ -32,21 +32,37 @@ impl DirektivIsolate for IsolateService {
         request: Request<RunIsolateRequest>,
     ) -> Result<Response<()>, Status> {
         let _timer = crate::metrics::timer(crate::metrics::Phase::Accept);
-        let wire = request.into_inner();
-        // The store keeps the request as it came, for recovery.
-        let req = ActionRequest::validate(wire.clone(), &self.limits).map_err(Error::from)?;
+        // The store keeps the request as it came, for recovery. The input (up
+        // to 32 MiB) is moved, never copied: into the validated request, into
+        // the record for the durable write, and back.
+        let mut wire = request.into_inner();
+        let data = wire.data.take();
+        let mut req = ActionRequest::validate(
+            RunIsolateRequest {
+                data,
+                ..wire.clone()
+            },
+            &self.limits,
+        )
+        .map_err(Error::from)?;
         let handle = self.actions.claim(&req)?;
         if let Err(queued) = self.runner.reserve_queue_place(self.max_queued) {
             handle.abandon();
             return Err(Error::Busy(queued).into());
         }
-        let record = StoredAction {
+        wire.data = Some(std::mem::take(&mut req.data));
+        let mut record = StoredAction {
             request: Some(wire),
             state: ActionState::Accepted as i32,
             accepted_at_ms: now_ms(),
             ..Default::default()
         };
-        if let Err(e) = self.runner.store.put(&record, Sync::Durable).await {
+        let stored = self.runner.store.put(&record, Sync::Durable).await;
+        // The runner's copy of the record need not hold the input too.
+        if let Some(r) = record.request.as_mut() {
+            req.data = r.data.take().unwrap_or_default();
+        }
+        if let Err(e) = stored {
             // Not durable, so not accepted: the caller may try again.
             error!(error = %e, "cannot store an accepted action");
             self.runner.queued.fetch_sub(1, Ordering::SeqCst);
@@ -57,12 +73,6 @@ impl DirektivIsolate for IsolateService {
         }
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
-        // The stored record has the input; the runner's copy of the record
-        // need not hold it twice while the action waits (`req` has it).
-        let mut record = record;
-        if let Some(r) = record.request.as_mut() {
-            r.data = None;
-        }
         let action = Action::new(&self.runner.cfg, req, handle);
         tokio::spawn(
             self.runner
