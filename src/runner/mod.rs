@@ -602,8 +602,7 @@ impl Runner {
                 // is still removing: `mkdir …: file exists`.
                 Err(e)
                     if attempt < 3
-                        && (e.message().contains("failed to start shim")
-                            || e.message().contains("ttrpc: closed")
+                        && (shim_went_away(&e)
                             || e.message().contains("file exists")
                             || e.message()
                                 .contains("container with given ID already exists")) =>
@@ -683,6 +682,12 @@ impl Runner {
             }
         }
     }
+}
+
+/// containerd's words for a task create that met a shim on its way out
+/// (its last task just deleted): a new try starts a new shim.
+pub(crate) fn shim_went_away(e: &tonic::Status) -> bool {
+    e.message().contains("failed to start shim") || e.message().contains("ttrpc: closed")
 }
 
 /// Deletes a task, which also ends its shim; retried because containerd

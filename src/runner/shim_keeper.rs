@@ -360,11 +360,7 @@ impl Inner {
                 Ok(r) => break r.into_inner().pid,
                 // The shim of a keeper removed a moment ago can still be
                 // exiting when the new keeper asks to join it.
-                Err(e)
-                    if attempt < 3
-                        && (e.message().contains("failed to start shim")
-                            || e.message().contains("ttrpc: closed")) =>
-                {
+                Err(e) if attempt < 3 && super::shim_went_away(&e) => {
                     super::delete_task(&self.cd, cns, &id).await;
                     tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                     attempt += 1;
