@@ -225,12 +225,7 @@ impl Actions {
 
 impl Handle {
     pub fn set_state(&self, state: ActionState) {
-        self.actions.update(&self.key, |i| {
-            i.state = state as i32;
-            if state == ActionState::Running {
-                i.started_at_ms = now_ms();
-            }
-        });
+        self.actions.update(&self.key, |i| i.state = state as i32);
     }
 
     /// Running since `started_at_ms`, the time its deadline counts from.
@@ -325,8 +320,10 @@ mod tests {
         ));
         a.claim(&req("m", "x")).unwrap();
         assert_eq!(a.in_flight(), 2);
-        h.set_state(ActionState::Running);
-        assert_eq!(a.get("n", "x").unwrap().state(), ActionState::Running);
+        h.set_running(1234);
+        let info = a.get("n", "x").unwrap();
+        assert_eq!(info.state(), ActionState::Running);
+        assert_eq!(info.started_at_ms, 1234);
         a.cancel("n", "x", "by test").unwrap();
         assert!(h.cancel.is_cancelled());
         assert_eq!(h.cancel_reason(), "action was cancelled: by test");

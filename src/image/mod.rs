@@ -129,7 +129,10 @@ impl ImageService {
                 Err(e) => {
                     // An edge box's registry comes and goes; the image we
                     // have is still this tenant's, so keep running it.
+                    // Asked again one TTL later, not by every action meanwhile:
+                    // an unreachable registry can take a connect timeout to say so.
                     warn!(image = %key.1, error = %e, "cannot re-resolve tag, using the cached image");
+                    self.remember(&key, image.clone());
                     return Ok(image);
                 }
             }

@@ -396,7 +396,10 @@ impl Runner {
         }
         info!("re-attached to the running task");
         let stdio = Stdio::reopen(&a.dir, a.handle.logs.clone());
-        a.handle.set_state(ActionState::Running);
+        // Its deadline was stored as start + timeout: the start it shows is
+        // the task's, not this restart's.
+        a.handle
+            .set_running(deadline_ms - a.req.timeout.as_millis() as i64);
         let mut exit = Box::pin(wait_exit(
             self.cd.clone(),
             a.cns.clone(),
