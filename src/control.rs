@@ -133,11 +133,18 @@ impl IsolateControl for ControlService {
         drop(file);
         let cns = format!("{}{}", self.namespace_prefix, namespace);
         tracing::info!(namespace = %namespace, bytes = received, "importing an image archive");
-        let images = self
-            .images
-            .import(&cns, &spool.path)
-            .await
-            .map_err(import_status)?;
+        // Detached: a caller that goes away (Ctrl-C in isolatectl) drops this
+        // handler, and the import would stop between its lease and the
+        // lease's removal, pinning what it wrote for the lease's day.
+        let service = self.images.clone();
+        let images = tokio::spawn(async move {
+            let imported = service.import(&cns, &spool.path).await;
+            drop(spool);
+            imported
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the import stopped: {e}")))?
+        .map_err(import_status)?;
         Ok(Response::new(ImportImageResponse { images }))
     }
 }
