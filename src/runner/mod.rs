@@ -460,10 +460,6 @@ impl Runner {
     /// the start-up sweep remove the snapshot explicitly either way.
     async fn create(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
         let _timer = crate::metrics::timer(crate::metrics::Phase::Start);
-        self.create_unleased(a, image).await
-    }
-
-    async fn create_unleased(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
         let labels = action_labels(a);
         let mut snapshot_labels = labels.clone();
         snapshot_labels.insert(
@@ -662,26 +658,43 @@ impl Runner {
     /// The containerd half of cleanup: task, container, snapshot.
     pub async fn cleanup_containerd(&self, a: &Action) {
         delete_task(&self.cd, &a.cns, a.id()).await;
-        let del = DeleteContainerRequest {
-            id: a.id().to_string(),
-        };
-        if let Err(e) = self
-            .cd
-            .containers()
-            .delete(with_ns(del, &a.cns, None))
-            .await
-        {
-            if e.code() != Code::NotFound {
-                warn!(error = %e.message(), "cannot delete container");
-            }
-        }
-        let rm = RemoveSnapshotRequest {
-            snapshotter: self.cfg.snapshotter.clone(),
-            key: a.id().to_string(),
-        };
-        if let Err(e) = self.cd.snapshots().remove(with_ns(rm, &a.cns, None)).await {
-            if e.code() != Code::NotFound {
-                warn!(error = %e.message(), "cannot remove snapshot");
+        removed("container", || async move {
+            let del = DeleteContainerRequest {
+                id: a.id().to_string(),
+            };
+            self.cd
+                .containers()
+                .delete(with_ns(del, &a.cns, None))
+                .await
+        })
+        .await;
+        // The snapshot is a GC root (see `create`): nothing but this removes it
+        // before the next start-up sweep.
+        removed("snapshot", || async move {
+            let rm = RemoveSnapshotRequest {
+                snapshotter: self.cfg.snapshotter.clone(),
+                key: a.id().to_string(),
+            };
+            self.cd.snapshots().remove(with_ns(rm, &a.cns, None)).await
+        })
+        .await;
+    }
+}
+
+/// A removal from containerd, tried three times, because containerd can
+/// refuse under I/O load (containerd #9309); gone already counts as done.
+async fn removed<T, F, Fut>(what: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    for attempt in 1..=3u32 {
+        match call().await {
+            Ok(_) => return,
+            Err(e) if e.code() == Code::NotFound => return,
+            Err(e) => {
+                warn!(attempt, error = %e.message(), "cannot remove the action's {what}");
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
             }
         }
     }
