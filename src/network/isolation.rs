@@ -171,11 +171,24 @@ impl Isolation {
     ) -> Result<(), NetworkError> {
         let key = format!("{bridge} {}", masquerade.join(" "));
         let mut installed = self.installed.lock().await;
-        if installed.get(&key).is_some_and(|t| t.elapsed() < RECHECK) {
-            return Ok(());
-        }
         let rules = bridge_rules(bridge, &self.ports, masquerade);
         let b = bridge.to_string();
+        match installed.get(&key) {
+            Some(t) if t.elapsed() < RECHECK => return Ok(()),
+            // Installed before: the recheck (rules someone flushed) runs
+            // beside the actions, not in front of every attach for its
+            // dozen iptables calls.
+            Some(_) => {
+                installed.insert(key, Instant::now());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(reason) = install(&rules) {
+                        warn!(bridge = %b, %reason, "cannot re-install the isolation rules");
+                    }
+                });
+                return Ok(());
+            }
+            None => {}
+        }
         tokio::task::spawn_blocking(move || install(&rules))
             .await
             .map_err(|e| e.to_string())
