@@ -115,6 +115,8 @@ settings! {
     max_input_bytes: usize = 32 << 20, "ISOLATED_MAX_INPUT_BYTES", "33554432";
     /// Largest data.out reported, in bytes.
     max_output_bytes: usize = 32 << 20, "ISOLATED_MAX_OUTPUT_BYTES", "33554432";
+    /// Largest image archive an import takes, in bytes (it is spooled under the state dir).
+    max_import_bytes: u64 = 4 << 30, "ISOLATED_MAX_IMPORT_BYTES", "4294967296";
     /// Memory limits in MiB of sizes 0,1,2 (swap included).
     size_memory_mib: Vec<u64> = vec![256, 512, 1024], "ISOLATED_SIZE_MEMORY_MIB", "256,512,1024", value_delimiter = ',';
     /// CPU quotas in CPUs of sizes 0,1,2.

@@ -30,6 +30,9 @@ pub struct ControlService {
     /// Where an archive being imported is spooled: it must be read out of
     /// order (index.json may come last), and a stream cannot be.
     pub import_dir: PathBuf,
+    /// Beyond this an import is refused: the spool shares its disk with the
+    /// store, and a full disk would stop every accept.
+    pub max_import_bytes: u64,
 }
 
 fn not_found(r: &ActionRef) -> Status {
@@ -123,11 +126,18 @@ impl IsolateControl for ControlService {
         let namespace = first.namespace.clone();
         let spool = Spool::create(&self.import_dir).await?;
         let mut file = tokio::fs::File::from_std(spool.file.try_clone()?);
-        let mut received = first.chunk.len() as u64;
-        file.write_all(&first.chunk).await?;
-        while let Some(msg) = stream.message().await? {
+        let mut received = 0u64;
+        let mut next = Some(first);
+        while let Some(msg) = next {
             received += msg.chunk.len() as u64;
+            if received > self.max_import_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "the archive is larger than max_import_bytes ({} bytes)",
+                    self.max_import_bytes
+                )));
+            }
             file.write_all(&msg.chunk).await?;
+            next = stream.message().await?;
         }
         file.flush().await?;
         drop(file);

@@ -191,6 +191,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         images: runner.images.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),
+        max_import_bytes: cfg.max_import_bytes,
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(bind) = metrics::parse_bind(&cfg.metrics_bind)? {
