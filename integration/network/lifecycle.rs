@@ -18,17 +18,31 @@ use crate::harness::{stale, Ctx, ImageSpec, ACTION, FIRST_PULL};
 
 const ACTIONS: usize = 100;
 
-/// The NAT rules of the bridge plugin that name `cns` (they carry the container id).
-fn nat_rules_of(cns: &str) -> Vec<String> {
+/// The nat table's rules, all of them; an iptables that fails is a failure, not
+/// an empty table.
+fn nat_rules() -> Result<Vec<String>> {
     let out = Command::new("iptables")
         .args(["-w", "10", "-t", "nat", "-S"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    out.lines()
-        .filter(|l| l.contains(cns))
+        .context("run iptables")?;
+    ensure!(
+        out.status.success(),
+        "iptables -t nat -S: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
         .map(String::from)
-        .collect()
+        .collect())
+}
+
+/// The NAT rules that name `cns`: the bridge plugin's own (they carry the container
+/// id), which it writes if isolated ever stops taking its ipMasq over.
+fn nat_rules_of(cns: &str) -> Result<Vec<String>> {
+    Ok(nat_rules()?
+        .into_iter()
+        .filter(|l| l.contains(cns))
+        .collect())
 }
 
 /// Leases, apart from host-local's own lock and cursor files.
@@ -122,8 +136,19 @@ pub async fn nothing_leaks_after_100_actions(t: Ctx) -> Result<()> {
     let leases = leases(&daemon.state_dir);
     ensure!(leases.is_empty(), "IPAM leases left: {leases:?}");
     let cns = daemon.cns(&t.ns);
-    let nat = nat_rules_of(&cns);
+    let nat = nat_rules_of(&cns)?;
     ensure!(nat.is_empty(), "NAT rules left: {nat:?}");
+    // isolated's own outbound NAT is one rule for the subnet, however many
+    // actions came and went.
+    let masquerade: Vec<String> = nat_rules()?
+        .into_iter()
+        .filter(|l| l.starts_with("-A ISOLATED-POSTROUTING") && l.contains(&net.subnet()))
+        .collect();
+    ensure!(
+        masquerade.len() == 1,
+        "expected one MASQUERADE rule for {}, found {masquerade:?}",
+        net.subnet()
+    );
 
     let log = daemon.isolated.log_text();
     eprintln!(
@@ -232,7 +257,7 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
     let mut left = network_leftovers(&state_dir, &cns);
     left.extend(pinned_namespaces(&state_dir));
     left.extend(leases(&state_dir));
-    left.extend(nat_rules_of(&cns));
+    left.extend(nat_rules_of(&cns)?);
     ensure!(left.is_empty(), "left behind: {left:?}");
     ensure!(net.ports().is_empty(), "bridge ports: {:?}", net.ports());
     ensure!(!netns.exists(), "{} still exists", netns.display());
