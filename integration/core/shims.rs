@@ -57,6 +57,16 @@ fn shims_of(cns: &str) -> Vec<(i32, String)> {
     out
 }
 
+fn parent_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 async fn keepers_in(t: &Ctx, cns: &str) -> Result<Vec<String>> {
     let channel = t.env.containerd.channel().await?;
     Ok(ContainersClient::new(channel)
@@ -112,7 +122,8 @@ async fn run_ok(
 }
 
 /// Three actions one after another in one namespace run in one shim, started for the
-/// namespace's keeper; 3 s after the last, keeper, cgroup and shim are gone.
+/// namespace's keeper (each task's process is that shim's child while it runs); 3 s
+/// after the last, keeper, cgroup and shim are gone.
 pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
     let p = PrivateIsolated::start(
         t.env,
@@ -121,12 +132,35 @@ pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
     .await?;
     let cns = p.adopt(&t.ns);
     let res = async {
-        let image = t.push(&echo_spec()).await?;
+        // Long enough to be seen running, and then done.
+        let image = t
+            .push(&ImageSpec::with_script(
+                "sleep 1; cat /direktiv-data/data.in > /direktiv-data/data.out",
+            ))
+            .await?;
         let mut seen = Vec::new();
         for i in 0..3 {
+            let id = t.action_id(&format!("seq{i}"));
+            let mut req = t.request(&image.reference, &id);
+            req.data = Some(id.clone().into_bytes());
+            p.accept(req).await?;
             let within = if i == 0 { FIRST_PULL } else { ACTION };
-            run_ok(&t, &p, &image.reference, &format!("seq{i}"), within).await?;
-            seen.extend(shims_of(&cns));
+            p.wait_state(&t.ns, &id, ActionState::Running, within)
+                .await?;
+            // Sampled while the task runs: a task in a shim of its own would
+            // show that shim here, whatever is left once it is deleted.
+            let task = task_processes(&t.env.containerd, &cns, &id).await?;
+            let init = task.first().context("the running task has no process")?;
+            let parent = parent_of(init.pid).context("the task's process has no parent")?;
+            let shim = shims_of(&cns).into_iter().find(|(pid, _)| *pid == parent);
+            seen.push(shim.with_context(|| {
+                format!("{id}'s process {} has parent {parent}, no shim", init.pid)
+            })?);
+            let report = t.env.flow.wait_report(&id, ACTION).await?;
+            ensure!(
+                expect_success(&report)? == id.as_bytes(),
+                "wrong output of {id}"
+            );
         }
         seen.sort();
         seen.dedup();
