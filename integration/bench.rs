@@ -27,7 +27,8 @@ const RSS_RUNNING: usize = 64;
 const NS: &str = "bench";
 
 /// `BENCH_PARTS=none,ctr` runs only those parts (none, ctr, runc, pershim, cni, rss);
-/// the others print as NaN. All by default.
+/// the others print as NaN. All by default. `BENCH_ISOLATED_ARGS` adds flags to the
+/// bench's own daemons (not to the CNI one, which is the harness's).
 fn part(name: &str) -> bool {
     match std::env::var("BENCH_PARTS") {
         Ok(parts) => parts.split(',').any(|p| p.trim() == name),
@@ -402,6 +403,11 @@ async fn peak_rss(env: &'static Env, plain: &Isolated) -> Result<u64> {
 /// A second isolated on the harness's containerd and flow receiver.
 fn private_isolated(env: &Env, name: &str, args: &[&str]) -> Result<Isolated> {
     let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    // The harness keeps ISOLATED_* out of the daemons' environment; settings
+    // to try go here, e.g. BENCH_ISOLATED_ARGS="--shims-per-namespace 4".
+    if let Ok(more) = std::env::var("BENCH_ISOLATED_ARGS") {
+        extra_args.extend(more.split_whitespace().map(String::from));
+    }
     if std::env::var_os("BENCH_SPANS").is_some() {
         // With RUST_LOG=info: every phase's duration in the daemon's log.
         extra_args.push("--log-span-times".into());
