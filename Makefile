@@ -22,9 +22,9 @@ BUILD_DIR ?= target/release
 FLOW_ENDPOINT ?= none
 
 # Debian packages the build, the daemon and the tests need.
-DEB_PACKAGES := containerd runc protobuf-compiler busybox-static docker-registry \
+DEB_PACKAGES := containerd runc protobuf-compiler libprotobuf-dev busybox-static docker-registry \
                 apache2-utils containernetworking-plugins iptables iproute2 \
-                gcc libc6-dev
+                gcc libc6-dev openssl util-linux
 
 RUN_DIR := $(CURDIR)/.run
 SYSTEM_SOCK := /run/containerd/containerd.sock
