@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use direktiv_isolate::client::{Authed, Bearer};
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
 use harness::isolated::{Isolated, IsolatedConfig};
@@ -416,21 +417,25 @@ fn private_isolated(env: &Env, name: &str, args: &[&str]) -> Result<Isolated> {
         "--metrics-bind".to_string(),
         format!("127.0.0.1:{}", free_port()?),
     ]);
-    Ok(Isolated::new(IsolatedConfig {
-        bind: format!("127.0.0.1:{}", free_port()?).parse()?,
-        flow_endpoint: env.flow.addr(),
-        containerd_socket: env.containerd.socket().to_path_buf(),
-        state_dir: env.dir().join(format!("bench-{name}")),
-        log: env.dir().join(format!("bench-{name}.log")),
+    Ok(Isolated::new(IsolatedConfig::new(
+        format!("127.0.0.1:{}", free_port()?).parse()?,
+        env.flow.addr(),
+        env.containerd.socket(),
+        env.dir().join(format!("bench-{name}")),
+        env.dir().join(format!("bench-{name}.log")),
         extra_args,
-    }))
+    )))
 }
 
-async fn client(isolated: &Isolated) -> Result<DirektivIsolateClient<Channel>> {
+/// Over TCP with the harness's token, as a flow engine on another machine would call.
+async fn client(isolated: &Isolated) -> Result<DirektivIsolateClient<Authed>> {
     let channel = Channel::from_shared(format!("http://{}", isolated.addr()))?
         .connect()
         .await?;
-    Ok(DirektivIsolateClient::new(channel))
+    Ok(DirektivIsolateClient::with_interceptor(
+        channel,
+        Bearer::new(isolated.token())?,
+    ))
 }
 
 async fn measure_isolated(
@@ -502,7 +507,7 @@ fn request(image: &str, id: &str) -> RunIsolateRequest {
 
 /// One action through isolated: (RunIsolate → report, RunIsolate alone).
 async fn one(
-    c: &mut DirektivIsolateClient<Channel>,
+    c: &mut DirektivIsolateClient<Authed>,
     env: &Env,
     image: &str,
     id: &str,

@@ -85,10 +85,30 @@ macro_rules! settings {
 
 // Flags are the keys with `_` turned into `-` (clap does that on its own).
 settings! {
-    /// Address the gRPC services listen on.
-    bind: SocketAddr = "127.0.0.1:8888".parse().unwrap(), "DIREKTIV_ISOLATE_BIND", "127.0.0.1:8888";
+    /// TCP address (host:port) of the gRPC services, where every call but gRPC health must authenticate (tls_client_ca, auth_tokens_file); empty: the local socket only.
+    bind: String = "127.0.0.1:8888".into(), "DIREKTIV_ISOLATE_BIND", "127.0.0.1:8888";
+    /// Unix socket serving every service to local callers, trusted for every namespace (mode 0600, root's); empty: none.
+    socket: PathBuf = "/run/isolated/isolated.sock".into(), "ISOLATED_SOCKET", "/run/isolated/isolated.sock";
+    /// Group that may use the local socket too (mode 0660); empty: root only.
+    socket_group: String = String::new(), "ISOLATED_SOCKET_GROUP", "(none)";
+    /// PEM certificate chain of the TCP listener; with tls_key it serves TLS only.
+    tls_cert: PathBuf = PathBuf::new(), "ISOLATED_TLS_CERT", "(none)";
+    /// PEM private key of tls_cert.
+    tls_key: PathBuf = PathBuf::new(), "ISOLATED_TLS_KEY", "(none)";
+    /// PEM CA whose client certificates are accepted on the TCP listener (mutual TLS), for every namespace.
+    tls_client_ca: PathBuf = PathBuf::new(), "ISOLATED_TLS_CLIENT_CA", "(none)";
+    /// TOML file of bearer tokens (name, sha256 of the secret, namespaces) accepted on the TCP listener; re-read when it changes.
+    auth_tokens_file: PathBuf = PathBuf::new(), "ISOLATED_AUTH_TOKENS_FILE", "(none)";
+    /// Serve the TCP listener without authentication when neither tls_client_ca nor auth_tokens_file is set (anyone who reaches it can run anything).
+    allow_unauthenticated: bool = false, "ISOLATED_ALLOW_UNAUTHENTICATED", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Where ReportActionResults is sent (host:port or http(s)://host:port); "none" or empty: no flow engine, results are only kept for the control API.
     flow_endpoint: String = "127.0.0.1:7777".into(), "DIREKTIV_FLOW_ENDPOINT", "127.0.0.1:7777";
+    /// PEM CA that an https:// flow endpoint's certificate must chain to; empty: the system's roots.
+    flow_ca: PathBuf = PathBuf::new(), "ISOLATED_FLOW_CA", "(system roots)";
+    /// PEM client certificate presented to an https:// flow endpoint (mutual TLS), with flow_client_key.
+    flow_client_cert: PathBuf = PathBuf::new(), "ISOLATED_FLOW_CLIENT_CERT", "(none)";
+    /// PEM private key of flow_client_cert.
+    flow_client_key: PathBuf = PathBuf::new(), "ISOLATED_FLOW_CLIENT_KEY", "(none)";
     /// containerd's gRPC socket (ignored with embedded_containerd).
     containerd_address: PathBuf = "/run/containerd/containerd.sock".into(), "ISOLATED_CONTAINERD_ADDRESS", "/run/containerd/containerd.sock";
     /// Start and supervise a private containerd (from PATH), its root, state, socket and config under state_dir/containerd.
@@ -247,7 +267,48 @@ impl Config {
         if let Err(e) = crate::metrics::parse_bind(&self.metrics_bind) {
             return invalid("metrics_bind", &e.to_string());
         }
+        if let Err(reason) = self.tcp_bind() {
+            return invalid("bind", &reason);
+        }
+        if self.tcp_bind().ok().flatten().is_none() && self.socket.as_os_str().is_empty() {
+            return invalid("socket", "is empty and so is bind: nothing would be served");
+        }
+        let set = |p: &Path| !p.as_os_str().is_empty();
+        if set(&self.tls_cert) != set(&self.tls_key) {
+            return invalid("tls_cert", "and tls_key are set together or not at all");
+        }
+        if set(&self.tls_client_ca) && !set(&self.tls_cert) {
+            return invalid(
+                "tls_client_ca",
+                "needs tls_cert and tls_key: client certificates are a TLS listener's",
+            );
+        }
+        if set(&self.flow_client_cert) != set(&self.flow_client_key) {
+            return invalid(
+                "flow_client_cert",
+                "and flow_client_key are set together or not at all",
+            );
+        }
+        let flow_tls = set(&self.flow_ca) || set(&self.flow_client_cert);
+        if flow_tls && !self.flow_endpoint.trim().starts_with("https://") {
+            return invalid(
+                "flow_ca",
+                "(or flow_client_cert) is set, but flow_endpoint is not https://: it would not be used",
+            );
+        }
         Ok(())
+    }
+
+    /// The TCP listener's address; `None` for an empty `bind` (the local
+    /// socket only).
+    pub fn tcp_bind(&self) -> Result<Option<SocketAddr>, String> {
+        let b = self.bind.trim();
+        if b.is_empty() {
+            return Ok(None);
+        }
+        b.parse()
+            .map(Some)
+            .map_err(|e| format!("{b:?} is not host:port: {e}"))
     }
 
     pub fn limits(&self) -> Limits {
@@ -298,11 +359,11 @@ mod tests {
         )
         .unwrap();
         let cli = Options {
-            bind: Some("127.0.0.1:2".parse().unwrap()),
+            bind: Some("127.0.0.1:2".into()),
             ..Default::default()
         };
         let c = Config::load(cli, Some(&file)).unwrap();
-        assert_eq!(c.bind.port(), 2);
+        assert_eq!(c.tcp_bind().unwrap().unwrap().port(), 2);
         assert_eq!(c.state_dir, PathBuf::from("/x"));
         assert_eq!(c.size_cpus, vec![1.0, 2.0, 3.0]);
         assert_eq!(c.flow_endpoint, "127.0.0.1:7777");

@@ -1,7 +1,8 @@
 //! The control service (`isolated.control.v1.IsolateControl`), served on
 //! the same port as `DirektivIsolate`: get, list, watch, logs and cancel of
 //! actions, and image import. A thin layer over [`Actions`] and the image
-//! service; it decides nothing itself.
+//! service; it decides nothing itself but what a caller may see: a token
+//! scoped to some namespaces sees only those (`auth::Caller`).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -14,6 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actions::Actions;
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::image::import::ImportError;
 use crate::image::ImageService;
@@ -35,6 +37,13 @@ pub struct ControlService {
     pub max_import_bytes: u64,
 }
 
+/// The caller of `req`, if it may use namespace `ns`.
+fn allowed<T>(req: &Request<T>, ns: &str) -> Result<Caller, Status> {
+    let caller = Caller::of(req).map_err(Error::from)?;
+    caller.authorize(ns).map_err(Error::from)?;
+    Ok(caller)
+}
+
 fn not_found(r: &ActionRef) -> Status {
     Error::NotFound {
         namespace: r.namespace.clone(),
@@ -51,13 +60,16 @@ impl IsolateControl for ControlService {
         &self,
         req: Request<CancelIsolateRequest>,
     ) -> Result<Response<ActionInfo>, Status> {
+        let caller = allowed(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
         let info = self.actions.cancel(&r.namespace, &r.action_id, &r.reason)?;
-        tracing::info!(namespace = %r.namespace, action_id = %r.action_id, reason = %r.reason, "cancel requested");
+        tracing::info!(namespace = %r.namespace, action_id = %r.action_id, reason = %r.reason,
+                       caller = %caller.who(), "cancel requested");
         Ok(Response::new(info))
     }
 
     async fn get_isolate(&self, req: Request<ActionRef>) -> Result<Response<ActionInfo>, Status> {
+        allowed(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
         self.actions
             .get(&r.namespace, &r.action_id)
@@ -69,20 +81,25 @@ impl IsolateControl for ControlService {
         &self,
         req: Request<ListIsolatesRequest>,
     ) -> Result<Response<ListIsolatesResponse>, Status> {
+        let caller = match req.get_ref().namespace.as_str() {
+            "" => Caller::of(&req).map_err(Error::from)?,
+            ns => allowed(&req, ns)?,
+        };
         let r = req.into_inner();
         let ns = (!r.namespace.is_empty()).then_some(r.namespace.as_str());
         let state = match r.state() {
             ActionState::Unspecified => None,
             s => Some(s),
         };
-        Ok(Response::new(ListIsolatesResponse {
-            actions: self.actions.list(ns, state),
-        }))
+        let mut actions = self.actions.list(ns, state);
+        actions.retain(|a| caller.sees(&a.namespace));
+        Ok(Response::new(ListIsolatesResponse { actions }))
     }
 
     type WatchIsolateStream = InfoStream;
 
     async fn watch_isolate(&self, req: Request<ActionRef>) -> Result<Response<InfoStream>, Status> {
+        let caller = allowed(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
         let rx = self
             .actions
@@ -90,6 +107,8 @@ impl IsolateControl for ControlService {
             .ok_or_else(|| not_found(&r))?;
         // Every state change, the current one first; the stream ends after
         // the report was acknowledged.
+        // A token removed from the tokens file (or no longer listing the
+        // namespace) ends the stream at its next message.
         let mut done = false;
         let stream = WatchStream::new(rx)
             .take_while(move |info| {
@@ -97,7 +116,10 @@ impl IsolateControl for ControlService {
                 done = info.state() == ActionState::Reported;
                 go
             })
-            .map(Ok);
+            .map(move |info| match caller.authorize(&info.namespace) {
+                Ok(()) => Ok(info),
+                Err(e) => Err(Status::from(Error::from(e))),
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -105,6 +127,7 @@ impl IsolateControl for ControlService {
         &self,
         req: Request<ActionRef>,
     ) -> Result<Response<IsolateLogsResponse>, Status> {
+        allowed(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
         let (stdout, stderr) = self
             .actions
@@ -117,11 +140,14 @@ impl IsolateControl for ControlService {
         &self,
         req: Request<Streaming<ImportImageRequest>>,
     ) -> Result<Response<ImportImageResponse>, Status> {
+        let caller = Caller::of(&req).map_err(Error::from)?;
         let mut stream = req.into_inner();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the import stream is empty"))?;
+        // Before a byte is spooled.
+        caller.authorize(&first.namespace).map_err(Error::from)?;
         crate::request::validate_namespace(&first.namespace).map_err(Error::from)?;
         let namespace = first.namespace.clone();
         let spool = Spool::create(&self.import_dir).await?;
@@ -142,7 +168,7 @@ impl IsolateControl for ControlService {
         file.flush().await?;
         drop(file);
         let cns = format!("{}{}", self.namespace_prefix, namespace);
-        tracing::info!(namespace = %namespace, bytes = received, "importing an image archive");
+        tracing::info!(namespace = %namespace, bytes = received, caller = %caller.who(), "importing an image archive");
         // Detached: a caller that goes away (Ctrl-C in isolatectl) drops this
         // handler, and the import would stop between its lease and the
         // lease's removal, pinning what it wrote for the lease's day.

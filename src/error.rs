@@ -4,6 +4,7 @@
 
 use tonic::Status;
 
+use crate::auth::AuthError;
 use crate::config::ConfigError;
 use crate::containerd::ConnectError;
 use crate::network::NetworkError;
@@ -36,6 +37,8 @@ pub enum Error {
         action_id: String,
     },
     /// {0}
+    Auth(#[from] AuthError),
+    /// {0}
     Config(#[from] ConfigError),
     /// {0}
     Connect(#[from] ConnectError),
@@ -54,6 +57,10 @@ impl From<Error> for Status {
         let msg = e.to_string();
         match e {
             Error::Validation(_) => Status::invalid_argument(msg),
+            // A known caller outside its namespaces; everything else about
+            // credentials is UNAUTHENTICATED (ISOLATE.md §9).
+            Error::Auth(AuthError::Forbidden { .. }) => Status::permission_denied(msg),
+            Error::Auth(_) => Status::unauthenticated(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
             Error::Busy(_) => Status::resource_exhausted(msg),
             Error::ShuttingDown => Status::unavailable(msg),
@@ -87,5 +94,14 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::AlreadyExists);
         assert_eq!(Status::from(Error::Busy(3)).code(), Code::ResourceExhausted);
+        let s: Status = Error::Auth(AuthError::Forbidden {
+            who: "token a".into(),
+            namespace: "b".into(),
+        })
+        .into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.message(), "token a may not use namespace b");
+        let s: Status = Error::Auth(AuthError::UnknownToken).into();
+        assert_eq!(s.code(), Code::Unauthenticated);
     }
 }

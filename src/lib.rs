@@ -2,12 +2,15 @@
 //! containerd's API.
 
 pub mod actions;
+pub mod auth;
+pub mod client;
 pub mod config;
 pub mod containerd;
 pub mod control;
 pub mod embedded;
 pub mod error;
 pub mod image;
+pub mod listen;
 pub mod metrics;
 pub mod network;
 pub mod proto;
@@ -19,3 +22,4 @@ pub mod runner;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod text;

@@ -62,6 +62,7 @@ struct Metrics {
     run: Histogram,
     report: Histogram,
     bytes_pulled: Counter,
+    auth_refusals: Family<Vec<(String, String)>, Counter>,
     waiting: Gauge,
     running: Gauge,
 }
@@ -126,6 +127,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Unit::Bytes,
         bytes_pulled.clone(),
     );
+    let auth_refusals = Family::<Vec<(String, String)>, Counter>::default();
+    registry.register(
+        "auth_refusals",
+        "Calls refused by authentication or authorization, by reason",
+        auth_refusals.clone(),
+    );
     let waiting = Gauge::default();
     registry.register(
         "actions_waiting",
@@ -147,6 +154,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         run,
         report,
         bytes_pulled,
+        auth_refusals,
         waiting,
         running,
     }
@@ -187,6 +195,15 @@ pub fn action_finished(code: Option<&str>) {
     METRICS
         .actions
         .get_or_create(&vec![("code".into(), code.unwrap_or("ok").to_string())])
+        .inc();
+}
+
+/// Counts a call refused for `reason` (a fixed word: missing, malformed,
+/// unknown_token, revoked, namespace, internal).
+pub fn auth_refused(reason: &'static str) {
+    METRICS
+        .auth_refusals
+        .get_or_create(&vec![("reason".into(), reason.to_string())])
         .inc();
 }
 

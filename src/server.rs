@@ -1,5 +1,5 @@
-//! The gRPC face: `isolate.DirektivIsolate/RunIsolate`. Validates at the
-//! edge, claims the action id, writes the action durably, hands it to the
+//! The gRPC face: `isolate.DirektivIsolate/RunIsolate`. Checks the caller
+//! may use the namespace (`auth`), validates at the edge, claims the action id, writes the action durably, hands it to the
 //! runner and returns. Owns nothing of the action after that.
 
 use std::sync::atomic::Ordering;
@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, Instrument};
 
 use crate::actions::{now_ms, Actions};
+use crate::auth::Caller;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::proto::control::ActionState;
@@ -32,6 +33,13 @@ impl DirektivIsolate for IsolateService {
         request: Request<RunIsolateRequest>,
     ) -> Result<Response<()>, Status> {
         let _timer = crate::metrics::timer(crate::metrics::Phase::Accept);
+        // Authenticated by the gate; the namespace is checked before the
+        // request is even validated, so a token learns nothing about
+        // namespaces it may not use.
+        let caller = Caller::of(&request).map_err(Error::from)?;
+        caller
+            .authorize(request.get_ref().namespace())
+            .map_err(Error::from)?;
         // The store keeps the request as it came, for recovery. The input (up
         // to 32 MiB) is moved, never copied: into the validated request, into
         // the record for the durable write, and back.

@@ -34,9 +34,9 @@ pub async fn five_hundred_from_32_clients(t: Ctx) -> Result<()> {
         let started = tokio::time::Instant::now();
         let clients = (0..CLIENTS).map(|c| {
             let mine: Vec<_> = requests.iter().skip(c).step_by(CLIENTS).cloned().collect();
-            let addr = p.addr();
+            let socket = p.socket().to_path_buf();
             async move {
-                let mut client = isolate_client(addr).await?;
+                let mut client = isolate_client(&socket).await?;
                 for req in mine {
                     let id = req.action_id.clone().unwrap_or_default();
                     client

@@ -121,13 +121,13 @@ impl Env {
             .await
             .context("start the flow receiver")?;
         let net = TestNet::create(dir).context("create the test network")?;
-        let isolated = Isolated::new(IsolatedConfig {
-            bind: format!("127.0.0.1:{}", free_port()?).parse()?,
-            flow_endpoint: flow.addr(),
-            containerd_socket: containerd.socket().to_path_buf(),
-            state_dir: dir.join("state"),
-            log: dir.join("isolated.log"),
-            extra_args: vec![
+        let isolated = Isolated::new(IsolatedConfig::new(
+            format!("127.0.0.1:{}", free_port()?).parse()?,
+            flow.addr(),
+            containerd.socket(),
+            dir.join("state"),
+            dir.join("isolated.log"),
+            vec![
                 // Each phase's duration in the log: where a slow test spent its time.
                 "--log-span-times".into(),
                 "--cni-conf-dir".into(),
@@ -136,7 +136,7 @@ impl Env {
                 "--metrics-bind".into(),
                 format!("127.0.0.1:{}", free_port()?),
             ],
-        });
+        ));
         // The harness's own trials still run when the daemon does not start.
         let isolated_error = match isolated.start(STARTUP).await {
             Ok(()) => None,
@@ -198,14 +198,7 @@ impl Env {
     }
 
     pub async fn isolate_client(&self) -> Result<DirektivIsolateClient<Channel>> {
-        let channel = Channel::from_shared(format!("http://{}", self.isolated.addr()))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("connect to isolated at {}", self.isolated.addr()))?;
-        Ok(DirektivIsolateClient::new(channel)
-            .max_encoding_message_size(MAX_MESSAGE)
-            .max_decoding_message_size(MAX_MESSAGE))
+        super::private::isolate_client(self.isolated.socket()).await
     }
 
     /// Calls RunIsolate; the gRPC status is the result.

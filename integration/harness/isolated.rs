@@ -1,5 +1,6 @@
-//! The daemon under test: one `isolated` process, its flags, its log file, and starting,
-//! stopping and restarting it.
+//! The daemon under test: one `isolated` process, its flags, its log file, its local
+//! socket (which the harness's clients use) and the bearer token of its TCP listener, and
+//! starting, stopping and restarting it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,47 @@ use super::process::{log_tail, wait_ready, ChildProcess};
 #[derive(Clone, Debug)]
 pub struct IsolatedConfig {
     pub bind: SocketAddr,
-    pub flow_endpoint: SocketAddr,
+    /// Its local socket: a daemon of its own needs a socket of its own.
+    pub socket: PathBuf,
+    /// A bearer token for every namespace that its TCP listener accepts (written to a
+    /// tokens file beside the log); `None` when the trial's `extra_args` say how the TCP
+    /// listener authenticates.
+    pub tcp_token: Option<String>,
+    /// `host:port` or a URI.
+    pub flow_endpoint: String,
     pub containerd_socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
     /// Appended to the standard flags, for tests that need a non-default setting.
     pub extra_args: Vec<String>,
+}
+
+impl IsolatedConfig {
+    /// The standard set-up: the socket beside the log, TCP with a fresh token.
+    pub fn new(
+        bind: SocketAddr,
+        flow_endpoint: impl ToString,
+        containerd_socket: &Path,
+        state_dir: PathBuf,
+        log: PathBuf,
+        extra_args: Vec<String>,
+    ) -> Self {
+        Self {
+            bind,
+            socket: log.with_extension("sock"),
+            tcp_token: Some(format!("harness-{:016x}", rand::random::<u64>())),
+            flow_endpoint: flow_endpoint.to_string(),
+            containerd_socket: containerd_socket.to_path_buf(),
+            state_dir,
+            log,
+            extra_args,
+        }
+    }
+
+    /// The tokens file written for `tcp_token`.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.log.with_extension("tokens.toml")
+    }
 }
 
 pub struct Isolated {
@@ -45,6 +81,16 @@ impl Isolated {
         self.config.bind
     }
 
+    /// The local socket, trusted for every namespace.
+    pub fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    /// The TCP listener's token for every namespace, if the harness set one.
+    pub fn token(&self) -> Option<&str> {
+        self.config.tcp_token.as_deref()
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.config.log
     }
@@ -66,10 +112,16 @@ impl Isolated {
             guard.take();
             let c = &self.config;
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_isolated"));
+            if let Some(token) = &c.tcp_token {
+                std::fs::write(c.tokens_file(), tokens_entry("harness", token, "[\"*\"]"))?;
+                cmd.arg("--auth-tokens-file").arg(c.tokens_file());
+            }
             cmd.arg("--bind")
                 .arg(c.bind.to_string())
+                .arg("--socket")
+                .arg(&c.socket)
                 .arg("--flow-endpoint")
-                .arg(c.flow_endpoint.to_string())
+                .arg(&c.flow_endpoint)
                 .arg("--containerd-address")
                 .arg(&c.containerd_socket)
                 .arg("--state-dir")
@@ -96,10 +148,14 @@ impl Isolated {
             }
             ChildProcess::spawn("isolated", cmd, &c.log)?
         };
-        let bind = self.config.bind;
-        let res = wait_ready("isolated", &mut child, timeout, || async move {
-            tokio::net::TcpStream::connect(bind).await?;
-            Ok(())
+        // It serves both listeners once the socket answers.
+        let socket = self.config.socket.clone();
+        let res = wait_ready("isolated", &mut child, timeout, || {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(&socket).await?;
+                Ok(())
+            }
         })
         .await;
         // Keep the handle even on failure so the process is stopped and reaped with the
@@ -149,4 +205,14 @@ impl Isolated {
     pub fn log_text(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.config.log).unwrap_or_default()).into_owned()
     }
+}
+
+/// A tokens-file entry accepting `secret` for `namespaces` (a TOML list).
+pub fn tokens_entry(name: &str, secret: &str, namespaces: &str) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("[[token]]\nname = \"{name}\"\nsha256 = \"{hex}\"\nnamespaces = {namespaces}\n")
 }

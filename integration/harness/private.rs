@@ -19,6 +19,7 @@ use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     GetRequest, ListContainersRequest, ListPidsRequest, ListTasksRequest,
 };
+use direktiv_isolate::client;
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{ActionInfo, ActionRef, ActionState};
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
@@ -44,24 +45,21 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-async fn channel(addr: SocketAddr) -> Result<Channel> {
-    Channel::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connect to isolated at {addr}"))
+/// A connection to isolated's local socket, as `isolatectl` makes it.
+pub async fn channel(socket: &Path) -> Result<Channel> {
+    Ok(client::connect(&client::Target::Socket(socket.to_path_buf())).await?)
 }
 
-/// A client of isolated's own control service at `addr`.
-pub async fn control_client(addr: SocketAddr) -> Result<IsolateControlClient<Channel>> {
-    Ok(IsolateControlClient::new(channel(addr).await?)
+/// A client of isolated's own control service on its local `socket`.
+pub async fn control_client(socket: &Path) -> Result<IsolateControlClient<Channel>> {
+    Ok(IsolateControlClient::new(channel(socket).await?)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
-/// A client of `DirektivIsolate` at `addr`, on a connection of its own.
-pub async fn isolate_client(addr: SocketAddr) -> Result<DirektivIsolateClient<Channel>> {
-    Ok(DirektivIsolateClient::new(channel(addr).await?)
+/// A client of `DirektivIsolate` on the local `socket`, on a connection of its own.
+pub async fn isolate_client(socket: &Path) -> Result<DirektivIsolateClient<Channel>> {
+    Ok(DirektivIsolateClient::new(channel(socket).await?)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
@@ -69,7 +67,7 @@ pub async fn isolate_client(addr: SocketAddr) -> Result<DirektivIsolateClient<Ch
 impl Env {
     /// A client of the shared isolated's control service.
     pub async fn control_client(&self) -> Result<IsolateControlClient<Channel>> {
-        control_client(self.isolated.addr()).await
+        control_client(self.isolated.socket()).await
     }
 }
 
@@ -358,14 +356,14 @@ impl PrivateIsolated {
             "none".into(),
         ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let isolated = Isolated::new(IsolatedConfig {
-            bind: format!("127.0.0.1:{}", free_port()?).parse()?,
-            flow_endpoint: env.flow.addr(),
-            containerd_socket: socket.to_path_buf(),
-            state_dir: dir.join("state"),
-            log: dir.join("isolated.log"),
-            extra_args: args,
-        });
+        let isolated = Isolated::new(IsolatedConfig::new(
+            format!("127.0.0.1:{}", free_port()?).parse()?,
+            env.flow.addr(),
+            socket,
+            dir.join("state"),
+            dir.join("isolated.log"),
+            args,
+        ));
         Ok(Self {
             env,
             dir,
@@ -396,6 +394,10 @@ impl PrivateIsolated {
         self.isolated.addr()
     }
 
+    pub fn socket(&self) -> &Path {
+        self.isolated.socket()
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.isolated.config().state_dir
     }
@@ -417,7 +419,7 @@ impl PrivateIsolated {
     }
 
     pub async fn run(&self, req: RunIsolateRequest) -> Result<(), tonic::Status> {
-        let mut client = isolate_client(self.addr())
+        let mut client = isolate_client(self.isolated.socket())
             .await
             .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
         client.run_isolate(req).await.map(|_| ())
@@ -432,7 +434,7 @@ impl PrivateIsolated {
     }
 
     pub async fn control(&self) -> Result<IsolateControlClient<Channel>> {
-        control_client(self.addr()).await
+        control_client(self.isolated.socket()).await
     }
 
     pub async fn get(&self, ns: &str, action_id: &str) -> Result<ActionInfo> {

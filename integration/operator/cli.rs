@@ -12,7 +12,7 @@ use crate::harness::{image, Ctx, ImageSpec, ACTION, FIRST_PULL};
 
 /// Output on stdout and exit 0; an action's error on stderr and exit 1; no daemon exit 2.
 pub async fn run_output_error_and_exit_codes(t: Ctx) -> Result<()> {
-    let addr = t.env.isolated.addr();
+    let addr = t.env.isolated.socket();
     let echo = t.push(&echo_spec()).await?;
     let id = t.action_id("ctl-ok");
     let out = ctl(
@@ -85,10 +85,19 @@ pub async fn run_output_error_and_exit_codes(t: Ctx) -> Result<()> {
         "au.com.direktiv.error.exit",
     )?;
 
-    // Nobody listens on port 1: one readable line and exit 2.
+    // Nobody listens on port 1, nor on a socket that does not exist: one readable line
+    // and exit 2.
     let out = ctl(
-        "127.0.0.1:1".parse()?,
-        &["run", "-n", &t.ns, "-i", &echo.reference],
+        addr,
+        &[
+            "run",
+            "-n",
+            &t.ns,
+            "-i",
+            &echo.reference,
+            "--addr",
+            "127.0.0.1:1",
+        ],
         Duration::from_secs(30),
     )
     .await?;
@@ -98,6 +107,17 @@ pub async fn run_output_error_and_exit_codes(t: Ctx) -> Result<()> {
             && stderr.lines().count() == 1
             && stderr.contains("cannot reach isolated at 127.0.0.1:1"),
         "no daemon: {}",
+        shown(&out)
+    );
+    let nowhere = t.env.dir().join("no-such.sock");
+    let out = ctl(&nowhere, &["ls"], Duration::from_secs(30)).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2)
+            && stderr.lines().count() == 1
+            && stderr.contains("cannot reach isolated at socket")
+            && stderr.contains("no-such.sock"),
+        "no socket: {}",
         shown(&out)
     );
     // A usage error is exit 2 too.
@@ -113,7 +133,7 @@ pub async fn run_output_error_and_exit_codes(t: Ctx) -> Result<()> {
 /// A long action is listed as running, shows its state and its logs, and is cancelled;
 /// the `run` following it ends with the cancelled error and exit 1.
 pub async fn ls_get_logs_cancel(t: Ctx) -> Result<()> {
-    let addr = t.env.isolated.addr();
+    let addr = t.env.isolated.socket();
     let sleeper = t
         .push(&ImageSpec::with_script(
             "echo started-and-waiting\nexec sleep 300",
@@ -213,7 +233,7 @@ pub async fn ls_get_logs_cancel(t: Ctx) -> Result<()> {
 /// An OCI archive built here is imported into one namespace and runs there under a name
 /// whose registry refuses connections (an offline node); another namespace cannot run it.
 pub async fn image_import_then_run_offline(t: Ctx) -> Result<()> {
-    let addr = t.env.isolated.addr();
+    let addr = t.env.isolated.socket();
     let tag = format!("v{:08x}", rand::random::<u32>());
     let name = format!("127.0.0.1:1/itest/imported:{tag}");
     let spec = ImageSpec::with_script(
@@ -308,7 +328,7 @@ pub async fn image_import_then_run_offline(t: Ctx) -> Result<()> {
 /// README's quick start with the script `make demo-image` runs: import, a run that prints
 /// the greeting, a run that fails through error.json.
 pub async fn quick_start_demo_image(t: Ctx) -> Result<()> {
-    let addr = t.env.isolated.addr();
+    let addr = t.env.isolated.socket();
     let archive = t
         .env
         .dir()

@@ -2,7 +2,6 @@
 //! starts its own containerd, runs actions, restarts that containerd when it dies, replaces
 //! the one a killed isolated left behind, and leaves no process behind when stopped.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use nix::unistd::Pid;
 
 use super::{ctl, shown};
 use crate::core::echo_spec;
-use crate::harness::process::{free_port, wait_ready, ChildProcess};
+use crate::harness::process::{wait_ready, ChildProcess};
 use crate::harness::{Ctx, FIRST_PULL};
 
 /// Processes whose command line mentions `needle` (containerd and its shims name their
@@ -70,11 +69,14 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Re
     Ok(())
 }
 
-fn start_isolated(state: &Path, bind: &str) -> Result<ChildProcess> {
+/// Served on its local socket only (`--bind ""`), as `make run` does.
+fn start_isolated(state: &Path, socket: &Path) -> Result<ChildProcess> {
     let state_arg = state.display().to_string();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_isolated"));
     cmd.args(["--embedded-containerd", "--state-dir", &state_arg])
-        .args(["--bind", bind, "--flow-endpoint", "none"])
+        .args(["--bind", "", "--flow-endpoint", "none"])
+        .arg("--socket")
+        .arg(socket)
         .args([
             "--metrics-bind",
             "",
@@ -95,9 +97,9 @@ fn start_isolated(state: &Path, bind: &str) -> Result<ChildProcess> {
     ChildProcess::spawn("embedded isolated", cmd, &state.with_extension("log"))
 }
 
-async fn ready(isolated: &mut ChildProcess, addr: SocketAddr) -> Result<()> {
+async fn ready(isolated: &mut ChildProcess, socket: &Path) -> Result<()> {
     let probe = || async move {
-        tokio::net::TcpStream::connect(addr).await?;
+        tokio::net::UnixStream::connect(socket).await?;
         Ok(())
     };
     wait_ready(
@@ -110,7 +112,7 @@ async fn ready(isolated: &mut ChildProcess, addr: SocketAddr) -> Result<()> {
 }
 
 /// Runs the echo image through `addr` and checks its output.
-async fn echo_through(t: &Ctx, addr: SocketAddr, image: &str, label: &str) -> Result<String> {
+async fn echo_through(t: &Ctx, addr: &Path, image: &str, label: &str) -> Result<String> {
     let id = t.action_id(label);
     let input = format!("from the embedded one: {label}");
     let args = [
@@ -139,9 +141,9 @@ pub async fn from_nothing(t: Ctx) -> Result<()> {
         .env
         .dir()
         .join(format!("emb-{:06x}", rand::random::<u32>() >> 8));
-    let bind = format!("127.0.0.1:{}", free_port()?);
-    let addr: SocketAddr = bind.parse()?;
-    let mut isolated = start_isolated(&state, &bind)?;
+    let socket = state.with_extension("sock");
+    let addr = socket.as_path();
+    let mut isolated = start_isolated(&state, addr)?;
     ready(&mut isolated, addr).await?;
     let config = state.join("containerd/config.toml");
     ensure!(
@@ -185,7 +187,7 @@ pub async fn from_nothing(t: Ctx) -> Result<()> {
         alive(orphan),
         "containerd went down with a SIGKILLed isolated: the leftover case is not tested"
     );
-    let mut isolated = start_isolated(&state, &bind)?;
+    let mut isolated = start_isolated(&state, addr)?;
     ready(&mut isolated, addr).await?;
     ensure!(
         !alive(orphan),

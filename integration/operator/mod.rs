@@ -6,7 +6,7 @@ mod embedded;
 mod install;
 mod metrics;
 
-use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
@@ -43,10 +43,15 @@ pub fn trials() -> Vec<Trial> {
 }
 
 /// `isolatectl ARGS` against `addr`, stdin closed, at most `timeout`.
-pub async fn ctl(addr: SocketAddr, args: &[&str], timeout: Duration) -> Result<Output> {
+pub async fn ctl(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isolatectl"));
+    // Over the local socket, as an operator on the node would; nothing from the
+    // developer's shell points it elsewhere.
     cmd.args(args)
-        .env("ISOLATECTL_ADDR", addr.to_string())
+        .env("ISOLATECTL_SOCKET", socket)
+        .env_remove("ISOLATECTL_ADDR")
+        .env_remove("ISOLATECTL_TOKEN")
+        .env_remove("ISOLATECTL_TOKEN_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

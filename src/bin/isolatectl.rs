@@ -1,7 +1,9 @@
 //! `isolatectl`: the operator's command line for one `isolated` node. Runs
 //! an action and prints its result, lists, shows, cancels actions and their
 //! logs, and imports images from OCI archives, all through the node's
-//! control service and `RunIsolate` on the same port.
+//! control service and `RunIsolate`: over the local socket by default, or
+//! over TCP with a bearer token and/or TLS (`direktiv_isolate::client`).
+//! Also makes new bearer tokens (`token new`), without any daemon.
 //!
 //! Owns presentation and exit codes only: 0 success, 1 an action (or the
 //! call) failed, 2 a usage error or no daemon to talk to. Every decision
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use direktiv_isolate::containerd::error_chain;
+use direktiv_isolate::auth::{tls, tokens};
+use direktiv_isolate::client::{self, Authed, Bearer, ClientError, Target};
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, ImportImageRequest,
@@ -23,7 +26,6 @@ use direktiv_isolate::proto::control::{
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 /// Inputs and outputs may be 32 MiB each (ISOLATE.md §2, §4), plus room.
@@ -38,19 +40,49 @@ const IMPORT_CHUNK: usize = 1 << 20;
     after_help = "Exit codes: 0 success, 1 the action or the call failed, 2 usage error or no daemon."
 )]
 struct Cli {
-    /// isolated's gRPC address (host:port or http://host:port).
-    #[arg(
-        long,
-        env = "ISOLATECTL_ADDR",
-        default_value = "127.0.0.1:8888",
-        global = true
-    )]
-    addr: String,
+    #[command(flatten)]
+    conn: ConnArgs,
     /// Print JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Where isolated is and how to prove who we are.
+#[derive(clap::Args)]
+struct ConnArgs {
+    /// isolated's local socket (used unless --addr is given).
+    #[arg(
+        long,
+        env = "ISOLATECTL_SOCKET",
+        default_value = "/run/isolated/isolated.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// isolated's TCP address (host:port, http://… or https://…) instead of the socket.
+    #[arg(long, env = "ISOLATECTL_ADDR", global = true)]
+    addr: Option<String>,
+    /// Bearer token for --addr (prefer ISOLATECTL_TOKEN or --token-file: arguments are visible to other users).
+    #[arg(long, env = "ISOLATECTL_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// File whose first line is the bearer token for --addr.
+    #[arg(
+        long,
+        env = "ISOLATECTL_TOKEN_FILE",
+        conflicts_with = "token",
+        global = true
+    )]
+    token_file: Option<PathBuf>,
+    /// CA (PEM) that isolated's certificate must chain to; implies TLS for --addr.
+    #[arg(long, env = "ISOLATECTL_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --key; implies TLS for --addr.
+    #[arg(long, env = "ISOLATECTL_CERT", requires = "key", global = true)]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "ISOLATECTL_KEY", requires = "cert", global = true)]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +113,9 @@ enum Cmd {
     /// Images of a namespace.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Bearer tokens for isolated's auth_tokens_file.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -97,6 +132,19 @@ enum ImageCmd {
         /// The Direktiv namespace that gets the images.
         #[arg(long, short, default_value = "default")]
         namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a fresh secret (on stdout) and the tokens-file entry that accepts it (on
+    /// stderr); the daemon only ever stores the entry's hash.
+    New {
+        /// The token's name, as isolated's log shows it.
+        name: String,
+        /// A Direktiv namespace it may use (repeatable); "*" is all.
+        #[arg(long, short, required = true)]
+        namespace: Vec<String>,
     },
 }
 
@@ -203,7 +251,9 @@ fn failed(message: impl Into<String>) -> Failure {
 /// anything the daemon refused for another reason exit 1.
 fn call_failed(what: &str, s: tonic::Status) -> Failure {
     let code = match s.code() {
-        Code::Unavailable | Code::InvalidArgument | Code::Unimplemented => 2,
+        Code::Unavailable | Code::InvalidArgument | Code::Unimplemented | Code::Unauthenticated => {
+            2
+        }
         _ => 1,
     };
     let detail = if s.message().is_empty() {
@@ -248,32 +298,61 @@ fn main() -> std::process::ExitCode {
 }
 
 struct Clients {
-    control: IsolateControlClient<Channel>,
-    isolate: DirektivIsolateClient<Channel>,
+    control: IsolateControlClient<Authed>,
+    isolate: DirektivIsolateClient<Authed>,
 }
 
-async fn connect(addr: &str) -> Outcome<Clients> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// The local socket unless --addr is given; over TCP, TLS with --ca,
+/// --cert or an https:// address, and the token on every call.
+async fn connect(cli: &ConnArgs) -> Outcome<Clients> {
+    let token = match &cli.token_file {
+        Some(f) => Some(
+            client::read_token_file(f)
+                .map_err(|e| usage(format!("cannot read the token file {}: {e}", f.display())))?,
+        ),
+        None => cli.token.clone(),
     };
-    let channel = Endpoint::from_shared(uri)
-        .map_err(|e| usage(format!("--addr {addr:?} is not an address: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| {
-            usage(format!(
-                "cannot reach isolated at {addr}: {} (is it running? set --addr or ISOLATECTL_ADDR)",
-                error_chain(&e)
-            ))
-        })?;
+    let target = match &cli.addr {
+        None => {
+            if token.is_some() || cli.ca.is_some() || cli.cert.is_some() {
+                return Err(usage(
+                    "--token, --token-file, --ca and --cert are for --addr: the local socket needs none",
+                ));
+            }
+            Target::Socket(cli.socket.clone())
+        }
+        Some(addr) => {
+            let tls = match (cli.ca.is_some() || cli.cert.is_some(), &cli.cert, &cli.key) {
+                (false, _, _) => None,
+                (true, cert, key) => Some(
+                    tls::client_config(
+                        cli.ca.as_deref(),
+                        cert.as_deref().zip(key.as_deref()),
+                        ["--ca", "--cert", "--key"],
+                    )
+                    .map_err(|e| usage(e.to_string()))?,
+                ),
+            };
+            Target::Tcp {
+                addr: addr.clone(),
+                tls,
+            }
+        }
+    };
+    let channel = client::connect(&target).await.map_err(|e| {
+        usage(match e {
+            ClientError::Unreachable { .. } => format!(
+                "{e} (is it running? --socket, ISOLATECTL_SOCKET, or --addr for TCP; the socket is root's unless socket_group is set)"
+            ),
+            e => e.to_string(),
+        })
+    })?;
+    let bearer = Bearer::new(token.as_deref()).map_err(|e| usage(e.to_string()))?;
     Ok(Clients {
-        control: IsolateControlClient::new(channel.clone())
+        control: IsolateControlClient::with_interceptor(channel.clone(), bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
-        isolate: DirektivIsolateClient::new(channel)
+        isolate: DirektivIsolateClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     })
@@ -287,11 +366,11 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             // error whether or not the daemon is up.
             let data = read_input(&args)?;
             let registries = parse_registries(&args.registries)?;
-            let c = connect(&cli.addr).await?;
+            let c = connect(&cli.conn).await?;
             run(c, args, data, registries, json).await
         }
         Cmd::Ls { namespace, state } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&cli.conn).await?;
             let req = ListIsolatesRequest {
                 namespace: namespace.unwrap_or_default(),
                 state: state.map_or(ActionState::Unspecified, ActionState::from) as i32,
@@ -311,7 +390,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             Ok(0)
         }
         Cmd::Get(a) => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&cli.conn).await?;
             let info = c
                 .control
                 .get_isolate(a.to_ref())
@@ -326,7 +405,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             Ok(0)
         }
         Cmd::Logs(a) => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&cli.conn).await?;
             let logs = c
                 .control
                 .isolate_logs(a.to_ref())
@@ -345,7 +424,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             Ok(0)
         }
         Cmd::Cancel { action, reason } => {
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&cli.conn).await?;
             let req = CancelIsolateRequest {
                 namespace: action.namespace.clone(),
                 action_id: action.action_id.clone(),
@@ -371,7 +450,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
         }
         Cmd::Image(ImageCmd::Import { file, namespace }) => {
             let bytes = read_file_or_stdin(&file)?;
-            let mut c = connect(&cli.addr).await?;
+            let mut c = connect(&cli.conn).await?;
             let images = import(&mut c, &namespace, bytes).await?;
             if json {
                 print_json(&json!({ "namespace": namespace, "images": images }));
@@ -379,6 +458,21 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
                 for i in &images {
                     println!("{i}");
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Token(TokenCmd::New { name, namespace }) => {
+            let (secret, entry) = tokens::new_token(&name, &namespace);
+            // Checked by the daemon's own parser, so what is printed loads.
+            tokens::Tokens::from_text(&entry).map_err(|e| usage(e.to_string()))?;
+            if json {
+                print_json(&json!({ "name": name, "secret": secret, "entry": entry }));
+            } else {
+                println!("{secret}");
+                eprintln!(
+                    "isolatectl: the secret above is shown once; give it to the caller \
+                     (authorization: Bearer <secret>) and add this to isolated's auth_tokens_file:\n\n{entry}"
+                );
             }
             Ok(0)
         }

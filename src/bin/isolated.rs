@@ -10,23 +10,26 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use direktiv_isolate::actions::Actions;
+use direktiv_isolate::auth::{tls, Gate, TcpPolicy};
 use direktiv_isolate::config::{Config, Options};
-use direktiv_isolate::containerd::Containerd;
+use direktiv_isolate::containerd::{error_chain, Containerd};
 use direktiv_isolate::control::ControlService;
 use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::image::ImageService;
+use direktiv_isolate::listen::{self, LocalSocket};
 use direktiv_isolate::metrics;
 use direktiv_isolate::network::Networks;
 use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServer;
 use direktiv_isolate::proto::isolate::direktiv_isolate_server::DirektivIsolateServer;
 use direktiv_isolate::recover::recover;
-use direktiv_isolate::report::flow::Reporter;
+use direktiv_isolate::report::flow::{FlowTls, Reporter};
 use direktiv_isolate::runner::shim_keeper::ShimKeepers;
 use direktiv_isolate::runner::Runner;
 use direktiv_isolate::server::IsolateService;
 use direktiv_isolate::spec::SpecTemplate;
 use direktiv_isolate::store::Store;
 use tokio::signal::unix::{signal, SignalKind};
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -133,14 +136,22 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     info!(containerd = %version, address = %cfg.containerd_address.display(), "connected to containerd");
 
     let max_message = cfg.max_input_bytes.max(cfg.max_output_bytes) + (1 << 20);
-    let reporter = Reporter::new(&cfg.flow_endpoint, max_message)?;
+    let reporter = Reporter::new(&cfg.flow_endpoint, max_message, &flow_tls(&cfg))?;
+    // Who may call over TCP is settled before anything is served: a bad
+    // tokens file or certificate stops the start here, with its name.
+    let policy = TcpPolicy::from_config(&cfg)?;
     let networks = Networks::new(&cfg)?;
     let store = Store::open(&cfg.store_path())?;
     // Archives of imports cut short by a crash: no import outlives its call.
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("imports"));
-    let listener = tokio::net::TcpListener::bind(cfg.bind)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.bind))?;
+    let tcp = match &policy {
+        Some(p) => Some(listen::tcp(p.bind).await?),
+        None => None,
+    };
+    let mut local = match cfg.socket.as_os_str().is_empty() {
+        true => None,
+        false => Some(LocalSocket::bind(&cfg.socket, &cfg.socket_group)?),
+    };
     let cfg = Arc::new(cfg);
     let images = ImageService::new(
         cd.clone(),
@@ -205,32 +216,81 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     health
         .set_serving::<IsolateControlServer<ControlService>>()
         .await;
-    let isolate = IsolateService {
+    let isolate = Arc::new(IsolateService {
         runner: runner.clone(),
         actions: actions.clone(),
         limits: cfg.limits(),
         max_queued: cfg.max_queued,
+    });
+    let control = Arc::new(control);
+    // Every service on both listeners, each behind its listener's gate;
+    // health behind none, so probes need no credentials.
+    let router = |gate: Gate, tls: Option<tonic::transport::ServerTlsConfig>| {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| anyhow::anyhow!("cannot set up TLS: {}", error_chain(&e)))?;
+        }
+        anyhow::Ok(
+            builder
+                .add_service(health_service.clone())
+                .add_service(InterceptedService::new(
+                    IsolateControlServer::from_arc(control.clone())
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                    gate.clone(),
+                ))
+                .add_service(InterceptedService::new(
+                    DirektivIsolateServer::from_arc(isolate.clone())
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                    gate,
+                )),
+        )
     };
-    info!(bind = %cfg.bind, flow = %cfg.flow_endpoint, "serving");
-    // Without TCP_NODELAY (which serve_with_incoming does not set), the small
-    // answers to concurrent calls on one connection wait for the client's
-    // delayed ACK (Nagle): RunIsolate's p99 under load was 40-60 ms.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(
-            IsolateControlServer::new(control)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .add_service(
-            DirektivIsolateServer::new(isolate)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await
-        .context("gRPC server failed")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut servers: Vec<futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>>> =
+        Vec::new();
+    if let Some(incoming) = local.as_mut().and_then(|l| l.incoming()) {
+        let r = router(Gate::local(), None)?;
+        servers.push(Box::pin(r.serve_with_incoming_shutdown(
+            incoming,
+            stop.clone().cancelled_owned(),
+        )));
+    }
+    if let (Some(incoming), Some(policy)) = (tcp, policy) {
+        let tls = match &policy.tls {
+            Some(t) => Some(tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?),
+            None => None,
+        };
+        if let Some(tokens) = &policy.tokens {
+            tokens.watch(stop.clone());
+        }
+        info!(bind = %policy.bind, tls = policy.tls.is_some(), client_certificates = policy.client_certs,
+              tokens = policy.tokens.is_some(), "serving TCP");
+        let r = router(Gate::tcp(policy), tls)?;
+        servers.push(Box::pin(r.serve_with_incoming_shutdown(
+            incoming,
+            stop.clone().cancelled_owned(),
+        )));
+    }
+    if let Some(l) = &local {
+        info!(socket = %l.path().display(), "serving the local socket");
+    }
+    info!(flow = %cfg.flow_endpoint, "serving");
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stop.cancel();
+        });
+    }
+    let served = futures::future::try_join_all(servers).await;
+    // One listener failing stops the other.
+    stop.cancel();
+    served.context("gRPC server failed")?;
+    drop(local);
 
     info!(
         running = actions.in_flight(),
@@ -253,6 +313,13 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         e.shutdown().await;
     }
     Ok(())
+}
+
+fn flow_tls(cfg: &Config) -> FlowTls {
+    FlowTls {
+        ca: non_empty(&cfg.flow_ca),
+        identity: non_empty(&cfg.flow_client_cert).zip(non_empty(&cfg.flow_client_key)),
+    }
 }
 
 fn non_empty(p: &std::path::Path) -> Option<PathBuf> {

@@ -480,7 +480,7 @@ impl Networks {
 /// bound to loopback.
 fn reachable_ports(cfg: &Config) -> Vec<u16> {
     let metrics = cfg.metrics_bind.trim().parse::<SocketAddr>().ok();
-    [Some(cfg.bind), metrics]
+    [cfg.tcp_bind().ok().flatten(), metrics]
         .into_iter()
         .flatten()
         .filter(|a| !a.ip().is_loopback())
@@ -523,7 +523,7 @@ mod tests {
     fn only_ports_beyond_loopback_need_a_rule() {
         let mut cfg = crate::config::Config::load(Default::default(), None).unwrap();
         assert!(reachable_ports(&cfg).is_empty());
-        cfg.bind = "0.0.0.0:8888".parse().unwrap();
+        cfg.bind = "0.0.0.0:8888".into();
         cfg.metrics_bind = "[::]:9464".into();
         assert_eq!(reachable_ports(&cfg), vec![8888, 9464]);
         cfg.metrics_bind = String::new();

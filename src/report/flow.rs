@@ -1,12 +1,17 @@
 //! Delivery of reports to the flow engine's `ReportActionResults`, at least
 //! once: retried with capped exponential backoff and jitter until the flow
-//! engine acknowledges. Does not store reports (durability is the store's).
+//! engine acknowledges. An `https://` endpoint is reached over TLS only
+//! (ISOLATE.md §9): verified against `flow_ca` or the system's roots, with a
+//! client certificate when one is set, never falling back to plaintext.
+//! Does not store reports (durability is the store's).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
+use crate::containerd::error_chain;
 use crate::proto::flow::direktiv_flow_client::DirektivFlowClient;
 use crate::proto::flow::ReportActionResultsRequest;
 
@@ -15,6 +20,14 @@ use crate::proto::flow::ReportActionResultsRequest;
 pub struct EndpointError {
     pub endpoint: String,
     pub reason: String,
+}
+
+/// TLS settings of the flow client (`flow_ca`, `flow_client_cert`,
+/// `flow_client_key`); used only for an `https://` endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct FlowTls {
+    pub ca: Option<PathBuf>,
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -38,20 +51,42 @@ pub fn is_none(endpoint: &str) -> bool {
 }
 
 impl Reporter {
-    pub fn new(endpoint: &str, max_message: usize) -> Result<Self, EndpointError> {
+    pub fn new(endpoint: &str, max_message: usize, tls: &FlowTls) -> Result<Self, EndpointError> {
         if is_none(endpoint) {
             return Ok(Reporter { client: None });
         }
+        let endpoint = endpoint.trim();
+        let fail = |reason: String| EndpointError {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
         let uri = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
             format!("http://{endpoint}")
         };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| EndpointError {
-                endpoint: endpoint.to_string(),
-                reason: e.to_string(),
-            })?
+        let mut ep = Endpoint::from_shared(uri.clone()).map_err(|e| fail(e.to_string()))?;
+        match ep.uri().scheme_str() {
+            Some("https") => {
+                let config = crate::auth::tls::client_config(
+                    tls.ca.as_deref(),
+                    tls.identity
+                        .as_ref()
+                        .map(|(c, k)| (c.as_path(), k.as_path())),
+                    ["flow_ca", "flow_client_cert", "flow_client_key"],
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                ep = ep.tls_config(config).map_err(|e| fail(error_chain(&e)))?;
+            }
+            Some("http") => {}
+            other => {
+                return Err(fail(format!(
+                    "scheme {:?} is neither http nor https",
+                    other.unwrap_or("")
+                )))
+            }
+        }
+        let channel = ep
             .connect_timeout(Duration::from_secs(5))
             .timeout(ATTEMPT_TIMEOUT)
             .connect_lazy();
@@ -91,7 +126,9 @@ impl Reporter {
                 }
                 Err(e) => {
                     let wait = jitter(backoff);
-                    warn!(attempt, code = ?e.code(), error = %e.message(), retry_in_ms = wait.as_millis() as u64,
+                    // The chain, not just the message: a TLS failure's reason
+                    // (unknown issuer, name mismatch) is in its sources.
+                    warn!(attempt, code = ?e.code(), error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64,
                           "flow endpoint did not take the report");
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -114,11 +151,22 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints() {
-        assert!(Reporter::new("127.0.0.1:7777", 1 << 20).is_ok());
-        assert!(Reporter::new("http://flow:7777", 1 << 20).is_ok());
-        assert!(Reporter::new("not a uri at all", 1 << 20).is_err());
+        let tls = FlowTls::default();
+        assert!(Reporter::new("127.0.0.1:7777", 1 << 20, &tls).is_ok());
+        assert!(Reporter::new("http://flow:7777", 1 << 20, &tls).is_ok());
+        assert!(Reporter::new("https://flow:7777", 1 << 20, &tls).is_ok());
+        assert!(Reporter::new("not a uri at all", 1 << 20, &tls).is_err());
+        assert!(Reporter::new("ftp://flow:7777", 1 << 20, &tls).is_err());
+        let missing = FlowTls {
+            ca: Some("/nonexistent/ca.pem".into()),
+            identity: None,
+        };
+        let e = Reporter::new("https://flow:7777", 1 << 20, &missing)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("flow_ca"), "{e}");
         for none in ["none", "", " NONE "] {
-            let r = Reporter::new(none, 1 << 20).unwrap();
+            let r = Reporter::new(none, 1 << 20, &tls).unwrap();
             assert!(r.client.is_none());
             r.send(&ReportActionResultsRequest::default())
                 .await
