@@ -1,6 +1,7 @@
 //! Integration tests of `isolated` against a real containerd, real registries and a real
 //! flow receiver. One environment is shared by all trials; see `harness`.
 
+mod auth;
 mod core;
 mod durability;
 mod harness;
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let args = Arguments::from_args();
     let mut trials = harness_selftest::trials();
     trials.extend(core::trials());
+    trials.extend(auth::trials());
     trials.extend(network::trials());
     trials.extend(operator::trials());
     trials.extend(reaper::trials());

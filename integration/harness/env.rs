@@ -65,6 +65,7 @@ impl Env {
     /// Starts everything and makes it available through `env()`. On failure nothing that
     /// was started is left running and the temp dir is gone.
     pub fn init() -> Result<&'static Env> {
+        direktiv_isolate::auth::tls::install_crypto_provider();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

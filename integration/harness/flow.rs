@@ -74,7 +74,27 @@ impl DirektivFlow for Service {
 impl FlowReceiver {
     /// Serves on a fresh 127.0.0.1 port in the current tokio runtime.
     pub async fn start() -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_with("127.0.0.1:0".parse()?, None).await
+    }
+
+    /// Serves over TLS only (with `tls`'s client CA, mutual TLS), as a flow engine
+    /// behind its own certificates would.
+    pub async fn start_tls_on(
+        addr: SocketAddr,
+        tls: tonic::transport::ServerTlsConfig,
+    ) -> Result<Self> {
+        Self::start_with(addr, Some(tls)).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Result<Self> {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let (changed, _) = watch::channel(0u64);
@@ -89,7 +109,7 @@ impl FlowReceiver {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
-            let res = tonic::transport::Server::builder()
+            let res = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;

@@ -7,6 +7,7 @@
 // Part of the API is there for the test files still to come.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cleanup;
 pub mod cni;
 pub mod containerd;

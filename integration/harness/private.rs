@@ -341,6 +341,27 @@ impl PrivateIsolated {
     /// Prepares one without starting it, so a trial can plant things before its first
     /// start.
     pub fn new(env: &'static Env, socket: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::new_with(env, socket, extra_args, |_| {})
+    }
+
+    /// Starts one on the shared containerd whose config `configure` changes first (its
+    /// socket, its TCP token).
+    pub async fn start_with(
+        env: &'static Env,
+        extra_args: &[&str],
+        configure: impl FnOnce(&mut IsolatedConfig),
+    ) -> Result<Self> {
+        let p = Self::new_with(env, env.containerd.socket(), extra_args, configure)?;
+        p.start_again().await?;
+        Ok(p)
+    }
+
+    fn new_with(
+        env: &'static Env,
+        socket: &Path,
+        extra_args: &[&str],
+        configure: impl FnOnce(&mut IsolatedConfig),
+    ) -> Result<Self> {
         let dir = private_dir(env, "pi")?;
         // Not `direktiv.`: the shared isolated, if restarted, sweeps every namespace under
         // its prefix, and this one sweeps only its own.
@@ -356,14 +377,16 @@ impl PrivateIsolated {
             "none".into(),
         ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let isolated = Isolated::new(IsolatedConfig::new(
+        let mut config = IsolatedConfig::new(
             format!("127.0.0.1:{}", free_port()?).parse()?,
             env.flow.addr(),
             socket,
             dir.join("state"),
             dir.join("isolated.log"),
             args,
-        ));
+        );
+        configure(&mut config);
+        let isolated = Isolated::new(config);
         Ok(Self {
             env,
             dir,
@@ -396,6 +419,20 @@ impl PrivateIsolated {
 
     pub fn socket(&self) -> &Path {
         self.isolated.socket()
+    }
+
+    /// The TCP listener's token for every namespace.
+    pub fn token(&self) -> Option<&str> {
+        self.isolated.token()
+    }
+
+    /// Its directory (state dir, log, socket, tokens file).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log_text(&self) -> String {
+        self.isolated.log_text()
     }
 
     pub fn state_dir(&self) -> &Path {

@@ -25,7 +25,7 @@ fn metrics_addr(t: &Ctx) -> Result<SocketAddr> {
         .parse()?)
 }
 
-async fn scrape(addr: SocketAddr) -> Result<String> {
+pub async fn scrape(addr: SocketAddr) -> Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to the metrics endpoint {addr}"))?;
@@ -41,7 +41,7 @@ async fn scrape(addr: SocketAddr) -> Result<String> {
 }
 
 /// The value of the sample `name` (with its labels as written), 0 when absent.
-fn sample(text: &str, name: &str) -> f64 {
+pub fn sample(text: &str, name: &str) -> f64 {
     text.lines()
         .filter_map(|l| l.strip_prefix(name))
         .filter_map(|rest| rest.strip_prefix(' '))

@@ -4,7 +4,7 @@
 mod cli;
 mod embedded;
 mod install;
-mod metrics;
+pub mod metrics;
 
 use std::path::Path;
 use std::process::{Output, Stdio};

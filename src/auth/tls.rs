@@ -33,6 +33,15 @@ pub enum TlsError {
     },
 }
 
+/// Makes `ring` the process's rustls provider. Call first in `main`: the
+/// registry client (reqwest, built without a provider of its own so that
+/// aws-lc-rs stays out of the tree) takes the process default, and
+/// panics when there is none.
+pub fn install_crypto_provider() {
+    // Err only when one is installed already, which is what is wanted.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A PEM file that was checked to hold what it should.
 fn read_pem(what: &'static str, path: &Path, key: bool) -> Result<Vec<u8>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| TlsError::Read {

@@ -268,6 +268,7 @@ fn call_failed(what: &str, s: tonic::Status) -> Failure {
 }
 
 fn main() -> std::process::ExitCode {
+    tls::install_crypto_provider();
     let cli = Cli::parse();
     if let Cmd::Completions { shell } = cli.cmd {
         clap_complete::generate(

@@ -36,7 +36,10 @@ use tracing::{info, warn};
 #[command(
     name = "isolated",
     version,
-    about = "Runs Direktiv actions as containers through containerd"
+    about = "Runs Direktiv actions as containers through containerd",
+    // A flag given twice: the last one wins, as in most daemons' command
+    // lines, so a wrapper's defaults can be overridden after them.
+    args_override_self = true
 )]
 struct Cli {
     /// TOML file with settings (flags and environment win over it).
@@ -55,6 +58,7 @@ struct Cli {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() {
+    tls::install_crypto_provider();
     let cli = Cli::parse();
     if cli.print_config {
         print!("{}", direktiv_isolate::config::example_toml());
