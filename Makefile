@@ -27,6 +27,9 @@ DEB_PACKAGES := containerd runc protobuf-compiler libprotobuf-dev busybox-static
                 gcc libc6-dev openssl util-linux
 
 RUN_DIR := $(CURDIR)/.run
+RUN_SOCKET := $(RUN_DIR)/isolated.sock
+# make run: TCP address of the gRPC services; empty serves the socket only.
+BIND ?=
 SYSTEM_SOCK := /run/containerd/containerd.sock
 
 .PHONY: all build deps run demo-image test fmt-check clippy unit integration bench clean \
@@ -51,16 +54,22 @@ build: deps
 
 # Runs isolated in the foreground against the system containerd, or, when
 # none answers, against its own embedded one under .run/state/containerd.
+# It serves its own socket, .run/isolated.sock (a system isolated's is
+# /run/isolated/isolated.sock), and no TCP listener unless BIND is set
+# (which then needs authentication: see README "Securing a node").
 run: build
 	@mkdir -p $(RUN_DIR)
+	@echo "serving the local socket $(RUN_SOCKET): export ISOLATECTL_SOCKET=$(RUN_SOCKET)"
 	@if ctr --address $(SYSTEM_SOCK) version >/dev/null 2>&1; then \
 	  echo "using the system containerd at $(SYSTEM_SOCK)"; \
 	  exec ./target/release/isolated --containerd-address $(SYSTEM_SOCK) \
-	    --state-dir $(RUN_DIR)/state --flow-endpoint "$(FLOW_ENDPOINT)"; \
+	    --state-dir $(RUN_DIR)/state --socket $(RUN_SOCKET) --bind "$(BIND)" \
+	    --flow-endpoint "$(FLOW_ENDPOINT)"; \
 	else \
 	  echo "no containerd at $(SYSTEM_SOCK): isolated starts its own under $(RUN_DIR)/state/containerd"; \
 	  exec ./target/release/isolated --embedded-containerd \
-	    --state-dir $(RUN_DIR)/state --flow-endpoint "$(FLOW_ENDPOINT)"; \
+	    --state-dir $(RUN_DIR)/state --socket $(RUN_SOCKET) --bind "$(BIND)" \
+	    --flow-endpoint "$(FLOW_ENDPOINT)"; \
 	fi
 
 # The quick start's demo action (demo.invalid/echo:latest), built offline

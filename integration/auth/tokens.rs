@@ -308,7 +308,25 @@ where
 
 pub async fn file_changes_take_effect(t: Ctx) -> Result<()> {
     let secret = |n: &str| format!("{n}-{:016x}", rand::random::<u64>());
-    let (one, two, three) = (secret("one"), secret("two"), secret("three"));
+    let (one, two) = (secret("one"), secret("two"));
+    // The third as an operator makes one: `isolatectl token new`, the secret on stdout,
+    // the entry to paste on stderr.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_isolatectl"))
+        .args(["token", "new", "three", "--namespace", "*"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "token new: {}",
+        crate::operator::shown(&out)
+    );
+    let three = String::from_utf8(out.stdout)?.trim().to_string();
+    let stderr = String::from_utf8(out.stderr)?;
+    let entry_three = &stderr[stderr.find("[[token]]").context("no entry printed")?..];
+    ensure!(
+        three.len() == 64 && !stderr.contains(&three),
+        "token new printed {three:?} and {stderr:?}"
+    );
     let dir = t
         .env
         .dir()
@@ -373,7 +391,7 @@ pub async fn file_changes_take_effect(t: Ctx) -> Result<()> {
 
         // Renamed over: three comes, two goes.
         let tmp = dir.join("tokens.toml.new");
-        std::fs::write(&tmp, tokens_entry("three", &three, "[\"*\"]"))?;
+        std::fs::write(&tmp, entry_three)?;
         std::fs::rename(&tmp, &file)?;
         within("token three accepted", Duration::from_secs(6), || {
             works(three.clone())

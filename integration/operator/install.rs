@@ -98,6 +98,7 @@ pub async fn into_destdir(t: Ctx) -> Result<()> {
     for line in [
         "ExecStart=/usr/local/bin/isolated --config /etc/isolated/config.toml",
         "Requires=containerd.service",
+        "RuntimeDirectory=isolated",
         "KillMode=process",
         "Restart=on-failure",
         "LimitNOFILE=",
