@@ -59,6 +59,28 @@ pub struct Actions {
     drained: tokio::sync::Notify,
 }
 
+/// A cancel whose reason is taken, to fire once it is durable.
+pub struct Cancel {
+    token: CancellationToken,
+    /// As the report will say it.
+    pub reason: String,
+}
+
+impl Cancel {
+    pub fn fire(self) {
+        self.token.cancel();
+    }
+}
+
+/// The report's message for a cancel with `reason` (possibly empty).
+pub fn cancel_message(reason: &str) -> String {
+    if reason.is_empty() {
+        "action was cancelled".to_string()
+    } else {
+        format!("action was cancelled: {reason}")
+    }
+}
+
 /// The runner's handle on its action's entry.
 #[derive(Clone)]
 pub struct Handle {
@@ -182,13 +204,16 @@ impl Actions {
             .map(|e| e.logs.snapshot())
     }
 
-    /// Cancels an action that has not finished yet.
+    /// Cancels an action that has not finished yet, in two steps around
+    /// the durable write (`control`): [`Actions::cancel`] takes the reason,
+    /// so every later write of the record by the runner carries it, and
+    /// the returned [`Cancel`] fires the switch once the store has it.
     pub fn cancel(
         &self,
         namespace: &str,
         action_id: &str,
         reason: &str,
-    ) -> Result<ActionInfo, Error> {
+    ) -> Result<(ActionInfo, Cancel), Error> {
         let t = self.lock();
         let key = (namespace.to_string(), action_id.to_string());
         let e = t.entries.get(&key).ok_or_else(|| Error::NotFound {
@@ -202,17 +227,20 @@ impl Actions {
                 action_id: action_id.into(),
             });
         }
-        let reason = if reason.is_empty() {
-            "action was cancelled".to_string()
-        } else {
-            format!("action was cancelled: {reason}")
-        };
-        e.cancel_reason
+        let reason = cancel_message(reason);
+        let reason = e
+            .cancel_reason
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(reason);
-        e.cancel.cancel();
-        Ok(info)
+            .get_or_insert(reason)
+            .clone();
+        Ok((
+            info,
+            Cancel {
+                token: e.cancel.clone(),
+                reason,
+            },
+        ))
     }
 
     fn update(&self, key: &Key, f: impl FnOnce(&mut ActionInfo)) {
@@ -234,6 +262,25 @@ impl Handle {
             i.state = ActionState::Running as i32;
             i.started_at_ms = started_at_ms;
         });
+    }
+
+    /// Cancels it at once with `message` (a report message, as stored):
+    /// for an action whose cancel the store kept across a restart.
+    pub fn cancel_now(&self, message: &str) {
+        self.cancel_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| message.to_string());
+        self.cancel.cancel();
+    }
+
+    /// The cancel's message once one was asked for (even before it fired),
+    /// for the runner's writes of the record.
+    pub fn pending_cancel(&self) -> Option<String> {
+        self.cancel_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Why the action was cancelled, once it was.

@@ -27,6 +27,8 @@ use crate::proto::control::{
 
 pub struct ControlService {
     pub actions: Arc<Actions>,
+    /// Where a cancel is made durable before it is acknowledged.
+    pub store: crate::store::Store,
     pub images: Arc<ImageService>,
     pub namespace_prefix: String,
     /// Where an archive being imported is spooled: it must be read out of
@@ -62,7 +64,14 @@ impl IsolateControl for ControlService {
     ) -> Result<Response<ActionInfo>, Status> {
         let caller = allowed(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
-        let info = self.actions.cancel(&r.namespace, &r.action_id, &r.reason)?;
+        let (info, cancel) = self.actions.cancel(&r.namespace, &r.action_id, &r.reason)?;
+        // Durable before it is acknowledged: a crash right after this answer
+        // still ends the action as cancelled (issue 12).
+        self.store
+            .cancel(&r.namespace, &r.action_id, &cancel.reason)
+            .await
+            .map_err(Error::from)?;
+        cancel.fire();
         tracing::info!(namespace = %r.namespace, action_id = %r.action_id, reason = %r.reason,
                        caller = %caller.who(), "cancel requested");
         Ok(Response::new(info))

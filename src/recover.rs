@@ -85,6 +85,11 @@ pub async fn recover(
                 Start::Fresh
             }
         };
+        // A cancel acknowledged before the crash is carried out now.
+        if !record.cancel_reason.is_empty() && !matches!(start, Start::Deliver(_)) {
+            info!(key = %record.key(), "carrying out a cancel stored before the restart");
+            handle.cancel_now(&record.cancel_reason);
+        }
         if matches!(start, Start::Fresh) {
             // Already accepted: it takes its queue place whatever the limit.
             runner

@@ -87,6 +87,10 @@ pub enum Sync {
 enum Op {
     Put(String, Vec<u8>),
     Remove(String),
+    /// Sets the cancel reason of the record, if there is one, in the same
+    /// transaction that reads it: the runner's own writes of the record
+    /// queue in the same writer, so neither undoes the other.
+    Cancel(String, String),
 }
 
 struct Job {
@@ -173,6 +177,22 @@ impl Store {
         self.remove_key(&key(namespace, action_id), sync).await
     }
 
+    /// Records durably that the action is to be cancelled, so a crash right
+    /// after the cancel was acknowledged still ends in a cancelled report.
+    /// A record that is gone (the action finished meanwhile) is left alone.
+    pub async fn cancel(
+        &self,
+        namespace: &str,
+        action_id: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.submit(
+            Op::Cancel(key(namespace, action_id), reason.to_string()),
+            Sync::Durable,
+        )
+        .await
+    }
+
     pub async fn remove_key(&self, key: &str, sync: Sync) -> Result<(), StoreError> {
         self.submit(Op::Remove(key.to_string()), sync).await
     }
@@ -247,6 +267,22 @@ fn commit(db: &Database, batch: &[Job], durable: bool) -> Result<(), StoreError>
             match &job.op {
                 Op::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map(|_| ()),
                 Op::Remove(k) => table.remove(k.as_str()).map(|_| ()),
+                Op::Cancel(k, reason) => {
+                    let current = table
+                        .get(k.as_str())
+                        .map_err(|e| w(&e))?
+                        .map(|v| v.value().to_vec());
+                    let Some(bytes) = current else { continue };
+                    let mut rec: StoredAction =
+                        prost::Message::decode(bytes.as_slice()).map_err(|e| w(&e))?;
+                    if rec.state() == ActionState::Finished {
+                        // Its report is written: too late to cancel.
+                        continue;
+                    }
+                    rec.cancel_reason = reason.clone();
+                    let bytes = prost::Message::encode_to_vec(&rec);
+                    table.insert(k.as_str(), bytes.as_slice()).map(|_| ())
+                }
             }
             .map_err(|e| w(&e))?;
         }

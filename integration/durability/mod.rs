@@ -11,6 +11,7 @@ mod crash;
 mod delivery;
 mod load;
 mod orphans;
+mod release;
 
 use anyhow::{ensure, Result};
 use direktiv_isolate::proto::flow::ReportActionResultsRequest;
@@ -39,6 +40,14 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "durability::stored_report_survives_sigkill",
             delivery::stored_report_survives_sigkill,
+        ),
+        trial(
+            "durability::flow_down_releases_everything",
+            release::flow_down_releases_everything,
+        ),
+        trial(
+            "durability::cancel_survives_sigkill",
+            release::cancel_survives_sigkill,
         ),
         trial(
             "durability::containerd_restart_while_running",

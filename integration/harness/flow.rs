@@ -79,6 +79,11 @@ impl FlowReceiver {
 
     /// Serves over TLS only (with `tls`'s client CA, mutual TLS), as a flow engine
     /// behind its own certificates would.
+    /// Serves on `addr` (a port a daemon already reports to, as a flow engine coming back).
+    pub async fn start_on(addr: SocketAddr) -> Result<Self> {
+        Self::start_with(addr, None).await
+    }
+
     pub async fn start_tls_on(
         addr: SocketAddr,
         tls: tonic::transport::ServerTlsConfig,

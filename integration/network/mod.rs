@@ -189,7 +189,17 @@ impl Daemon {
 
     /// Polls `leftovers` until empty, failing with what is left after `NOTHING_LEFT`.
     pub async fn assert_nothing_left(&self, env: &Env, ns: &str) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + NOTHING_LEFT;
+        self.assert_nothing_left_within(env, ns, NOTHING_LEFT).await
+    }
+
+    /// Polls `leftovers` until empty, failing with what is left after `limit`.
+    pub async fn assert_nothing_left_within(
+        &self,
+        env: &Env,
+        ns: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let left = self.leftovers(env, ns).await?;
             if left.is_empty() {

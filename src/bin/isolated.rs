@@ -203,6 +203,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         .context("cannot read the store to recover accepted actions")?;
     let control = ControlService {
         actions: actions.clone(),
+        store: runner.store.clone(),
         images: runner.images.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),

@@ -193,9 +193,14 @@ impl Runner {
             action_id = %action.req.action_id,
         );
         async {
+            let mut released = false;
             let report = match start {
                 Start::Deliver(report) => {
                     action.handle.finished(&Outcome::from_wire(&report));
+                    // Released before the crash, or not: either way nothing
+                    // of the action may wait for the flow engine.
+                    self.release(&action).await;
+                    released = true;
                     report
                 }
                 Start::Fresh | Start::Resume { .. } => {
@@ -220,10 +225,22 @@ impl Runner {
                     .to_wire();
                     record.state = ActionState::Finished as i32;
                     record.report = Some(report.clone());
-                    if let Err(e) = self.store.put(&record, Sync::Durable).await {
+                    let stored = self.store.put(&record, Sync::Durable).await;
+                    if let Err(e) = &stored {
                         // Still delivered from memory; only a crash before
                         // delivery would lose it now.
                         error!(error = %e, "cannot store the report");
+                    }
+                    // Release on collect (ISOLATE.md §10): the result is in
+                    // the store, so the task, container, snapshot, network
+                    // and data dir go now, not when a flow engine that may be
+                    // down for hours acknowledges. If the write failed, they
+                    // stay until delivery: after a crash the stored running
+                    // state re-attaches to the exited task and collects it
+                    // again, which only works while it is there.
+                    if stored.is_ok() {
+                        self.release(&action).await;
+                        released = true;
                     }
                     report
                 }
@@ -239,11 +256,9 @@ impl Runner {
             {
                 warn!(error = %e, "cannot remove the delivered action from the store");
             }
-            self.cleanup(&action)
-                .instrument(info_span!("cleanup"))
-                .await;
-            // The task is gone from the namespace's shim.
-            drop(action.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
+            if !released {
+                self.release(&action).await;
+            }
             action.handle.reported();
         }
         .instrument(span)
@@ -256,13 +271,18 @@ impl Runner {
     async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
         // The queue place was reserved when the action was accepted
         // (`reserve_queue_place`); it is given back once a slot is had, or
-        // the action is cancelled while it waits.
+        // the action is cancelled while it waits (or was before a restart).
+        if a.handle.cancel.is_cancelled() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
+        }
         let permit = tokio::select! {
-            p = self.slots.acquire() => p,
+            biased;
             _ = a.handle.cancel.cancelled() => {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
                 return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
             }
+            p = self.slots.acquire() => p,
         };
         self.queued.fetch_sub(1, Ordering::SeqCst);
         let _permit = match permit {
@@ -361,6 +381,8 @@ impl Runner {
             r.registries.clear();
             r.data = None;
         }
+        // A cancel asked for meanwhile is in the store: keep it there.
+        record.cancel_reason = a.handle.pending_cancel().unwrap_or_default();
         if let Err(e) = self.store.put(record, Sync::Durable).await {
             // The task runs; losing the deadline only matters after a crash.
             error!(error = %e, "cannot store the running state");
@@ -640,6 +662,14 @@ impl Runner {
         let group = hold.group();
         *a.shim.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
         Some(group)
+    }
+
+    /// Everything the action used, once its result is collected: the same
+    /// cleanup as after any failure, and its hold on the namespace's shim.
+    async fn release(&self, a: &Action) {
+        self.cleanup(a).instrument(info_span!("cleanup")).await;
+        // The task is gone from the namespace's shim.
+        drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// Removes the task, container, snapshot and directory of an action.
