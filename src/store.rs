@@ -3,8 +3,9 @@
 //!
 //! One record per accepted action, keyed `<namespace>/<actionId>`, written
 //! (and fsync'd) before `RunIsolate` answers OK, moved through the action's
-//! states, carrying the report once the action finished (the outbox), and
-//! deleted once the flow engine acknowledged that report. Records are
+//! states, carrying a cancel once one is asked for and the report once the
+//! action finished (the outbox), and deleted once the flow engine
+//! acknowledged that report. Records are
 //! protobuf, reusing the wire messages, so the format is versionable.
 //!
 //! Does not decide anything: recovery (`recover`) reads it back.

@@ -3,7 +3,8 @@
 //!
 //! Phases, each a tracing span under the action's span: `pull`, `create`
 //! (snapshot, spec, container, task), `wait` (start, then exit, timeout or
-//! cancel), `collect` (exit status, OOM, files, logs), `report`, `cleanup`.
+//! cancel), `collect` (exit status, OOM, files, logs), `cleanup` (release on
+//! collect: as soon as the report is stored, ISOLATE.md §10), `report`.
 //! The containerd call order follows containerd's own client
 //! (CONTAINERD-NOTES.md): Wait before Start; the action's snapshot is a GC
 //! root from its Prepare until its explicit removal.
