@@ -371,7 +371,14 @@ mod tests {
         let info = a.get("n", "x").unwrap();
         assert_eq!(info.state(), ActionState::Running);
         assert_eq!(info.started_at_ms, 1234);
-        a.cancel("n", "x", "by test").unwrap();
+        let (_, cancel) = a.cancel("n", "x", "by test").unwrap();
+        // Taken, not fired: the runner's writes carry it until the store has it.
+        assert!(!h.cancel.is_cancelled());
+        assert_eq!(
+            h.pending_cancel().as_deref(),
+            Some("action was cancelled: by test")
+        );
+        cancel.fire();
         assert!(h.cancel.is_cancelled());
         assert_eq!(h.cancel_reason(), "action was cancelled: by test");
         h.finished(&Outcome::Output(b"o".to_vec()));

@@ -1,6 +1,7 @@
 //! The one long-lived channel to containerd and the request decoration every
-//! call needs (namespace, lease). Owns nothing else: what to call and in
-//! which order lives with the module that needs it (`image`, `runner`).
+//! call needs (namespace, lease). Owns nothing else: the lifecycle's calls
+//! go through `crate::engine`, which uses this channel; the image service
+//! speaks to the content, diff and image services over it directly.
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,13 +32,9 @@ pub struct Containerd {
     channel: Channel,
 }
 
-/// Label every object isolated creates carries, so start-up can tell its
-/// own leftovers from other tenants of the same containerd.
-pub const LABEL_MANAGED: &str = "io.direktiv.isolate.managed";
-pub const LABEL_NAMESPACE: &str = "io.direktiv.isolate.namespace";
-pub const LABEL_ACTION_ID: &str = "io.direktiv.isolate.action-id";
-pub const LABEL_INSTANCE_ID: &str = "io.direktiv.isolate.instance-id";
-pub const LABEL_STEP: &str = "io.direktiv.isolate.step";
+pub use crate::engine::{
+    LABEL_ACTION_ID, LABEL_INSTANCE_ID, LABEL_MANAGED, LABEL_NAMESPACE, LABEL_STEP,
+};
 
 impl Containerd {
     /// Connects and asks containerd for its version, so a wrong socket is

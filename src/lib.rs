@@ -8,6 +8,7 @@ pub mod config;
 pub mod containerd;
 pub mod control;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod image;
 pub mod listen;

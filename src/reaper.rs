@@ -9,13 +9,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use containerd_client::services::v1::KillRequest;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tonic::Code;
-use tracing::{error, warn};
+use tracing::error;
 
-use crate::containerd::{with_ns, Containerd};
+use crate::engine::{ops, Engine};
 use crate::runner::RunError;
 
 /// How long SIGKILL through containerd gets before the reaper does it.
@@ -23,7 +21,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Signals the task and waits for `exit`; returns its exit code.
 pub async fn stop<F>(
-    cd: &Containerd,
+    engine: &dyn Engine,
     cns: &str,
     id: &str,
     cgroups_path: &str,
@@ -33,16 +31,13 @@ pub async fn stop<F>(
 where
     F: Future<Output = Result<u32, RunError>> + Unpin,
 {
-    // `all`: the init process of a PID namespace ignores signals it has no
-    // handler for, so only signalling every process makes SIGTERM mean
-    // anything to a shell-script action.
-    if !kill(cd, cns, id, Signal::SIGTERM).await {
+    if !ops::kill(engine, cns, id, Signal::SIGTERM).await {
         kill_cgroup(cgroups_path, Signal::SIGTERM);
     }
     if let Ok(code) = tokio::time::timeout(grace, &mut *exit).await {
         return code;
     }
-    if !kill(cd, cns, id, Signal::SIGKILL).await {
+    if !ops::kill(engine, cns, id, Signal::SIGKILL).await {
         kill_cgroup(cgroups_path, Signal::SIGKILL);
     }
     if let Ok(code) = tokio::time::timeout(KILL_WAIT, &mut *exit).await {
@@ -56,25 +51,6 @@ where
     );
     kill_cgroup(cgroups_path, Signal::SIGKILL);
     exit.await
-}
-
-/// Asks containerd to signal every process of the task. False when
-/// containerd could not be asked (a task already gone counts as done).
-async fn kill(cd: &Containerd, cns: &str, id: &str, signal: Signal) -> bool {
-    let req = KillRequest {
-        container_id: id.to_string(),
-        exec_id: String::new(),
-        signal: signal as u32,
-        all: true,
-    };
-    match cd.tasks().kill(with_ns(req, cns, None)).await {
-        Ok(_) => true,
-        Err(e) if e.code() == Code::NotFound => true,
-        Err(e) => {
-            warn!(?signal, error = %e.message(), "containerd cannot signal the task");
-            false
-        }
-    }
 }
 
 /// Signals every process in the task's cgroup (v1 `pids`/`memory` or v2).

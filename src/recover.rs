@@ -9,19 +9,16 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use containerd_client::services::v1::snapshots::{ListSnapshotsRequest, RemoveSnapshotRequest};
-use containerd_client::services::v1::{ListContainersRequest, ListNamespacesRequest};
-use tonic::Code;
 use tracing::{error, info, warn};
 
 use crate::actions::Actions;
 use crate::config::Limits;
-use crate::containerd::{with_ns, LABEL_ACTION_ID, LABEL_MANAGED};
+use crate::engine::{ops, LABEL_ACTION_ID};
 use crate::network::NetTarget;
 use crate::proto::control::ActionState;
 use crate::request::ActionRequest;
 use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
-use crate::runner::{delete_task, Action, Runner, Start};
+use crate::runner::{Action, Runner, Start};
 use crate::store::{StoreError, Sync};
 
 /// What recovery found.
@@ -116,60 +113,48 @@ pub async fn recover(
 /// carry isolated's marks but belong to no stored action. Returns how many
 /// actions' leftovers were removed.
 async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
-    let cd = &runner.cd;
+    let engine = &*runner.engine;
     let prefix = &runner.cfg.namespace_prefix;
     let mut orphans: HashSet<(String, String)> = HashSet::new();
-    let namespaces = match cd.namespaces().list(ListNamespacesRequest::default()).await {
-        Ok(r) => r
-            .into_inner()
-            .namespaces
+    let namespaces: Vec<String> = match engine.namespaces().await {
+        Ok(all) => all
             .into_iter()
-            .map(|n| n.name)
             .filter(|n| n.starts_with(prefix.as_str()))
             .collect(),
         Err(e) => {
-            warn!(error = %e.message(), "cannot list containerd namespaces; skipping the orphan sweep");
+            warn!(error = %e, "skipping the orphan sweep");
             Vec::new()
         }
     };
-    let managed = format!("labels.\"{LABEL_MANAGED}\"==true");
     for cns in &namespaces {
-        let list = ListContainersRequest {
-            filters: vec![managed.clone()],
-        };
-        if let Ok(r) = cd.containers().list(with_ns(list, cns, None)).await {
-            for c in r.into_inner().containers {
-                if c.labels.get(LABEL_ROLE).map(String::as_str) == Some(ROLE_SHIM_KEEPER) {
-                    if let Some(k) = &runner.keepers {
-                        k.remove_stale(cns, &c.id).await;
-                    } else {
+        match engine.managed_containers(cns).await {
+            Ok(containers) => {
+                for c in containers {
+                    if c.labels.get(LABEL_ROLE).map(String::as_str) == Some(ROLE_SHIM_KEEPER) {
+                        if let Some(k) = &runner.keepers {
+                            k.remove_stale(cns, &c.id).await;
+                        } else {
+                            orphans.insert((cns.clone(), c.id));
+                        }
+                        continue;
+                    }
+                    if !known.contains(&(cns.clone(), c.id.clone())) {
                         orphans.insert((cns.clone(), c.id));
                     }
-                    continue;
-                }
-                if !known.contains(&(cns.clone(), c.id.clone())) {
-                    orphans.insert((cns.clone(), c.id));
                 }
             }
+            Err(e) => warn!(namespace = %cns, error = %e, "cannot sweep its containers"),
         }
-        let list = ListSnapshotsRequest {
-            snapshotter: runner.cfg.snapshotter.clone(),
-            filters: vec![managed.clone()],
-        };
-        if let Ok(r) = cd.snapshots().list(with_ns(list, cns, None)).await {
-            let mut stream = r.into_inner();
-            while let Ok(Some(page)) = stream.message().await {
-                for s in page.info {
-                    let id = s
-                        .labels
-                        .get(LABEL_ACTION_ID)
-                        .cloned()
-                        .unwrap_or(s.name.clone());
+        match engine.managed_snapshots(cns, &runner.cfg.snapshotter).await {
+            Ok(snapshots) => {
+                for s in snapshots {
+                    let id = s.labels.get(LABEL_ACTION_ID).cloned().unwrap_or(s.id);
                     if !known.contains(&(cns.clone(), id.clone())) {
                         orphans.insert((cns.clone(), id));
                     }
                 }
             }
+            Err(e) => warn!(namespace = %cns, error = %e, "cannot sweep its snapshots"),
         }
     }
     // Directories whose containerd objects never existed or are gone.
@@ -200,23 +185,7 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
 }
 
 async fn remove_orphan(runner: &Runner, cns: &str, id: &str) {
-    let cd = &runner.cd;
-    delete_task(cd, cns, id).await;
-    let del = containerd_client::services::v1::DeleteContainerRequest { id: id.to_string() };
-    if let Err(e) = cd.containers().delete(with_ns(del, cns, None)).await {
-        if e.code() != Code::NotFound {
-            warn!(error = %e.message(), "cannot delete orphan container");
-        }
-    }
-    let rm = RemoveSnapshotRequest {
-        snapshotter: runner.cfg.snapshotter.clone(),
-        key: id.to_string(),
-    };
-    if let Err(e) = cd.snapshots().remove(with_ns(rm, cns, None)).await {
-        if e.code() != Code::NotFound {
-            warn!(error = %e.message(), "cannot remove orphan snapshot");
-        }
-    }
+    ops::remove_action(&*runner.engine, cns, id, &runner.cfg.snapshotter).await;
     let dir = runner.cfg.actions_dir().join(cns).join(id);
     runner
         .networks

@@ -15,6 +15,8 @@ use direktiv_isolate::config::{Config, Options};
 use direktiv_isolate::containerd::{error_chain, Containerd};
 use direktiv_isolate::control::ControlService;
 use direktiv_isolate::embedded::Embedded;
+use direktiv_isolate::engine::containerd::ContainerdEngine;
+use direktiv_isolate::engine::{Engine, RuncRoot};
 use direktiv_isolate::image::ImageService;
 use direktiv_isolate::listen::{self, LocalSocket};
 use direktiv_isolate::metrics;
@@ -169,10 +171,16 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.shim_group == "namespace" && !runc_shim {
         warn!(runtime = %cfg.runtime, "shim_group = \"namespace\" needs the runc v2 shim; every task gets a shim of its own");
     }
+    // Every call of the lifecycle goes through the engine (issue 12).
+    let engine: Arc<dyn Engine> = Arc::new(ContainerdEngine::new(cd.clone()));
+    // runc's state as the runc v2 shim keeps it: its default root, since
+    // isolated passes no runtime options.
+    let runc = RuncRoot::default();
     let keepers = match cfg.shim_group.as_str() {
         "namespace" if runc_shim => Some(
             ShimKeepers::new(
-                cd.clone(),
+                engine.clone(),
+                runc.clone(),
                 &cfg.runtime,
                 &cfg.state_dir,
                 Duration::from_secs(cfg.shim_keep_secs),
@@ -187,7 +195,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     };
     let runner = Arc::new(Runner {
         cfg: cfg.clone(),
-        cd,
+        engine,
+        runc,
         images,
         template,
         reporter,

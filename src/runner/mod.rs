@@ -14,22 +14,17 @@ pub mod collect;
 pub mod shim_keeper;
 pub mod stdio;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
-use containerd_client::services::v1::{
-    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
-    DeleteContainerRequest, DeleteTaskRequest, GetRequest, KillRequest, StartRequest, WaitRequest,
-};
-use tonic::Code;
+use containerd_client::services::v1::container::Runtime;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::actions::{now_ms, Handle};
 use crate::config::Config;
-use crate::containerd::{self as cd_mod, with_ns, Containerd};
+use crate::engine::{self, ops, Container, Engine, EngineError, NewTask, Prepare, RuncRoot};
 use crate::image::{Image, ImageError, ImageService};
 use crate::network::{NetTarget, NetworkError, Networks};
 use crate::proto::control::ActionState;
@@ -56,12 +51,8 @@ pub enum RunError {
     Image(#[from] ImageError),
     /// {0}
     Spec(#[from] SpecError),
-    /// containerd failed to {what}: {message}
-    Containerd {
-        what: &'static str,
-        message: String,
-        code: Code,
-    },
+    /// {0}
+    Engine(#[from] EngineError),
     /// {0}
     Store(#[from] StoreError),
     /// {0}
@@ -69,23 +60,13 @@ pub enum RunError {
 }
 
 impl RunError {
-    fn containerd(what: &'static str) -> impl FnOnce(tonic::Status) -> RunError {
-        move |s| RunError::Containerd {
-            what,
-            message: s.message().to_string(),
-            code: s.code(),
-        }
-    }
-
     /// Whether containerd could not be reached (as opposed to refusing).
     pub fn containerd_unavailable(&self) -> bool {
-        matches!(
-            self,
-            RunError::Containerd {
-                code: Code::Unavailable,
-                ..
-            } | RunError::Image(ImageError::Internal { .. })
-        )
+        match self {
+            RunError::Engine(e) => e.is_unavailable(),
+            RunError::Image(ImageError::Internal { .. }) => true,
+            _ => false,
+        }
     }
 
     /// The report code: the image's fault, the data dir's, or ours.
@@ -96,9 +77,7 @@ impl RunError {
             RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
             RunError::Image(_) => ErrorCode::Image,
             RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
-            RunError::Spec(_) | RunError::Containerd { .. } | RunError::Store(_) => {
-                ErrorCode::Internal
-            }
+            RunError::Spec(_) | RunError::Engine(_) | RunError::Store(_) => ErrorCode::Internal,
         }
     }
 }
@@ -106,7 +85,11 @@ impl RunError {
 /// What the runner needs, shared by every action.
 pub struct Runner {
     pub cfg: Arc<Config>,
-    pub cd: Containerd,
+    /// Every containerd call of the lifecycle.
+    pub engine: Arc<dyn Engine>,
+    /// Where the runc shim keeps runc's state, for freeing an id a create
+    /// cut short left with runc.
+    pub runc: RuncRoot,
     pub images: Arc<ImageService>,
     pub template: SpecTemplate,
     pub reporter: Reporter,
@@ -322,7 +305,7 @@ impl Runner {
     async fn wait_for_containerd(&self, until: Instant) {
         let mut backoff = Duration::from_millis(200);
         while Instant::now() < until {
-            if self.cd.ping().await.is_ok() {
+            if self.engine.ping().await.is_ok() {
                 return;
             }
             tokio::time::sleep(backoff).await;
@@ -354,22 +337,12 @@ impl Runner {
             .await?;
         stdio.release();
 
-        let start = StartRequest {
-            container_id: a.id().to_string(),
-            exec_id: String::new(),
-        };
         // Wait is registered before Start so that an instant exit is seen.
-        let mut exit = Box::pin(wait_exit(
-            self.cd.clone(),
-            a.cns.clone(),
-            a.id().to_string(),
-        ));
-        self.cd
-            .tasks()
-            .start(with_ns(start, &a.cns, None))
+        let mut exit = self.wait_exit(a);
+        self.engine
+            .start_task(&a.cns, a.id())
             .instrument(info_span!("start"))
-            .await
-            .map_err(RunError::containerd("start the task"))?;
+            .await?;
         let started_ms = now_ms();
         let deadline_ms = started_ms + a.req.timeout.as_millis() as i64;
         record.state = ActionState::Running as i32;
@@ -409,13 +382,12 @@ impl Runner {
         // The task already runs, so it never waits for a slot; it takes one
         // if there is one, so new actions see the node as busy as it is.
         let _permit = self.slots.try_acquire().ok();
-        let get = GetRequest {
-            container_id: a.id().to_string(),
-            exec_id: String::new(),
-        };
-        if let Err(e) = self.cd.tasks().get(with_ns(get, &a.cns, None)).await {
-            let e = RunError::containerd("find the action's task after a restart")(e);
-            return Outcome::failed(e.code(), e.to_string());
+        if let Err(e) = self.engine.task(&a.cns, a.id()).await {
+            let e = RunError::Engine(e);
+            return Outcome::failed(
+                e.code(),
+                format!("cannot re-attach to the action's task after a restart: {e}"),
+            );
         }
         info!("re-attached to the running task");
         let stdio = Stdio::reopen(&a.dir, a.handle.logs.clone());
@@ -423,11 +395,7 @@ impl Runner {
         // the task's, not this restart's.
         a.handle
             .set_running(deadline_ms - a.req.timeout.as_millis() as i64);
-        let mut exit = Box::pin(wait_exit(
-            self.cd.clone(),
-            a.cns.clone(),
-            a.id().to_string(),
-        ));
+        let mut exit = self.wait_exit(a);
         let waited = self
             .supervise(a, deadline_ms, &mut exit)
             .instrument(info_span!("wait"))
@@ -463,12 +431,12 @@ impl Runner {
             code = &mut *exit => Ok((code?, None)),
             _ = tokio::time::sleep_until(deadline) => {
                 warn!(timeout_s = a.req.timeout.as_secs(), "deadline passed, stopping the task");
-                let code = reaper::stop(&self.cd, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
+                let code = reaper::stop(&*self.engine, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
                 Ok((code, Some(Stopped::Timeout(a.req.timeout))))
             }
             _ = a.handle.cancel.cancelled() => {
                 info!("cancelled, stopping the task");
-                let code = reaper::stop(&self.cd, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
+                let code = reaper::stop(&*self.engine, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
                 Ok((code, Some(Stopped::Cancelled(a.handle.cancel_reason()))))
             }
         }
@@ -489,33 +457,21 @@ impl Runner {
             "containerd.io/gc.root".to_string(),
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         );
-        let prepare = PrepareSnapshotRequest {
+        let prepare = Prepare {
             snapshotter: self.cfg.snapshotter.clone(),
             key: a.id().to_string(),
             parent: image.top_chain.clone().unwrap_or_default(),
             labels: snapshot_labels,
         };
-        let prepared = self
-            .cd
-            .snapshots()
-            .prepare(with_ns(prepare.clone(), &a.cns, None))
-            .await;
-        let prepared = match prepared {
-            Err(e) if e.code() == Code::AlreadyExists => {
+        let mounts = match self.engine.prepare_snapshot(&a.cns, prepare.clone()).await {
+            Err(e) if e.is_already_exists() => {
                 // Left by a run of this action that died before its report:
                 // start from a clean slate.
                 self.cleanup_containerd(a).await;
-                self.cd
-                    .snapshots()
-                    .prepare(with_ns(prepare, &a.cns, None))
-                    .await
+                self.engine.prepare_snapshot(&a.cns, prepare).await?
             }
-            other => other,
+            other => other?,
         };
-        let mounts = prepared
-            .map_err(RunError::containerd("prepare the action's snapshot"))?
-            .into_inner()
-            .mounts;
 
         let image_user = image
             .config
@@ -587,62 +543,20 @@ impl Runner {
             snapshot_key: a.id().to_string(),
             ..Default::default()
         };
-        let create = CreateContainerRequest {
-            container: Some(container),
-        };
-        self.cd
-            .containers()
-            .create(with_ns(create, &a.cns, None))
-            .await
-            .map_err(RunError::containerd("create the container"))?;
+        self.engine.create_container(&a.cns, container).await?;
 
         let stdio =
             Stdio::open(&a.dir, a.handle.logs.clone()).map_err(|source| RunError::DataDir {
                 path: a.dir.clone(),
                 source,
             })?;
-        let task = CreateTaskRequest {
+        let task = NewTask {
             container_id: a.id().to_string(),
             rootfs: mounts,
             stdout: stdio.stdout.display().to_string(),
             stderr: stdio.stderr.display().to_string(),
-            ..Default::default()
         };
-        let mut attempt = 1;
-        loop {
-            match self
-                .cd
-                .tasks()
-                .create(with_ns(task.clone(), &a.cns, None))
-                .await
-            {
-                Ok(_) => break,
-                // A grouped shim can be exiting (its last task just deleted)
-                // as this task asks to join it; a second try starts a new one.
-                // Likewise a task of the same id deleted a moment ago (a run cut
-                // short by a crash, cleaned up just now) whose bundle containerd
-                // is still removing: `mkdir …: file exists`.
-                Err(e)
-                    if attempt < 3
-                        && (shim_went_away(&e)
-                            || e.message().contains("file exists")
-                            || e.message()
-                                .contains("container with given ID already exists")) =>
-                {
-                    delete_task(&self.cd, &a.cns, a.id()).await;
-                    remove_leaked_bundle(e.message(), &a.cns, a.id());
-                    if e.message()
-                        .contains("container with given ID already exists")
-                    {
-                        remove_leaked_runc_container(&a.cns, a.id()).await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
-                    warn!(attempt, error = %e.message(), "shim went away under us; creating the task again");
-                    attempt += 1;
-                }
-                Err(e) => return Err(RunError::containerd("create the task")(e)),
-            }
-        }
+        ops::create_task(&*self.engine, &a.cns, &task, &self.runc).await?;
         Ok((stdio, memory))
     }
 
@@ -688,204 +602,31 @@ impl Runner {
 
     /// The containerd half of cleanup: task, container, snapshot.
     pub async fn cleanup_containerd(&self, a: &Action) {
-        delete_task(&self.cd, &a.cns, a.id()).await;
-        removed("container", || async move {
-            let del = DeleteContainerRequest {
-                id: a.id().to_string(),
-            };
-            self.cd
-                .containers()
-                .delete(with_ns(del, &a.cns, None))
-                .await
-        })
-        .await;
-        // The snapshot is a GC root (see `create`): nothing but this removes it
-        // before the next start-up sweep.
-        removed("snapshot", || async move {
-            let rm = RemoveSnapshotRequest {
-                snapshotter: self.cfg.snapshotter.clone(),
-                key: a.id().to_string(),
-            };
-            self.cd.snapshots().remove(with_ns(rm, &a.cns, None)).await
-        })
-        .await;
+        ops::remove_action(&*self.engine, &a.cns, a.id(), &self.cfg.snapshotter).await;
     }
-}
 
-/// A removal from containerd, tried three times, because containerd can
-/// refuse under I/O load (containerd #9309); gone already counts as done.
-async fn removed<T, F, Fut>(what: &str, mut call: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    for attempt in 1..=3u32 {
-        match call().await {
-            Ok(_) => return,
-            Err(e) if e.code() == Code::NotFound => return,
-            Err(e) => {
-                warn!(attempt, error = %e.message(), "cannot remove the action's {what}");
-                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
-            }
-        }
-    }
-}
-
-/// containerd's words for a task create that met a shim on its way out
-/// (its last task just deleted): a new try starts a new shim.
-pub(crate) fn shim_went_away(e: &tonic::Status) -> bool {
-    e.message().contains("failed to start shim") || e.message().contains("ttrpc: closed")
-}
-
-/// Deletes a task, which also ends its shim; retried because containerd
-/// can time out under I/O load (containerd #9309). A task that is still
-/// running here has nobody left to stop it (an orphan of an earlier life,
-/// or a run cut short by a crash before it was stored as running, now
-/// started again): containerd refuses to delete it, so it is killed first,
-/// or it would outlive its action, holding its cgroup and shim forever.
-pub async fn delete_task(cd: &Containerd, cns: &str, id: &str) -> Option<u32> {
-    for attempt in 1..=3 {
-        let del = DeleteTaskRequest {
-            container_id: id.to_string(),
-        };
-        match cd.tasks().delete(with_ns(del, cns, None)).await {
-            Ok(r) => return Some(r.into_inner().exit_status),
-            Err(e) if e.code() == Code::NotFound => return None,
-            Err(e) => {
-                warn!(attempt, error = %e.message(), "cannot delete task; killing it first");
-                kill_and_wait(cd, cns, id).await;
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-        }
-    }
-    None
-}
-
-/// A task create cut short (isolated killed while containerd was starting
-/// the shim, containerd #6860) can leave the task's bundle directory, and a
-/// shim, behind without a task containerd knows: every later create of the
-/// same id then fails with `mkdir <bundle>: file exists`, and Tasks.Delete
-/// says NotFound. The bundle is named in the error; when it is this
-/// action's own (`…/io.containerd.runtime.v2.task/<cns>/<id>`), its shim is
-/// killed, its rootfs unmounted and the directory removed, so the next try
-/// can create the task.
-fn remove_leaked_bundle(message: &str, cns: &str, id: &str) {
-    let Some(path) = message
-        .split("mkdir ")
-        .nth(1)
-        .and_then(|rest| rest.split(": file exists").next())
-    else {
-        return;
-    };
-    let bundle = Path::new(path);
-    let own = bundle.ends_with(format!("{cns}/{id}"))
-        && path.contains("/io.containerd.runtime.v2.task/")
-        && !path.contains("/../");
-    if !own || !bundle.is_dir() {
-        return;
-    }
-    warn!(bundle = %bundle.display(), "removing the bundle of a task whose creation was cut short");
-    if let Ok(pid) = std::fs::read_to_string(bundle.join("shim.pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    let rootfs = bundle.join("rootfs");
-    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
-    // Never delete through a mount that is still there: it would be the
-    // action's snapshot, not the bundle.
-    use std::os::unix::fs::MetadataExt;
-    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
-    if rootfs.exists() && dev(&rootfs) != dev(bundle) {
-        warn!(bundle = %bundle.display(), "the leaked bundle's rootfs is still mounted; leaving it");
-        return;
-    }
-    if let Err(e) = std::fs::remove_dir_all(bundle) {
-        warn!(bundle = %bundle.display(), error = %e, "cannot remove the leaked bundle");
-    }
-}
-
-/// The other half of a create cut short: runc created the container, but
-/// containerd never recorded the task, so runc refuses the id. The runc v2
-/// shim keeps runc's state under `/run/containerd/runc/<namespace>`; a
-/// forced delete there kills what runs and frees the id.
-async fn remove_leaked_runc_container(cns: &str, id: &str) {
-    warn!("removing a runc container left by a task create cut short");
-    let out = tokio::process::Command::new("runc")
-        .arg("--root")
-        .arg(format!("/run/containerd/runc/{cns}"))
-        .args(["delete", "--force", id])
-        .output()
-        .await;
-    match out {
-        Ok(o) if o.status.success() => {}
-        Ok(o) => warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "runc delete failed"),
-        Err(e) => warn!(error = %e, "cannot run runc"),
-    }
-}
-
-/// SIGKILL to every process of the task, then up to 5 s for its exit.
-async fn kill_and_wait(cd: &Containerd, cns: &str, id: &str) {
-    let kill = KillRequest {
-        container_id: id.to_string(),
-        exec_id: String::new(),
-        signal: nix::sys::signal::Signal::SIGKILL as u32,
-        all: true,
-    };
-    if cd.tasks().kill(with_ns(kill, cns, None)).await.is_err() {
-        return;
-    }
-    let wait = WaitRequest {
-        container_id: id.to_string(),
-        exec_id: String::new(),
-    };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        cd.tasks().wait(with_ns(wait, cns, None)),
-    )
-    .await;
-}
-
-/// The exit code of the task's init process. A dropped connection to
-/// containerd is not an exit: the wait is made again until it answers.
-async fn wait_exit(cd: Containerd, cns: String, id: String) -> Result<u32, RunError> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let req = WaitRequest {
-            container_id: id.clone(),
-            exec_id: String::new(),
-        };
-        match cd.tasks().wait(with_ns(req, &cns, None)).await {
-            Ok(r) => return Ok(r.into_inner().exit_status),
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled
-                ) =>
-            {
-                warn!(error = %e.message(), "lost the wait on the task, waiting again");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(RunError::containerd("wait for the task")(e)),
-        }
+    /// The task's exit, as a future to select on; registered before the
+    /// task starts.
+    fn wait_exit(
+        &self,
+        a: &Action,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, RunError>> + Send>> {
+        let (engine, cns, id) = (self.engine.clone(), a.cns.clone(), a.id().to_string());
+        Box::pin(async move { Ok(ops::wait_exit(&*engine, &cns, &id).await?) })
     }
 }
 
 fn action_labels(a: &Action) -> std::collections::HashMap<String, String> {
     let mut l = std::collections::HashMap::from([
-        (cd_mod::LABEL_MANAGED.to_string(), "true".to_string()),
-        (cd_mod::LABEL_NAMESPACE.to_string(), a.req.namespace.clone()),
-        (cd_mod::LABEL_ACTION_ID.to_string(), a.req.action_id.clone()),
+        (engine::LABEL_MANAGED.to_string(), "true".to_string()),
+        (engine::LABEL_NAMESPACE.to_string(), a.req.namespace.clone()),
+        (engine::LABEL_ACTION_ID.to_string(), a.req.action_id.clone()),
     ]);
     if let Some(i) = &a.req.instance_id {
-        l.insert(cd_mod::LABEL_INSTANCE_ID.to_string(), i.clone());
+        l.insert(engine::LABEL_INSTANCE_ID.to_string(), i.clone());
     }
     if let Some(s) = a.req.step {
-        l.insert(cd_mod::LABEL_STEP.to_string(), s.to_string());
+        l.insert(engine::LABEL_STEP.to_string(), s.to_string());
     }
     l
 }
@@ -968,26 +709,6 @@ mod tests {
                 format!("lowerdir={}", lower.join(":")),
             ],
         }]
-    }
-
-    #[test]
-    fn only_our_own_leaked_bundle_is_removed() {
-        let t = tempfile::tempdir().unwrap();
-        let ours = t
-            .path()
-            .join("io.containerd.runtime.v2.task/direktiv.ns/act-1");
-        let other = t
-            .path()
-            .join("io.containerd.runtime.v2.task/direktiv.ns/act-2");
-        std::fs::create_dir_all(ours.join("rootfs")).unwrap();
-        std::fs::create_dir_all(&other).unwrap();
-        let msg = |p: &Path| format!("failed to start shim: mkdir {}: file exists", p.display());
-        remove_leaked_bundle(&msg(&other), "direktiv.ns", "act-1");
-        assert!(other.exists(), "another action's bundle was removed");
-        remove_leaked_bundle("some other error", "direktiv.ns", "act-1");
-        assert!(ours.exists());
-        remove_leaked_bundle(&msg(&ours), "direktiv.ns", "act-1");
-        assert!(!ours.exists(), "our leaked bundle is still there");
     }
 
     #[test]

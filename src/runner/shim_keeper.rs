@@ -29,15 +29,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use containerd_client::services::v1::{
-    container::Runtime, Container, CreateContainerRequest, CreateTaskRequest,
-    DeleteContainerRequest,
-};
+use containerd_client::services::v1::container::Runtime;
 use oci_spec::runtime::{RootBuilder, Spec};
-use tonic::Code;
 use tracing::{info, warn};
 
-use crate::containerd::{with_ns, Containerd, LABEL_MANAGED};
+use crate::engine::{ops, Container, Engine, EngineError, NewTask, RuncRoot, LABEL_MANAGED};
 use crate::spec::SHIM_GROUP_ANNOTATION;
 
 /// The keepers' container ids are this and `.<n>`, the shim's number in
@@ -71,8 +67,8 @@ pub enum KeeperError {
     },
     /// the keeper spec runtime-spec/keeper.json is invalid: {0}
     Spec(String),
-    /// containerd failed to {what}: {message}
-    Containerd { what: &'static str, message: String },
+    /// the shim keeper: {0}
+    Engine(#[from] EngineError),
 }
 
 /// Namespaces' keepers, created on demand and removed when idle.
@@ -82,7 +78,8 @@ pub struct ShimKeepers {
 }
 
 struct Inner {
-    cd: Containerd,
+    engine: Arc<dyn Engine>,
+    runc: RuncRoot,
     runtime: String,
     keep: Duration,
     per_namespace: usize,
@@ -172,7 +169,8 @@ impl ShimKeepers {
     /// `state_dir/shim-keeper` becomes the keepers' read-only root: empty
     /// but for `/keeper`, a file runc checks exists before it parks.
     pub fn new(
-        cd: Containerd,
+        engine: Arc<dyn Engine>,
+        runc: RuncRoot,
         runtime: &str,
         state_dir: &Path,
         keep: Duration,
@@ -193,7 +191,8 @@ impl ShimKeepers {
         spec.set_root(Some(root));
         Ok(ShimKeepers {
             inner: Arc::new(Inner {
-                cd,
+                engine,
+                runc,
                 runtime: runtime.to_string(),
                 keep,
                 per_namespace: per_namespace.clamp(1, MAX_SHIMS_PER_NAMESPACE),
@@ -296,12 +295,6 @@ impl Inner {
 
     async fn create(&self, slot: &Slot) -> Result<Parked, KeeperError> {
         let (cns, id) = (slot.cns.as_str(), keeper_id(slot.n));
-        let failed = |what: &'static str| {
-            move |e: tonic::Status| KeeperError::Containerd {
-                what,
-                message: e.message().to_string(),
-            }
-        };
         let mut spec = self.spec.clone();
         if let Some(linux) = spec.linux_mut() {
             linux.set_cgroups_path(Some(format!("/isolated/{cns}@{id}").into()));
@@ -323,52 +316,25 @@ impl Inner {
             spec: Some(spec),
             ..Default::default()
         };
-        let create = || CreateContainerRequest {
-            container: Some(container.clone()),
-        };
-        match self
-            .cd
-            .containers()
-            .create(with_ns(create(), cns, None))
-            .await
-        {
-            Err(e) if e.code() == Code::AlreadyExists => {
+        match self.engine.create_container(cns, container.clone()).await {
+            Err(e) if e.is_already_exists() => {
                 // A keeper whose removal failed, or one of an earlier run.
                 self.remove(cns, &id).await;
-                self.cd
-                    .containers()
-                    .create(with_ns(create(), cns, None))
-                    .await
-                    .map_err(failed("create the shim keeper's container"))?;
+                self.engine.create_container(cns, container).await?;
             }
-            other => {
-                other.map_err(failed("create the shim keeper's container"))?;
-            }
+            other => other?,
         }
-        let task = CreateTaskRequest {
+        // No rootfs mounts and no stdio: the keeper's root is a read-only
+        // directory of isolated's, and its init never writes.
+        let task = NewTask {
             container_id: id.clone(),
             ..Default::default()
         };
-        let mut attempt = 1;
-        let pid = loop {
-            match self
-                .cd
-                .tasks()
-                .create(with_ns(task.clone(), cns, None))
-                .await
-            {
-                Ok(r) => break r.into_inner().pid,
-                // The shim of a keeper removed a moment ago can still be
-                // exiting when the new keeper asks to join it.
-                Err(e) if attempt < 3 && super::shim_went_away(&e) => {
-                    super::delete_task(&self.cd, cns, &id).await;
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    self.remove(cns, &id).await;
-                    return Err(failed("create the shim keeper's task")(e));
-                }
+        let pid = match ops::create_task(&*self.engine, cns, &task, &self.runc).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.remove(cns, &id).await;
+                return Err(e.into());
             }
         };
         info!(namespace = %cns, keeper = slot.n, pid, "shim keeper created");
@@ -378,13 +344,8 @@ impl Inner {
     /// Deletes the keeper's task (its shim exits with it when no action is
     /// left in it) and container.
     async fn remove(&self, cns: &str, id: &str) {
-        super::delete_task(&self.cd, cns, id).await;
-        let del = DeleteContainerRequest { id: id.to_string() };
-        if let Err(e) = self.cd.containers().delete(with_ns(del, cns, None)).await {
-            if e.code() != Code::NotFound {
-                warn!(namespace = %cns, error = %e.message(), "cannot delete the shim keeper's container");
-            }
-        }
+        ops::delete_task(&*self.engine, cns, id).await;
+        ops::remove_container(&*self.engine, cns, id).await;
     }
 }
 

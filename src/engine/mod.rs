@@ -1,0 +1,141 @@
+//! The one boundary between the daemon's decisions and containerd (issue
+//! 12). Every call the lifecycle makes on tasks, containers, snapshots and
+//! namespaces goes through the [`Engine`] trait: the real implementation
+//! ([`containerd::ContainerdEngine`]) speaks containerd's gRPC API, a fake
+//! one (`fake`, in tests) keeps it all in memory so the lifecycle's branches
+//! run in unit tests without root. containerd's failures are classified once,
+//! into [`EngineError`] (`error`); the operations written once for everyone
+//! (an action's removal, a kill, a task create that recovers from what a
+//! crash left) are in `ops`.
+//!
+//! Does not decide anything about actions: which call comes when is the
+//! runner's, the recovery's and the shim keepers'. Images are pulled through
+//! `crate::image`, which speaks to the content, diff and image services
+//! itself.
+
+#[cfg(test)]
+pub mod fake;
+
+pub mod containerd;
+pub mod error;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use nix::sys::signal::Signal;
+
+pub use containerd_client::services::v1::Container;
+pub use containerd_client::types::Mount;
+pub use error::EngineError;
+
+/// Label every object isolated creates carries, so start-up can tell its
+/// own leftovers from other tenants of the same containerd.
+pub const LABEL_MANAGED: &str = "io.direktiv.isolate.managed";
+pub const LABEL_NAMESPACE: &str = "io.direktiv.isolate.namespace";
+pub const LABEL_ACTION_ID: &str = "io.direktiv.isolate.action-id";
+pub const LABEL_INSTANCE_ID: &str = "io.direktiv.isolate.instance-id";
+pub const LABEL_STEP: &str = "io.direktiv.isolate.step";
+
+/// An object and its labels, as a listing returns it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Labelled {
+    pub id: String,
+    pub labels: HashMap<String, String>,
+}
+
+/// A snapshot to prepare on top of `parent` (a committed chain).
+#[derive(Debug, Clone, Default)]
+pub struct Prepare {
+    pub snapshotter: String,
+    pub key: String,
+    pub parent: String,
+    pub labels: HashMap<String, String>,
+}
+
+/// A task to create for a container: its root filesystem and where its
+/// stdout and stderr go (FIFOs; empty for none).
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    pub container_id: String,
+    pub rootfs: Vec<Mount>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// containerd's view of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub pid: u32,
+    pub status: TaskStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    Created,
+    Running,
+    Stopped,
+    Paused,
+    Unknown,
+}
+
+/// Where the runc v2 shim keeps runc's state (`runc --root`), per
+/// containerd namespace: containerd's runtime option `Root`, or the shim's
+/// default when it sets none.
+#[derive(Debug, Clone)]
+pub struct RuncRoot(pub PathBuf);
+
+impl Default for RuncRoot {
+    fn default() -> Self {
+        RuncRoot(PathBuf::from("/run/containerd/runc"))
+    }
+}
+
+impl RuncRoot {
+    pub fn of(&self, cns: &str) -> PathBuf {
+        self.0.join(cns)
+    }
+}
+
+/// containerd, as the lifecycle uses it. Every method names one containerd
+/// call; failures come back classified.
+#[tonic::async_trait]
+pub trait Engine: Send + Sync {
+    /// Whether containerd answers at all.
+    async fn ping(&self) -> Result<(), EngineError>;
+    /// The containerd namespaces that exist.
+    async fn namespaces(&self) -> Result<Vec<String>, EngineError>;
+
+    /// An active snapshot; its mounts are the container's root filesystem.
+    async fn prepare_snapshot(&self, cns: &str, p: Prepare) -> Result<Vec<Mount>, EngineError>;
+    async fn remove_snapshot(
+        &self,
+        cns: &str,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<(), EngineError>;
+    /// Snapshots carrying [`LABEL_MANAGED`], by name.
+    async fn managed_snapshots(
+        &self,
+        cns: &str,
+        snapshotter: &str,
+    ) -> Result<Vec<Labelled>, EngineError>;
+
+    async fn create_container(&self, cns: &str, c: Container) -> Result<(), EngineError>;
+    async fn delete_container(&self, cns: &str, id: &str) -> Result<(), EngineError>;
+    /// Containers carrying [`LABEL_MANAGED`].
+    async fn managed_containers(&self, cns: &str) -> Result<Vec<Labelled>, EngineError>;
+
+    /// Creates the task (runc create: its init waits before exec); returns
+    /// the pid of that init.
+    async fn create_task(&self, cns: &str, t: NewTask) -> Result<u32, EngineError>;
+    async fn start_task(&self, cns: &str, id: &str) -> Result<(), EngineError>;
+    async fn task(&self, cns: &str, id: &str) -> Result<TaskInfo, EngineError>;
+    /// Waits for the task's exit; returns its exit status.
+    async fn wait_task(&self, cns: &str, id: &str) -> Result<u32, EngineError>;
+    /// Signals every process of the task (`all`: the init of a PID
+    /// namespace ignores signals it has no handler for).
+    async fn kill_task(&self, cns: &str, id: &str, signal: Signal) -> Result<(), EngineError>;
+    /// Deletes a stopped task; returns its exit status.
+    async fn delete_task(&self, cns: &str, id: &str) -> Result<u32, EngineError>;
+}

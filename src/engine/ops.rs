@@ -1,0 +1,277 @@
+//! The operations on containerd that more than one part of the daemon needs,
+//! written once (issue 12): removing an action's objects (the runner's
+//! cleanup, recovery's orphan sweep and the shim keepers all use it), the
+//! one kill, waiting for an exit across containerd restarts, and a task
+//! create that recovers from what a create cut short by a crash leaves.
+//! Retries are here because containerd can refuse under I/O load
+//! (containerd #9309) and a crash can leave a bundle or a runc container
+//! (containerd #6860).
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tracing::warn;
+
+use super::{Engine, EngineError, NewTask, RuncRoot};
+
+/// Tries for a removal or a task create before giving up.
+const ATTEMPTS: u32 = 3;
+
+/// Removes the task, container and active snapshot `id` of `cns`. Each step
+/// tolerates what is already gone, so it can run after any failure, and
+/// again after a crash. A task still running has nobody left to stop it, so
+/// it is killed first, or it would outlive its action.
+pub async fn remove_action(e: &dyn Engine, cns: &str, id: &str, snapshotter: &str) {
+    delete_task(e, cns, id).await;
+    remove_container(e, cns, id).await;
+    // An action's snapshot is a GC root: nothing but this removes it
+    // before the next start-up sweep.
+    retried("snapshot", || e.remove_snapshot(cns, snapshotter, id)).await;
+}
+
+/// Deletes container `id` (no snapshot of its own: a shim keeper's).
+pub async fn remove_container(e: &dyn Engine, cns: &str, id: &str) {
+    retried("container", || e.delete_container(cns, id)).await;
+}
+
+/// A removal tried [`ATTEMPTS`] times; gone already counts as done.
+async fn retried<F, Fut>(what: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), EngineError>>,
+{
+    for attempt in 1..=ATTEMPTS {
+        match call().await {
+            Ok(()) => return,
+            Err(err) if err.is_not_found() => return,
+            Err(err) => {
+                warn!(attempt, error = %err, "cannot remove the {what}");
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            }
+        }
+    }
+}
+
+/// Deletes a task, which also ends its shim when it was the shim's last;
+/// returns its exit status if there was a task. containerd refuses to
+/// delete a running task: it is killed, then deleted.
+pub async fn delete_task(e: &dyn Engine, cns: &str, id: &str) -> Option<u32> {
+    for attempt in 1..=ATTEMPTS {
+        match e.delete_task(cns, id).await {
+            Ok(status) => return Some(status),
+            Err(err) if err.is_not_found() => return None,
+            Err(err) => {
+                warn!(attempt, error = %err, "cannot delete the task; killing it first");
+                kill_and_wait(e, cns, id).await;
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            }
+        }
+    }
+    None
+}
+
+/// SIGKILL to every process of the task, then up to 5 s for its exit.
+async fn kill_and_wait(e: &dyn Engine, cns: &str, id: &str) {
+    if kill(e, cns, id, Signal::SIGKILL).await {
+        let _ = tokio::time::timeout(Duration::from_secs(5), e.wait_task(cns, id)).await;
+    }
+}
+
+/// Signals every process of the task through containerd. False when
+/// containerd could not be asked; a task already gone counts as done.
+pub async fn kill(e: &dyn Engine, cns: &str, id: &str, signal: Signal) -> bool {
+    match e.kill_task(cns, id, signal).await {
+        Ok(()) => true,
+        Err(err) if err.is_not_found() => true,
+        Err(err) => {
+            warn!(?signal, error = %err, "containerd cannot signal the task");
+            false
+        }
+    }
+}
+
+/// The exit status of the task's init. A lost connection to containerd is
+/// not an exit: the wait is made again until containerd answers.
+pub async fn wait_exit(e: &dyn Engine, cns: &str, id: &str) -> Result<u32, EngineError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match e.wait_task(cns, id).await {
+            Ok(status) => return Ok(status),
+            Err(err) if err.is_unavailable() => {
+                warn!(error = %err, "lost the wait on the task, waiting again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Creates a task, recovering from what containerd says is in the way:
+/// a grouped shim on its way out (its last task just deleted) as the task
+/// asks to join it, a bundle of the same id left by a create cut short
+/// (`mkdir …: file exists`), or runc still holding the id. Returns the
+/// init's pid.
+pub async fn create_task(
+    e: &dyn Engine,
+    cns: &str,
+    task: &NewTask,
+    runc: &RuncRoot,
+) -> Result<u32, EngineError> {
+    let id = task.container_id.as_str();
+    let mut attempt = 1;
+    loop {
+        let err = match e.create_task(cns, task.clone()).await {
+            Ok(pid) => return Ok(pid),
+            Err(err) => err,
+        };
+        if attempt >= ATTEMPTS {
+            return Err(err);
+        }
+        match &err {
+            EngineError::ShimGone { .. } => {
+                delete_task(e, cns, id).await;
+            }
+            EngineError::LeakedBundle { bundle, .. } => {
+                delete_task(e, cns, id).await;
+                remove_leaked_bundle(bundle, cns, id);
+            }
+            EngineError::RuncIdTaken { .. } => {
+                delete_task(e, cns, id).await;
+                remove_leaked_runc_container(runc, cns, id).await;
+            }
+            _ => return Err(err),
+        }
+        warn!(attempt, error = %err, "creating the task again");
+        tokio::time::sleep(Duration::from_millis(250 * attempt as u64)).await;
+        attempt += 1;
+    }
+}
+
+/// A task create cut short (isolated killed while containerd was starting
+/// the shim, containerd #6860) can leave the task's bundle directory, and a
+/// shim, without a task containerd knows: every later create of the id
+/// fails with `mkdir <bundle>: file exists`. When the bundle is this
+/// action's own (`…/io.containerd.runtime.v2.task/<cns>/<id>`), its shim is
+/// killed, its rootfs unmounted and the directory removed.
+pub fn remove_leaked_bundle(bundle: &Path, cns: &str, id: &str) {
+    let own = bundle.ends_with(format!("{cns}/{id}"))
+        && bundle
+            .to_str()
+            .is_some_and(|p| p.contains("/io.containerd.runtime.v2.task/"));
+    if !own || !bundle.is_dir() {
+        return;
+    }
+    warn!(bundle = %bundle.display(), "removing the bundle of a task whose creation was cut short");
+    if let Ok(pid) = std::fs::read_to_string(bundle.join("shim.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let rootfs = bundle.join("rootfs");
+    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    // Never delete through a mount that is still there: it would be the
+    // action's snapshot, not the bundle.
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
+    if rootfs.exists() && dev(&rootfs) != dev(bundle) {
+        warn!(bundle = %bundle.display(), "the leaked bundle's rootfs is still mounted; leaving it");
+        return;
+    }
+    if let Err(err) = std::fs::remove_dir_all(bundle) {
+        warn!(bundle = %bundle.display(), error = %err, "cannot remove the leaked bundle");
+    }
+}
+
+/// The other half of a create cut short: runc created the container, but
+/// containerd never recorded the task, so runc refuses the id. A forced
+/// delete under the shim's runc root kills what runs and frees the id.
+async fn remove_leaked_runc_container(runc: &RuncRoot, cns: &str, id: &str) {
+    let root = runc.of(cns);
+    warn!(root = %root.display(), "removing a runc container left by a task create cut short");
+    let out = tokio::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["delete", "--force", id])
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "runc delete failed"),
+        Err(err) => warn!(error = %err, "cannot run runc"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake::{Fail, Fake};
+    use crate::engine::Engine;
+
+    #[test]
+    fn only_our_own_leaked_bundle_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let ours = t
+            .path()
+            .join("io.containerd.runtime.v2.task/direktiv.ns/act-1");
+        let other = t
+            .path()
+            .join("io.containerd.runtime.v2.task/direktiv.ns/act-2");
+        std::fs::create_dir_all(ours.join("rootfs")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        remove_leaked_bundle(&other, "direktiv.ns", "act-1");
+        assert!(other.exists(), "another action's bundle was removed");
+        remove_leaked_bundle(&ours, "direktiv.ns", "act-1");
+        assert!(!ours.exists(), "our leaked bundle is still there");
+    }
+
+    #[tokio::test]
+    async fn a_task_create_after_a_leaked_bundle_is_retried() {
+        let t = tempfile::tempdir().unwrap();
+        let bundle = t
+            .path()
+            .join("io.containerd.runtime.v2.task/direktiv.ns/act-1");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let fake = Fake::default();
+        fake.container("direktiv.ns", "act-1");
+        fake.fail_next("create_task", Fail::LeakedBundle(bundle.clone()));
+        let task = NewTask {
+            container_id: "act-1".into(),
+            ..Default::default()
+        };
+        let pid = create_task(&fake, "direktiv.ns", &task, &RuncRoot::default())
+            .await
+            .unwrap();
+        assert!(pid > 0);
+        assert!(!bundle.exists(), "the leaked bundle was not removed");
+        // Another failure is not retried.
+        fake.delete_task("direktiv.ns", "act-1").await.unwrap();
+        fake.fail_next("create_task", Fail::Other);
+        assert!(
+            create_task(&fake, "direktiv.ns", &task, &RuncRoot::default())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn removal_kills_a_running_task_and_tolerates_what_is_gone() {
+        let fake = Fake::default();
+        fake.container("ns", "a");
+        fake.create_task(
+            "ns",
+            NewTask {
+                container_id: "a".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        fake.start_task("ns", "a").await.unwrap();
+        remove_action(&fake, "ns", "a", "overlayfs").await;
+        assert!(fake.is_empty("ns"), "{:?}", fake.objects("ns"));
+        // Again: everything is gone, nothing fails.
+        remove_action(&fake, "ns", "a", "overlayfs").await;
+    }
+}
