@@ -66,6 +66,15 @@ impl Containerd {
         Ok((c, version.version))
     }
 
+    /// A handle that connects on first use and is never used: for unit
+    /// tests whose containerd calls go to the fake engine.
+    #[cfg(test)]
+    pub fn unconnected() -> Containerd {
+        Containerd {
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+        }
+    }
+
     /// Whether containerd answers at all.
     pub async fn ping(&self) -> Result<(), Status> {
         VersionClient::new(self.channel.clone())

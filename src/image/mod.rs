@@ -179,6 +179,13 @@ impl ImageService {
         pull.await
     }
 
+    /// Puts `image` in `ns`'s cache under `reference`, as a pull would: for
+    /// unit tests of the lifecycle, which has no registry.
+    #[cfg(test)]
+    pub fn cache_for_test(&self, ns: &str, reference: &Reference, image: Image) {
+        self.remember(&(ns.to_string(), reference.whole()), Arc::new(image));
+    }
+
     /// Drops a cached image, so that the next `ensure` resolves it afresh
     /// (after an import replaced its record).
     fn forget(&self, ns: &str, name: &str) {

@@ -11,6 +11,8 @@
 //! Stopping a task at its deadline is the reaper's (`crate::reaper`).
 
 pub mod collect;
+#[cfg(test)]
+mod lifecycle_tests;
 pub mod shim_keeper;
 pub mod stdio;
 
