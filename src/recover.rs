@@ -87,13 +87,12 @@ pub async fn recover(
             info!(key = %record.key(), "carrying out a cancel stored before the restart");
             handle.cancel_now(&record.cancel_reason);
         }
+        let mut action = Action::new(&runner.cfg, req, handle);
         if matches!(start, Start::Fresh) {
             // Already accepted: it takes its queue place whatever the limit.
-            runner
-                .queued
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            action = action.queued(runner.queued.force());
         }
-        plans.push((Action::new(&runner.cfg, req, handle), record, start));
+        plans.push((action, record, start));
     }
 
     let known: HashSet<(String, String)> = plans

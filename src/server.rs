@@ -2,7 +2,6 @@
 //! may use the namespace (`auth`), validates at the edge, claims the action id, writes the action durably, hands it to the
 //! runner and returns. Owns nothing of the action after that.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -54,10 +53,13 @@ impl DirektivIsolate for IsolateService {
         )
         .map_err(Error::from)?;
         let handle = self.actions.claim(&req)?;
-        if let Err(queued) = self.runner.reserve_queue_place(self.max_queued) {
-            handle.abandon();
-            return Err(Error::Busy(queued).into());
-        }
+        let place = match self.runner.queued.reserve(self.max_queued) {
+            Ok(place) => place,
+            Err(queued) => {
+                handle.abandon();
+                return Err(Error::Busy(queued).into());
+            }
+        };
         wire.data = Some(std::mem::take(&mut req.data));
         let mut record = StoredAction {
             request: Some(wire),
@@ -73,7 +75,7 @@ impl DirektivIsolate for IsolateService {
         if let Err(e) = stored {
             // Not durable, so not accepted: the caller may try again.
             error!(error = %e, "cannot store an accepted action");
-            self.runner.queued.fetch_sub(1, Ordering::SeqCst);
+            drop(place);
             handle.abandon();
             return Err(Status::unavailable(format!(
                 "cannot accept the action: {e}"
@@ -81,7 +83,7 @@ impl DirektivIsolate for IsolateService {
         }
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
-        let action = Action::new(&self.runner.cfg, req, handle);
+        let action = Action::new(&self.runner.cfg, req, handle).queued(place);
         tokio::spawn(
             self.runner
                 .clone()

@@ -138,7 +138,7 @@ impl Node {
         self.cache_image(wire.namespace());
         let req = ActionRequest::validate(wire.clone(), &self.runner.cfg.limits()).unwrap();
         let handle = self.actions.claim(&req).unwrap();
-        self.runner.reserve_queue_place(100).unwrap();
+        let place = self.runner.queued.reserve(100).unwrap();
         let record = StoredAction {
             request: Some(wire),
             state: ActionState::Accepted as i32,
@@ -146,7 +146,7 @@ impl Node {
             ..Default::default()
         };
         self.runner.store.put(&record, Sync::Durable).await.unwrap();
-        let action = Action::new(&self.runner.cfg, req, handle);
+        let action = Action::new(&self.runner.cfg, req, handle).queued(place);
         tokio::spawn(self.runner.clone().run(action, record, Start::Fresh));
     }
 
@@ -349,11 +349,7 @@ async fn cancel_while_queued_never_starts_it() {
     );
     n.finish("ns", "first", b"ok");
     n.reported("ns", "first").await;
-    assert_eq!(
-        n.runner.queued.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "a queue place leaked"
-    );
+    assert_eq!(n.runner.queued.waiting(), 0, "a queue place leaked");
 }
 
 /// A record left running by an earlier life, its task still there.

@@ -13,11 +13,11 @@
 pub mod collect;
 #[cfg(test)]
 mod lifecycle_tests;
+pub mod queue;
 pub mod shim_keeper;
 pub mod stdio;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,7 @@ pub struct Runner {
     /// One permit per action allowed to run at once.
     pub slots: tokio::sync::Semaphore,
     /// Actions waiting for a permit.
-    pub queued: AtomicUsize,
+    pub queued: queue::Queue,
 }
 
 /// One action in the runner's hands.
@@ -116,6 +116,8 @@ pub struct Action {
     /// Its claim on the namespace's shim, from its task's creation until
     /// the task is deleted.
     shim: std::sync::Mutex<Option<ShimHold>>,
+    /// Its place in the queue until it gets a running slot.
+    queue_place: std::sync::Mutex<Option<queue::QueuePlace>>,
 }
 
 impl Action {
@@ -128,7 +130,24 @@ impl Action {
             dir,
             handle,
             shim: Default::default(),
+            queue_place: Default::default(),
         }
+    }
+
+    /// The action waits in the queue with `place` until it runs.
+    pub fn queued(self, place: queue::QueuePlace) -> Action {
+        *self.queue_place.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+        self
+    }
+
+    /// Gives its queue place back (it runs, or will not).
+    fn leave_queue(&self) {
+        drop(
+            self.queue_place
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
     }
 
     fn id(&self) -> &str {
@@ -255,22 +274,18 @@ impl Runner {
     /// unreachable before the task started, it waits and tries again rather
     /// than report a failure that is nobody's fault.
     async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
-        // The queue place was reserved when the action was accepted
-        // (`reserve_queue_place`); it is given back once a slot is had, or
-        // the action is cancelled while it waits (or was before a restart).
-        if a.handle.cancel.is_cancelled() {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
-        }
+        // The queue place was taken when the action was accepted; it is
+        // given back once a slot is had, or the action is cancelled while it
+        // waits (or was before a restart: `biased`, so that wins).
         let permit = tokio::select! {
             biased;
             _ = a.handle.cancel.cancelled() => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                a.leave_queue();
                 return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
             }
             p = self.slots.acquire() => p,
         };
-        self.queued.fetch_sub(1, Ordering::SeqCst);
+        a.leave_queue();
         let _permit = match permit {
             Ok(p) => p,
             Err(_) => return Outcome::failed(ErrorCode::Internal, "isolated is shutting down"),
@@ -291,17 +306,6 @@ impl Runner {
                 Err(e) => return Outcome::failed(e.code(), e.to_string()),
             }
         }
-    }
-
-    /// Takes a place in the queue for a new action, or says the queue is
-    /// full. Check and take are one atomic step, so concurrent requests
-    /// cannot overshoot the limit.
-    pub fn reserve_queue_place(&self, max: usize) -> Result<(), usize> {
-        self.queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q < max).then_some(q + 1)
-            })
-            .map(|_| ())
     }
 
     async fn wait_for_containerd(&self, until: Instant) {
