@@ -30,6 +30,45 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
+/// Settings that are choices are enums, parsed once where they are read
+/// (flag, environment or file), so nothing downstream matches strings.
+macro_rules! choice {
+    ($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $vdoc:literal])* $variant:ident),* $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($(#[doc = $vdoc])* $variant),* }
+    };
+}
+
+choice! {
+    /// `shim_group`: how action tasks share runc v2 shims.
+    ShimGroup {
+        /// A shim of its own for every task, as `ctr` does.
+        None,
+        /// The namespace's shims, held open by keepers.
+        Namespace,
+    }
+}
+
+choice! {
+    /// `network`: what network an action gets.
+    NetworkMode {
+        /// Its own namespace on a CNI network.
+        Cni,
+        /// A namespace with loopback only.
+        None,
+    }
+}
+
+choice! {
+    /// `log_format`.
+    LogFormat {
+        Text,
+        Json,
+    }
+}
+
 /// One row of the documentation table.
 pub struct SettingDoc {
     pub key: &'static str,
@@ -144,7 +183,7 @@ settings! {
     /// containerd snapshotter for images and actions.
     snapshotter: String = "overlayfs".into(), "ISOLATED_SNAPSHOTTER", "overlayfs";
     /// One runc v2 shim per namespace, kept alive by a parked keeper (namespace; other runtimes: none), or a shim per action (none).
-    shim_group: String = "namespace".into(), "ISOLATED_SHIM_GROUP", "namespace";
+    shim_group: ShimGroup = ShimGroup::Namespace, "ISOLATED_SHIM_GROUP", "namespace", value_parser = clap::builder::EnumValueParser::<ShimGroup>::new();
     /// Seconds a namespace's shim (and its keeper) stays after its last action.
     shim_keep_secs: u64 = 30, "ISOLATED_SHIM_KEEP_SECS", "30";
     /// Most shims of one namespace (each creates its tasks one at a time); 0 is one per CPU.
@@ -156,7 +195,7 @@ settings! {
     /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
     seccomp_profile: PathBuf = PathBuf::new(), "ISOLATED_SECCOMP_PROFILE", "(built in)";
     /// Network of each action: cni (its own namespace on a CNI network) or none (loopback only).
-    network: String = "cni".into(), "ISOLATED_NETWORK", "cni";
+    network: NetworkMode = NetworkMode::Cni, "ISOLATED_NETWORK", "cni", value_parser = clap::builder::EnumValueParser::<NetworkMode>::new();
     /// Directory of the CNI plugin binaries.
     cni_bin_dir: PathBuf = "/usr/lib/cni".into(), "ISOLATED_CNI_BIN_DIR", "/usr/lib/cni";
     /// Directory of the CNI network config (*.conflist); empty: the built-in one.
@@ -168,7 +207,7 @@ settings! {
     /// Log every phase span when it closes, with its duration (for finding where time goes).
     log_span_times: bool = false, "ISOLATED_LOG_SPAN_TIMES", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Log format: text or json.
-    log_format: String = "text".into(), "ISOLATED_LOG_FORMAT", "text";
+    log_format: LogFormat = LogFormat::Text, "ISOLATED_LOG_FORMAT", "text", value_parser = clap::builder::EnumValueParser::<LogFormat>::new();
     /// Address of the Prometheus /metrics endpoint (host:port); empty disables it.
     metrics_bind: String = "127.0.0.1:9464".into(), "ISOLATED_METRICS_BIND", "127.0.0.1:9464";
 }
@@ -255,14 +294,8 @@ impl Config {
         if self.max_timeout_secs == 0 {
             return invalid("max_timeout_secs", "must be positive");
         }
-        if !matches!(self.shim_group.as_str(), "none" | "namespace") {
-            return invalid("shim_group", "is none or namespace");
-        }
         if self.shims_per_namespace > crate::runner::shim_keeper::MAX_SHIMS_PER_NAMESPACE {
             return invalid("shims_per_namespace", "is at most 99");
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return invalid("log_format", "is text or json");
         }
         if let Err(e) = crate::metrics::parse_bind(&self.metrics_bind) {
             return invalid("metrics_bind", &e.to_string());
@@ -376,6 +409,20 @@ mod tests {
         std::fs::write(&file, "bnid = \"x\"\n").unwrap();
         let e = Config::load(Options::default(), Some(&file)).unwrap_err();
         assert!(e.to_string().contains("bnid"), "{e}");
+    }
+
+    #[test]
+    fn choices_are_parsed_once_and_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "network = \"none\"\nshim_group = \"none\"\n").unwrap();
+        let c = Config::load(Options::default(), Some(&file)).unwrap();
+        assert_eq!(c.network, NetworkMode::None);
+        assert_eq!(c.shim_group, ShimGroup::None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        std::fs::write(&file, "network = \"bridge\"\n").unwrap();
+        let e = Config::load(Options::default(), Some(&file)).unwrap_err();
+        assert!(e.to_string().contains("bridge"), "{e}");
     }
 
     #[test]

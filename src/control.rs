@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::actions::Actions;
 use crate::auth::Caller;
 use crate::error::Error;
-use crate::image::import::ImportError;
 use crate::image::ImageService;
 use crate::proto::control::isolate_control_server::IsolateControl;
 use crate::proto::control::{
@@ -151,30 +150,28 @@ impl IsolateControl for ControlService {
     ) -> Result<Response<ImportImageResponse>, Status> {
         let caller = Caller::of(&req).map_err(Error::from)?;
         let mut stream = req.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the import stream is empty"))?;
+        let first = stream.message().await?.ok_or(Error::EmptyImport)?;
         // Before a byte is spooled.
         caller.authorize(&first.namespace).map_err(Error::from)?;
         crate::request::validate_namespace(&first.namespace).map_err(Error::from)?;
         let namespace = first.namespace.clone();
         let spool = Spool::create(&self.import_dir).await?;
-        let mut file = tokio::fs::File::from_std(spool.file.try_clone()?);
+        let spool_err = |e: std::io::Error| Error::Spool {
+            dir: self.import_dir.clone(),
+            reason: e.to_string(),
+        };
+        let mut file = tokio::fs::File::from_std(spool.file.try_clone().map_err(spool_err)?);
         let mut received = 0u64;
         let mut next = Some(first);
         while let Some(msg) = next {
             received += msg.chunk.len() as u64;
             if received > self.max_import_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "the archive is larger than max_import_bytes ({} bytes)",
-                    self.max_import_bytes
-                )));
+                return Err(Error::ImportTooLarge(self.max_import_bytes).into());
             }
-            file.write_all(&msg.chunk).await?;
+            file.write_all(&msg.chunk).await.map_err(spool_err)?;
             next = stream.message().await?;
         }
-        file.flush().await?;
+        file.flush().await.map_err(spool_err)?;
         drop(file);
         let cns = format!("{}{}", self.namespace_prefix, namespace);
         tracing::info!(namespace = %namespace, bytes = received, caller = %caller.who(), "importing an image archive");
@@ -188,20 +185,12 @@ impl IsolateControl for ControlService {
             imported
         })
         .await
-        .map_err(|e| Status::internal(format!("the import stopped: {e}")))?
-        .map_err(import_status)?;
+        .map_err(|e| Error::Spool {
+            dir: self.import_dir.clone(),
+            reason: format!("the import stopped: {e}"),
+        })?
+        .map_err(Error::from)?;
         Ok(Response::new(ImportImageResponse { images }))
-    }
-}
-
-/// The archive's faults are the caller's; containerd's are ours.
-fn import_status(e: ImportError) -> Status {
-    let msg = e.to_string();
-    match e {
-        ImportError::Containerd { .. } | ImportError::Unpack { .. } | ImportError::Io { .. } => {
-            Status::internal(msg)
-        }
-        _ => Status::invalid_argument(msg),
     }
 }
 
@@ -213,11 +202,12 @@ struct Spool {
 
 impl Spool {
     async fn create(dir: &std::path::Path) -> Result<Spool, Status> {
-        let fail = |e: std::io::Error| {
-            Status::internal(format!(
-                "cannot spool the archive under {}: {e}",
-                dir.display()
-            ))
+        let fail = |e: std::io::Error| -> Status {
+            Error::Spool {
+                dir: dir.to_owned(),
+                reason: e.to_string(),
+            }
+            .into()
         };
         tokio::fs::create_dir_all(dir).await.map_err(fail)?;
         let path = dir.join(format!("import-{:016x}.tar", rand::random::<u64>()));

@@ -1,16 +1,16 @@
-//! The crate's error: every module's error composed into one, and the one
-//! explicit mapping from it onto gRPC status codes. Report error codes are
-//! mapped where the failures are (`runner::RunError::code`).
+//! The crate's error as the gRPC services answer it: every module's error a
+//! call can end in, composed into one, and the one explicit mapping from it
+//! onto gRPC status codes, for every service (DirektivIsolate, the control
+//! service, the gate in front of them). Report error codes are mapped where
+//! the failures are (`runner::RunError::code`).
 
 use tonic::Status;
 
 use crate::auth::AuthError;
-use crate::config::ConfigError;
-use crate::containerd::ConnectError;
-use crate::network::NetworkError;
-use crate::report::flow::EndpointError;
+use std::path::PathBuf;
+
+use crate::image::import::ImportError;
 use crate::request::ValidationError;
-use crate::spec::SpecError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -24,8 +24,6 @@ pub enum Error {
     },
     /// {0} actions are accepted and not yet reported, the configured limit
     Busy(usize),
-    /// isolated is shutting down and accepts no more actions
-    ShuttingDown,
     /// no action {action_id} in namespace {namespace}
     NotFound {
         namespace: String,
@@ -39,17 +37,15 @@ pub enum Error {
     /// {0}
     Auth(#[from] AuthError),
     /// {0}
-    Config(#[from] ConfigError),
-    /// {0}
-    Connect(#[from] ConnectError),
-    /// {0}
-    Spec(#[from] SpecError),
-    /// {0}
-    Endpoint(#[from] EndpointError),
-    /// {0}
-    Network(#[from] NetworkError),
-    /// {0}
     Store(#[from] StoreError),
+    /// {0}
+    Import(#[from] ImportError),
+    /// the import stream is empty
+    EmptyImport,
+    /// the archive is larger than max_import_bytes ({0} bytes)
+    ImportTooLarge(u64),
+    /// cannot spool the archive under {dir}: {reason}
+    Spool { dir: PathBuf, reason: String },
 }
 
 impl From<Error> for Status {
@@ -62,14 +58,20 @@ impl From<Error> for Status {
             Error::Auth(AuthError::Forbidden { .. }) => Status::permission_denied(msg),
             Error::Auth(_) => Status::unauthenticated(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
-            Error::Busy(_) => Status::resource_exhausted(msg),
-            Error::ShuttingDown => Status::unavailable(msg),
+            Error::Busy(_) | Error::ImportTooLarge(_) => Status::resource_exhausted(msg),
             Error::NotFound { .. } => Status::not_found(msg),
             Error::Finished { .. } => Status::failed_precondition(msg),
-            Error::Config(_) | Error::Spec(_) | Error::Endpoint(_) | Error::Network(_) => {
-                Status::failed_precondition(msg)
-            }
-            Error::Connect(_) | Error::Store(_) => Status::unavailable(msg),
+            // Not durable, so not done: the caller may try again.
+            Error::Store(_) => Status::unavailable(msg),
+            Error::EmptyImport => Status::invalid_argument(msg),
+            // The archive's faults are the caller's; containerd's are ours.
+            Error::Import(
+                ImportError::Containerd { .. }
+                | ImportError::Unpack { .. }
+                | ImportError::Io { .. },
+            )
+            | Error::Spool { .. } => Status::internal(msg),
+            Error::Import(_) => Status::invalid_argument(msg),
         }
     }
 }

@@ -77,9 +77,7 @@ impl DirektivIsolate for IsolateService {
             error!(error = %e, "cannot store an accepted action");
             drop(place);
             handle.abandon();
-            return Err(Status::unavailable(format!(
-                "cannot accept the action: {e}"
-            )));
+            return Err(Error::Store(e).into());
         }
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");

@@ -178,7 +178,7 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
         Options {
             state_dir: Some(state_dir.clone()),
             cni_conf_dir: Some(net.conf_dir.clone()),
-            network: Some("cni".into()),
+            network: Some(direktiv_isolate::config::NetworkMode::Cni),
             bind: Some(format!("127.0.0.1:{}", free_port()?).parse()?),
             ..Default::default()
         },

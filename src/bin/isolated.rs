@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use direktiv_isolate::actions::Actions;
 use direktiv_isolate::auth::{tls, Gate, TcpPolicy};
-use direktiv_isolate::config::{Config, Options};
+use direktiv_isolate::config::{Config, LogFormat, Options, ShimGroup};
 use direktiv_isolate::containerd::{error_chain, Containerd};
 use direktiv_isolate::control::ControlService;
 use direktiv_isolate::embedded::Embedded;
@@ -73,7 +73,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&cfg.log_format, cfg.log_span_times);
+    init_logging(cfg.log_format, cfg.log_span_times);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -88,7 +88,7 @@ fn main() {
     }
 }
 
-fn init_logging(format: &str, span_times: bool) {
+fn init_logging(format: LogFormat, span_times: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal, not in a log file.
@@ -102,7 +102,7 @@ fn init_logging(format: &str, span_times: bool) {
             tracing_subscriber::fmt::format::FmtSpan::NONE
         })
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder
             .json()
             .with_current_span(true)
@@ -168,7 +168,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // The group annotation is the runc v2 shim's; another runtime would run
     // the keepers as sandboxes of their own and share nothing.
     let runc_shim = cfg.runtime == "io.containerd.runc.v2";
-    if cfg.shim_group == "namespace" && !runc_shim {
+    if cfg.shim_group == ShimGroup::Namespace && !runc_shim {
         warn!(runtime = %cfg.runtime, "shim_group = \"namespace\" needs the runc v2 shim; every task gets a shim of its own");
     }
     // Every call of the lifecycle goes through the engine (issue 12).
@@ -176,8 +176,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // runc's state as the runc v2 shim keeps it: its default root, since
     // isolated passes no runtime options.
     let runc = RuncRoot::default();
-    let keepers = match cfg.shim_group.as_str() {
-        "namespace" if runc_shim => Some(
+    let keepers = match cfg.shim_group {
+        ShimGroup::Namespace if runc_shim => Some(
             ShimKeepers::new(
                 engine.clone(),
                 runc.clone(),

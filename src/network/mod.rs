@@ -50,8 +50,6 @@ const HOSTS: &str = "/etc/hosts";
 /// Why an action's network could not be set up or released.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum NetworkError {
-    /// network mode {0:?} is unknown: use cni or none
-    Mode(String),
     /// DNS server {0:?} is not an IP address
     DnsServer(String),
     /// CNI network config {source_name}: {reason}
@@ -143,10 +141,9 @@ impl Networks {
     /// every action (so a fix applies to the next one), and until then
     /// actions fail with a network error.
     pub fn new(cfg: &Config) -> Result<Self, NetworkError> {
-        let mode = match cfg.network.as_str() {
-            "none" => Mode::None,
-            "cni" => Mode::Cni,
-            other => return Err(NetworkError::Mode(other.to_string())),
+        let mode = match cfg.network {
+            crate::config::NetworkMode::None => Mode::None,
+            crate::config::NetworkMode::Cni => Mode::Cni,
         };
         let dns = cfg
             .dns_servers

@@ -40,8 +40,8 @@ struct Node {
 fn config(dir: &std::path::Path, max_running: usize) -> Config {
     let o = Options {
         state_dir: Some(dir.to_path_buf()),
-        network: Some("none".into()),
-        shim_group: Some("none".into()),
+        network: Some(crate::config::NetworkMode::None),
+        shim_group: Some(crate::config::ShimGroup::None),
         flow_endpoint: Some("none".into()),
         kill_grace_secs: Some(1),
         max_running: Some(max_running),
