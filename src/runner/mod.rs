@@ -8,81 +8,51 @@
 //! The containerd call order follows containerd's own client
 //! (CONTAINERD-NOTES.md): Wait before Start; the action's snapshot is a GC
 //! root from its Prepare until its explicit removal.
-//! Stopping a task at its deadline is the reaper's (`crate::reaper`).
+//! Stopping a task at its deadline is the reaper's (`crate::reaper`); every
+//! containerd call goes through `crate::engine`.
+//!
+//! This file owns the order of an action's life (`run`: fresh, resumed
+//! after a restart, or only its report left to deliver; waiting for a slot;
+//! retrying while containerd is away). One job per file beside it: making
+//! the task (`create`), watching it (`supervise`), reading what it left
+//! (`collect`), giving everything back (`release`), its output streams
+//! (`stdio`), queue places (`queue`), the namespaces' shims
+//! (`shim_keeper`), and why a run failed (`error`).
 
 pub mod collect;
+mod create;
+mod error;
 #[cfg(test)]
 mod lifecycle_tests;
 pub mod queue;
+mod release;
 pub mod shim_keeper;
 pub mod stdio;
+mod supervise;
+
+pub use error::RunError;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use containerd_client::services::v1::container::Runtime;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::actions::{now_ms, Handle};
 use crate::config::Config;
-use crate::engine::{self, ops, Container, Engine, EngineError, NewTask, Prepare, RuncRoot};
-use crate::image::{Image, ImageError, ImageService};
-use crate::network::{NetTarget, NetworkError, Networks};
+use crate::engine::{Engine, RuncRoot};
+use crate::image::ImageService;
+use crate::network::{NetTarget, Networks};
 use crate::proto::control::ActionState;
 use crate::proto::flow::ReportActionResultsRequest;
-use crate::reaper;
 use crate::report::flow::Reporter;
-use crate::report::{ErrorCode, Outcome, Report, Stopped};
+use crate::report::{ErrorCode, Outcome, Report};
 use crate::request::ActionRequest;
-use crate::spec::{self, SpecError, SpecInput, SpecTemplate};
-use crate::store::{Store, StoreError, StoredAction, Sync};
+use crate::spec::SpecTemplate;
+use crate::store::{Store, StoredAction, Sync};
 
 use self::shim_keeper::{ShimHold, ShimKeepers};
 use self::stdio::Stdio;
-
-/// Why an action could not be run to its end. Each names what failed.
-#[derive(Debug, thiserror::Error, displaydoc::Display)]
-pub enum RunError {
-    /// cannot prepare the action's data directory {path}: {source}
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// {0}
-    Image(#[from] ImageError),
-    /// {0}
-    Spec(#[from] SpecError),
-    /// {0}
-    Engine(#[from] EngineError),
-    /// {0}
-    Store(#[from] StoreError),
-    /// {0}
-    Network(#[from] NetworkError),
-}
-
-impl RunError {
-    /// Whether containerd could not be reached (as opposed to refusing).
-    pub fn containerd_unavailable(&self) -> bool {
-        match self {
-            RunError::Engine(e) => e.is_unavailable(),
-            RunError::Image(ImageError::Internal { .. }) => true,
-            _ => false,
-        }
-    }
-
-    /// The report code: the image's fault, the data dir's, or ours.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            RunError::DataDir { .. } => ErrorCode::Io,
-            RunError::Network(_) => ErrorCode::Network,
-            RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
-            RunError::Image(_) => ErrorCode::Image,
-            RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
-            RunError::Spec(_) | RunError::Engine(_) | RunError::Store(_) => ErrorCode::Internal,
-        }
-    }
-}
 
 /// What the runner needs, shared by every action.
 pub struct Runner {
@@ -321,7 +291,7 @@ impl Runner {
 
     /// One try: pull, create, start, supervise, collect.
     async fn attempt(&self, a: &Action, record: &mut StoredAction) -> Result<Outcome, RunError> {
-        prepare_dir(a)?;
+        create::prepare_dir(a)?;
         a.handle.set_state(ActionState::Pulling);
         // Pulling is shown, not stored: recovery treats it like accepted
         // (start again), so writing it would buy nothing.
@@ -416,335 +386,5 @@ impl Runner {
             }
             Err(e) => Outcome::failed(e.code(), e.to_string()),
         }
-    }
-
-    /// Waits for the task's exit, its deadline or its cancellation, and
-    /// returns the exit code and why isolated stopped it, if it did.
-    async fn supervise<F>(
-        &self,
-        a: &Action,
-        deadline_ms: i64,
-        exit: &mut F,
-    ) -> Result<(u32, Option<Stopped>), RunError>
-    where
-        F: std::future::Future<Output = Result<u32, RunError>> + Unpin,
-    {
-        let _timer = crate::metrics::timer(crate::metrics::Phase::Run);
-        let left = Duration::from_millis((deadline_ms - now_ms()).max(0) as u64);
-        let deadline = tokio::time::Instant::now() + left;
-        let grace = self.cfg.kill_grace();
-        tokio::select! {
-            code = &mut *exit => Ok((code?, None)),
-            _ = tokio::time::sleep_until(deadline) => {
-                warn!(timeout_s = a.req.timeout.as_secs(), "deadline passed, stopping the task");
-                let code = reaper::stop(&*self.engine, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
-                Ok((code, Some(Stopped::Timeout(a.req.timeout))))
-            }
-            _ = a.handle.cancel.cancelled() => {
-                info!("cancelled, stopping the task");
-                let code = reaper::stop(&*self.engine, &a.cns, a.id(), &a.cgroups_path(), grace, exit).await?;
-                Ok((code, Some(Stopped::Cancelled(a.handle.cancel_reason()))))
-            }
-        }
-    }
-
-    /// Snapshot, spec, container and task, in that order.
-    ///
-    /// No lease: the one thing a lease would protect is the active snapshot
-    /// between its Prepare and the container that then references it, and
-    /// the snapshot's own `gc.root` label does that for two fewer metadata
-    /// transactions (each an fsync in containerd) per action. Cleanup and
-    /// the start-up sweep remove the snapshot explicitly either way.
-    async fn create(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
-        let _timer = crate::metrics::timer(crate::metrics::Phase::Start);
-        let labels = action_labels(a);
-        let mut snapshot_labels = labels.clone();
-        snapshot_labels.insert(
-            "containerd.io/gc.root".to_string(),
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        );
-        let prepare = Prepare {
-            snapshotter: self.cfg.snapshotter.clone(),
-            key: a.id().to_string(),
-            parent: image.top_chain.clone().unwrap_or_default(),
-            labels: snapshot_labels,
-        };
-        let mounts = match self.engine.prepare_snapshot(&a.cns, prepare.clone()).await {
-            Err(e) if e.is_already_exists() => {
-                // Left by a run of this action that died before its report:
-                // start from a clean slate.
-                self.cleanup_containerd(a).await;
-                self.engine.prepare_snapshot(&a.cns, prepare).await?
-            }
-            other => other?,
-        };
-
-        let image_user = image
-            .config
-            .config()
-            .as_ref()
-            .and_then(|c| c.user().clone())
-            .unwrap_or_default();
-        let user = if image_user.is_empty() {
-            spec::resolve_user("", None, None)?
-        } else {
-            let passwd = read_from_rootfs(&mounts, "etc/passwd");
-            let group = read_from_rootfs(&mounts, "etc/group");
-            spec::resolve_user(&image_user, passwd.as_deref(), group.as_deref())?
-        };
-        // The action's user must be able to write its results.
-        let data_dir = a.data_dir();
-        nix::unistd::chown(
-            &data_dir,
-            Some(nix::unistd::Uid::from_raw(user.uid)),
-            Some(nix::unistd::Gid::from_raw(user.gid)),
-        )
-        .map_err(|e| RunError::DataDir {
-            path: data_dir.clone(),
-            source: e.into(),
-        })?;
-
-        let net = self
-            .networks
-            .attach(&a.net())
-            .instrument(info_span!("network"))
-            .await?;
-        let shim_group = self.join_shim(a).await;
-        let size = a.req.size.index();
-        let memory = (self.cfg.size_memory_mib[size] as i64) << 20;
-        let step = a.req.step.map(|s| s.to_string()).unwrap_or_default();
-        let input = SpecInput {
-            image: &image.config,
-            argv: a.req.argv.as_deref(),
-            env: vec![
-                ("DIREKTIV_DIR".into(), spec::DATA_MOUNT.into()),
-                ("DIREKTIV_NAMESPACE".into(), a.req.namespace.clone()),
-                (
-                    "DIREKTIV_INSTANCE_ID".into(),
-                    a.req.instance_id.clone().unwrap_or_default(),
-                ),
-                ("DIREKTIV_ACTION_ID".into(), a.req.action_id.clone()),
-                ("DIREKTIV_STEP".into(), step),
-            ],
-            user,
-            data_dir: &data_dir,
-            memory_bytes: memory,
-            cpus: self.cfg.size_cpus[size],
-            cgroups_path: a.cgroups_path(),
-            shim_group,
-            netns: net.netns,
-            files: net.files,
-        };
-        let spec = self.template.build(&input)?;
-        let container = Container {
-            id: a.id().to_string(),
-            labels,
-            image: image.name.clone(),
-            runtime: Some(Runtime {
-                name: self.cfg.runtime.clone(),
-                options: None,
-            }),
-            spec: Some(spec::to_any(&spec)?),
-            snapshotter: self.cfg.snapshotter.clone(),
-            snapshot_key: a.id().to_string(),
-            ..Default::default()
-        };
-        self.engine.create_container(&a.cns, container).await?;
-
-        let stdio =
-            Stdio::open(&a.dir, a.handle.logs.clone()).map_err(|source| RunError::DataDir {
-                path: a.dir.clone(),
-                source,
-            })?;
-        let task = NewTask {
-            container_id: a.id().to_string(),
-            rootfs: mounts,
-            stdout: stdio.stdout.display().to_string(),
-            stderr: stdio.stderr.display().to_string(),
-        };
-        ops::create_task(&*self.engine, &a.cns, &task, &self.runc).await?;
-        Ok((stdio, memory))
-    }
-
-    /// The shim group the action's task joins: its namespace's, held open
-    /// by the keeper, or none (a shim of its own).
-    async fn join_shim(&self, a: &Action) -> Option<String> {
-        let keepers = self.keepers.as_ref()?;
-        let held = a
-            .shim
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(ShimHold::group);
-        if held.is_some() {
-            return held;
-        }
-        let hold = keepers.hold(&a.cns).instrument(info_span!("shim")).await?;
-        let group = hold.group();
-        *a.shim.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
-        Some(group)
-    }
-
-    /// Everything the action used, once its result is collected: the same
-    /// cleanup as after any failure, and its hold on the namespace's shim.
-    async fn release(&self, a: &Action) {
-        self.cleanup(a).instrument(info_span!("cleanup")).await;
-        // The task is gone from the namespace's shim.
-        drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
-    }
-
-    /// Removes the task, container, snapshot and directory of an action.
-    /// Each step tolerates what is already gone, so it can run after any
-    /// failure and again after a crash.
-    pub async fn cleanup(&self, a: &Action) {
-        self.cleanup_containerd(a).await;
-        self.networks.detach(&a.net()).await;
-        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
-            }
-        }
-    }
-
-    /// The containerd half of cleanup: task, container, snapshot.
-    pub async fn cleanup_containerd(&self, a: &Action) {
-        ops::remove_action(&*self.engine, &a.cns, a.id(), &self.cfg.snapshotter).await;
-    }
-
-    /// The task's exit, as a future to select on; registered before the
-    /// task starts.
-    fn wait_exit(
-        &self,
-        a: &Action,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, RunError>> + Send>> {
-        let (engine, cns, id) = (self.engine.clone(), a.cns.clone(), a.id().to_string());
-        Box::pin(async move { Ok(ops::wait_exit(&*engine, &cns, &id).await?) })
-    }
-}
-
-fn action_labels(a: &Action) -> std::collections::HashMap<String, String> {
-    let mut l = std::collections::HashMap::from([
-        (engine::LABEL_MANAGED.to_string(), "true".to_string()),
-        (engine::LABEL_NAMESPACE.to_string(), a.req.namespace.clone()),
-        (engine::LABEL_ACTION_ID.to_string(), a.req.action_id.clone()),
-    ]);
-    if let Some(i) = &a.req.instance_id {
-        l.insert(engine::LABEL_INSTANCE_ID.to_string(), i.clone());
-    }
-    if let Some(s) = a.req.step {
-        l.insert(engine::LABEL_STEP.to_string(), s.to_string());
-    }
-    l
-}
-
-/// A fresh data directory holding exactly the request's bytes as data.in.
-fn prepare_dir(a: &Action) -> Result<(), RunError> {
-    let data = a.data_dir();
-    let io = |source| RunError::DataDir {
-        path: data.clone(),
-        source,
-    };
-    if a.dir.exists() {
-        // Left by an earlier action of the same id that crashed: its
-        // content must not leak into this one.
-        std::fs::remove_dir_all(&a.dir).map_err(io)?;
-    }
-    std::fs::create_dir_all(&data).map_err(io)?;
-    std::fs::write(data.join("data.in"), &a.req.data).map_err(io)?;
-    Ok(())
-}
-
-/// Reads a file of the image from the snapshot's mounts without mounting
-/// them: the upper directory first, then the lower ones, top to bottom.
-/// The image is untrusted, so no symlink is followed on the way: a link in
-/// place of `etc` or `passwd` could point anywhere on the host.
-fn read_from_rootfs(mounts: &[containerd_client::types::Mount], rel: &str) -> Option<String> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for m in mounts {
-        if m.r#type == "bind" {
-            dirs.push(PathBuf::from(&m.source));
-        }
-        for o in &m.options {
-            if let Some(u) = o.strip_prefix("upperdir=") {
-                dirs.push(PathBuf::from(u));
-            }
-        }
-        for o in &m.options {
-            if let Some(l) = o.strip_prefix("lowerdir=") {
-                dirs.extend(l.split(':').map(PathBuf::from));
-            }
-        }
-    }
-    let (parent_rel, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-    for base in dirs {
-        let mut parent = base.clone();
-        let mut ok = true;
-        for c in parent_rel.split('/').filter(|c| !c.is_empty()) {
-            parent.push(c);
-            if !std::fs::symlink_metadata(&parent).is_ok_and(|m| m.is_dir()) {
-                ok = false;
-                break;
-            }
-        }
-        if !ok || std::fs::symlink_metadata(parent.join(name)).is_err() {
-            continue;
-        }
-        // The topmost layer that has the name decides, even if what it has
-        // is a whiteout or a link: then the image has no usable file.
-        return collect::read_result_file(&parent, name, 1 << 20)
-            .ok()
-            .flatten()
-            .and_then(|b| String::from_utf8(b).ok());
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn overlay(lower: &[&Path], upper: &Path) -> Vec<containerd_client::types::Mount> {
-        let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
-        vec![containerd_client::types::Mount {
-            r#type: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options: vec![
-                format!("upperdir={}", upper.display()),
-                format!("lowerdir={}", lower.join(":")),
-            ],
-        }]
-    }
-
-    #[test]
-    fn rootfs_files_come_from_the_topmost_layer_and_never_through_links() {
-        let t = tempfile::tempdir().unwrap();
-        let (l1, l2, up) = (
-            t.path().join("l1"),
-            t.path().join("l2"),
-            t.path().join("up"),
-        );
-        for d in [&l1, &l2, &up] {
-            std::fs::create_dir_all(d.join("etc")).unwrap();
-        }
-        std::fs::write(l2.join("etc/passwd"), "bottom").unwrap();
-        std::fs::write(l1.join("etc/passwd"), "top").unwrap();
-        assert_eq!(
-            read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd").as_deref(),
-            Some("top")
-        );
-        std::os::unix::fs::symlink("/etc/hostname", up.join("etc/passwd")).unwrap();
-        assert_eq!(
-            read_from_rootfs(&overlay(&[&l1, &l2], &up), "etc/passwd"),
-            None
-        );
-        let evil = t.path().join("evil");
-        std::fs::create_dir_all(&evil).unwrap();
-        std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
-        assert_eq!(
-            read_from_rootfs(&overlay(&[&evil], &up.join("none")), "etc/hostname"),
-            None
-        );
     }
 }

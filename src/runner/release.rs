@@ -1,0 +1,38 @@
+//! Releasing what an action used (issue 12's "release on collect"): its
+//! task, container and snapshot (through `engine::ops`, the one removal),
+//! its network and data directory, and its hold on the namespace's shim;
+//! every step tolerates what is gone, so it runs after any failure and
+//! again after a crash.
+
+use tracing::{info_span, warn, Instrument};
+
+use super::{Action, Runner};
+use crate::engine::ops;
+
+impl Runner {
+    /// Everything the action used, once its result is collected: the same
+    /// cleanup as after any failure, and its hold on the namespace's shim.
+    pub(super) async fn release(&self, a: &Action) {
+        self.cleanup(a).instrument(info_span!("cleanup")).await;
+        // The task is gone from the namespace's shim.
+        drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Removes the task, container, snapshot and directory of an action.
+    /// Each step tolerates what is already gone, so it can run after any
+    /// failure and again after a crash.
+    pub async fn cleanup(&self, a: &Action) {
+        self.cleanup_containerd(a).await;
+        self.networks.detach(&a.net()).await;
+        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
+            }
+        }
+    }
+
+    /// The containerd half of cleanup: task, container, snapshot.
+    pub async fn cleanup_containerd(&self, a: &Action) {
+        ops::remove_action(&*self.engine, &a.cns, a.id(), &self.cfg.snapshotter).await;
+    }
+}
