@@ -4,6 +4,7 @@
 mod auth;
 mod core;
 mod durability;
+mod engine;
 mod harness;
 mod harness_selftest;
 mod network;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     trials.extend(operator::trials());
     trials.extend(reaper::trials());
     trials.extend(durability::trials());
+    trials.extend(engine::trials());
 
     let runs_something = !args.list
         && trials

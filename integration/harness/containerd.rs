@@ -89,6 +89,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.dir.join("containerd.log")
     }
 
+    /// containerd's `state` directory (task bundles live under it).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.lock().unwrap().pid()
     }
