@@ -6,6 +6,7 @@
 #   make install      binaries, /etc/isolated/config.toml, systemd unit, completions
 #   make uninstall    removes what install put there (a config you edited stays)
 #   make bench        the benchmark (see README)
+#   make soak         10,000 mixed actions, then nothing left (make test runs 1,000)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -32,7 +33,7 @@ RUN_SOCKET := $(RUN_DIR)/isolated.sock
 BIND ?=
 SYSTEM_SOCK := /run/containerd/containerd.sock
 
-.PHONY: all build deps run demo-image test fmt-check clippy unit integration bench clean \
+.PHONY: all build deps run demo-image test fmt-check clippy unit integration bench soak clean \
         install install-files uninstall
 
 all: build
@@ -93,6 +94,11 @@ unit:
 
 integration:
 	$(CARGO) test --test integration
+
+# The soak: 10,000 mixed actions at concurrency 16 (make test runs 1,000), then
+# nothing may be left and the daemons' RSS must be back within 10 %.
+soak: deps
+	ISOLATE_SOAK_ACTIONS=$${ISOLATE_SOAK_ACTIONS:-10000} $(CARGO) test --test integration -- durability::soak
 
 # The benchmark of README's "Performance" section: isolated against ctr and runc.
 bench: deps

@@ -12,6 +12,7 @@ mod delivery;
 mod load;
 mod orphans;
 mod release;
+mod soak;
 
 use anyhow::{ensure, Result};
 use direktiv_isolate::proto::flow::ReportActionResultsRequest;
@@ -49,6 +50,7 @@ pub fn trials() -> Vec<Trial> {
             "durability::cancel_survives_sigkill",
             release::cancel_survives_sigkill,
         ),
+        trial("durability::soak_mixed", soak::soak_mixed),
         trial(
             "durability::containerd_restart_while_running",
             containerd_restart::containerd_restart_while_running,
