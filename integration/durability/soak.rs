@@ -147,7 +147,11 @@ async fn soak(t: &Ctx, net: &TestNet) -> Result<()> {
                 action_id: Some(id.clone()),
                 image: Some(image),
                 data: Some(kind.input(&id).into_bytes()),
-                timeout: Some(if matches!(kind, Kind::Timeout) { 1 } else { 120 }),
+                timeout: Some(if matches!(kind, Kind::Timeout) {
+                    1
+                } else {
+                    120
+                }),
                 ..Default::default()
             };
             d.run(req).await?;
@@ -235,7 +239,10 @@ async fn soak(t: &Ctx, net: &TestNet) -> Result<()> {
         ensure!(stray.is_empty(), "{label}: mounts left: {stray:?}");
         let leases_dir = d.state_dir.join("cni/ipam");
         let ip_leases = ip_lease_files(&leases_dir);
-        ensure!(ip_leases.is_empty(), "{label}: IP leases left: {ip_leases:?}");
+        ensure!(
+            ip_leases.is_empty(),
+            "{label}: IP leases left: {ip_leases:?}"
+        );
     }
     let veths = std::process::Command::new("ip")
         .args(["-o", "link", "show", "master", &net.bridge])
@@ -258,7 +265,11 @@ async fn soak(t: &Ctx, net: &TestNet) -> Result<()> {
     // Shims beyond the keepers: a graceful stop removes the keepers too, and then no
     // shim of these namespaces may be left.
     let namespaces: Vec<String> = daemons.iter().map(|d| d.cns(&t.ns)).collect();
-    drop(Arc::try_unwrap(daemons).ok().context("the daemons are still shared")?);
+    drop(
+        Arc::try_unwrap(daemons)
+            .ok()
+            .context("the daemons are still shared")?,
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let shims = shims_of(&namespaces);
@@ -304,7 +315,9 @@ fn shims_of(namespaces: &[String]) -> Vec<String> {
         };
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if text.contains("containerd-shim-runc-v2")
-            && namespaces.iter().any(|ns| text.contains(&format!("-namespace {ns} ")))
+            && namespaces
+                .iter()
+                .any(|ns| text.contains(&format!("-namespace {ns} ")))
         {
             found.push(text);
         }

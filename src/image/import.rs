@@ -312,41 +312,32 @@ impl ImageService {
             .map_err(cd_err(format!("store the config of {}", entry.name)))?;
         let diff_ids: Vec<String> = r.image_config.rootfs().diff_ids().to_vec();
         let chains = unpack::chain_ids(&diff_ids);
-        for (i, layer) in r.layers.iter().enumerate() {
-            let unpack_err = |reason: String| ImportError::Unpack {
-                name: entry.name.clone(),
-                reason,
-            };
-            if unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, &chains[i])
-                .await
-                .map_err(|e| unpack_err(e.message().to_string()))?
-            {
-                continue;
-            }
-            let region = listing.find_blob(&layer.digest, &entry.name)?;
-            let stream =
+        let target = unpack::Target {
+            cd: &self.cd,
+            ns,
+            lease,
+            snapshotter: &self.snapshotter,
+        };
+        unpack::unpack_chain(&target, &r.layers, &diff_ids, &chains, |layer| {
+            let region = listing.find_blob(&layer.digest, &entry.name);
+            async move {
+                let region = region?;
                 region_stream(archive, region)
                     .await
                     .map_err(|source| ImportError::Io {
                         path: archive.to_owned(),
                         source,
-                    })?;
-            content::write(&self.cd, ns, lease, layer, stream)
-                .await
-                .map_err(|e| {
-                    unpack_err(format!("storing layer {}: {}", layer.digest, e.message()))
-                })?;
-            let target = unpack::Target {
-                cd: &self.cd,
-                ns,
-                lease,
-                snapshotter: &self.snapshotter,
-            };
-            let parent = i.checked_sub(1).map(|p| chains[p].as_str());
-            unpack::apply_layer(&target, layer, &diff_ids[i], &chains[i], parent)
-                .await
-                .map_err(|e| unpack_err(e.to_string()))?;
-        }
+                    })
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            unpack::LayerError::Source(e) => e,
+            unpack::LayerError::Store(reason) => ImportError::Unpack {
+                name: entry.name.clone(),
+                reason,
+            },
+        })?;
         self.record(ns, lease, &entry.name, r, chains.last())
             .await
             .map_err(cd_err(format!("record image {}", entry.name)))

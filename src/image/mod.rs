@@ -303,40 +303,21 @@ impl ImageService {
             reference: whole.clone(),
             reason,
         };
-        for (i, layer) in layers.iter().enumerate() {
-            if unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, &chains[i])
-                .await
-                .map_err(|e| unpack_err(e.message().to_string()))?
-            {
-                continue;
-            }
-            if !content::exists(&self.cd, ns, &layer.digest)
-                .await
-                .map_err(|e| unpack_err(e.message().to_string()))?
-            {
-                let stream = registry.blob_stream(reference, layer).await?;
-                content::write(&self.cd, ns, lease, layer, stream)
-                    .await
-                    .map_err(|e| {
-                        unpack_err(format!("storing layer {}: {}", layer.digest, e.message()))
-                    })?;
-                crate::metrics::bytes_pulled(layer.size);
-            }
-            let parent = if i == 0 {
-                None
-            } else {
-                Some(chains[i - 1].as_str())
-            };
-            let target = unpack::Target {
-                cd: &self.cd,
-                ns,
-                lease,
-                snapshotter: &self.snapshotter,
-            };
-            unpack::apply_layer(&target, layer, &diff_ids[i], &chains[i], parent)
-                .await
-                .map_err(|e| unpack_err(e.to_string()))?;
-        }
+        let target = unpack::Target {
+            cd: &self.cd,
+            ns,
+            lease,
+            snapshotter: &self.snapshotter,
+        };
+        let fetched = unpack::unpack_chain(&target, layers, diff_ids, chains, |layer| async move {
+            registry.blob_stream(reference, &layer).await
+        })
+        .await
+        .map_err(|e| match e {
+            unpack::LayerError::Source(e) => e,
+            unpack::LayerError::Store(reason) => unpack_err(reason),
+        })?;
+        crate::metrics::bytes_pulled(fetched as i64);
         Ok(())
     }
 

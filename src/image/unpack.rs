@@ -12,6 +12,8 @@ use containerd_client::services::v1::ApplyRequest;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
+use super::content;
+use super::registry::Blob;
 use crate::containerd::{with_ns, Containerd};
 
 /// The OCI chain ids of a list of diff ids: the first is the first diff id,
@@ -201,4 +203,58 @@ mod tests {
         assert_eq!(ids[1], want);
         assert!(chain_ids(&[]).is_empty());
     }
+}
+
+/// Why a layer of a chain could not be unpacked: its source failed (the
+/// registry, the archive), or containerd did.
+#[derive(Debug)]
+pub enum LayerError<E> {
+    Source(E),
+    Store(String),
+}
+
+/// The one unpack loop of pulls and imports alike (issue 12): for each
+/// layer whose chain is not committed yet, its blob is written into the
+/// content store from `open` unless it is there already, then applied on
+/// the chain below and committed. A chain already unpacked costs one stat
+/// and no fetch. Returns the bytes that were fetched.
+pub async fn unpack_chain<E, F, Fut, S>(
+    t: &Target<'_>,
+    layers: &[Blob],
+    diff_ids: &[String],
+    chains: &[String],
+    mut open: F,
+) -> Result<u64, LayerError<E>>
+where
+    F: FnMut(Blob) -> Fut,
+    Fut: std::future::Future<Output = Result<S, E>>,
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin,
+{
+    let mut fetched = 0u64;
+    for (i, layer) in layers.iter().enumerate() {
+        let store = |e: tonic::Status| LayerError::Store(e.message().to_string());
+        if snapshot_exists(t.cd, t.ns, t.snapshotter, &chains[i])
+            .await
+            .map_err(store)?
+        {
+            continue;
+        }
+        if !content::exists(t.cd, t.ns, &layer.digest)
+            .await
+            .map_err(store)?
+        {
+            let stream = open(layer.clone()).await.map_err(LayerError::Source)?;
+            content::write(t.cd, t.ns, t.lease, layer, stream)
+                .await
+                .map_err(|e| {
+                    LayerError::Store(format!("storing layer {}: {}", layer.digest, e.message()))
+                })?;
+            fetched += layer.size.max(0) as u64;
+        }
+        let parent = i.checked_sub(1).map(|p| chains[p].as_str());
+        apply_layer(t, layer, &diff_ids[i], &chains[i], parent)
+            .await
+            .map_err(|e| LayerError::Store(e.to_string()))?;
+    }
+    Ok(fetched)
 }
