@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod error;
 pub mod image;
 pub mod listen;
+pub mod lock;
 pub mod metrics;
 pub mod network;
 pub mod proto;
