@@ -557,7 +557,7 @@ impl Runner {
             image: image.name.clone(),
             runtime: Some(Runtime {
                 name: self.cfg.runtime.clone(),
-                options: None,
+                options: crate::embedded::runtime_options(),
             }),
             spec: Some(spec::to_any(&spec)?),
             snapshotter: self.cfg.snapshotter.clone(),
