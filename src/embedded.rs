@@ -145,16 +145,22 @@ impl Layout {
 }
 
 /// The plugins that make up CRI. 1.x has one; 2.x split it into images,
-/// runtime, the pod sandbox controller and the gRPC service, and disabling
-/// only the service still loads the other two (issue 14), which want the
-/// host's CNI, `/etc/containerd/certs.d` and `/var/lib` paths. NRI, loaded
-/// by default since 2.0, would listen on the host-wide `/var/run/nri`.
+/// runtime, the pod sandbox controller and the gRPC services, and disabling
+/// only `grpc.v1.cri` still loads images and runtime (issue 14), which want
+/// the host's CNI, `/etc/containerd/certs.d` and `/var/lib` paths. NRI,
+/// loaded by default since 2.0, would listen on the host-wide
+/// `/var/run/nri`. Measured with containerd 2.1.9 (Debian's): without CRI
+/// the pod sandbox controller fails to load, and so does the gRPC service
+/// of sandbox controllers without it (a warning each at every start), so
+/// both are off too; `ctr plugins ls` then shows no plugin in error and
+/// the log no warning. The generic shim sandbox controller stays.
 const CRI_PLUGINS_1X: &[&str] = &["io.containerd.grpc.v1.cri"];
 const CRI_PLUGINS_2X: &[&str] = &[
     "io.containerd.grpc.v1.cri",
     "io.containerd.cri.v1.images",
     "io.containerd.cri.v1.runtime",
     "io.containerd.podsandbox.controller.v1.podsandbox",
+    "io.containerd.grpc.v1.sandbox-controllers",
     "io.containerd.nri.v1.nri",
 ];
 
@@ -536,6 +542,7 @@ mod tests {
             "io.containerd.cri.v1.images",
             "io.containerd.cri.v1.runtime",
             "io.containerd.podsandbox.controller.v1.podsandbox",
+            "io.containerd.grpc.v1.sandbox-controllers",
             "io.containerd.nri.v1.nri",
         ] {
             assert!(off.contains(&plugin), "{plugin} stays enabled on 2.x");
