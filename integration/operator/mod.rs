@@ -4,6 +4,7 @@
 mod cli;
 mod embedded;
 mod install;
+mod make_run;
 pub mod metrics;
 mod stop;
 
@@ -50,6 +51,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "operator::second_isolated_on_a_state_dir_is_refused",
             stop::second_isolated_on_a_state_dir_is_refused,
+        ),
+        trial(
+            "operator::make_run_honours_the_environment_and_clean_unmounts",
+            make_run::honours_the_environment_and_cleans_up,
         ),
         harness_trial("operator::install_into_destdir", install::into_destdir),
         trial(

@@ -32,7 +32,15 @@ pub async fn with_a_follower_then_a_second_signal(t: Ctx) -> Result<()> {
         let id = t.action_id("long");
         let follower = ctl_command(
             p.socket(),
-            &["run", "-n", &t.ns, "-i", &image.reference, "--action-id", &id],
+            &[
+                "run",
+                "-n",
+                &t.ns,
+                "-i",
+                &image.reference,
+                "--action-id",
+                &id,
+            ],
         )
         .spawn()
         .context("start isolatectl run")?;
@@ -78,7 +86,8 @@ pub async fn with_a_follower_then_a_second_signal(t: Ctx) -> Result<()> {
 
         // The action outlived the stop; a second signal does not wait for it.
         p.start_again().await?;
-        p.wait_state(&t.ns, &id, ActionState::Running, ACTION).await?;
+        p.wait_state(&t.ns, &id, ActionState::Running, ACTION)
+            .await?;
         let log_before = p.log_text().len();
         p.signal(Signal::SIGINT)?;
         let deadline = tokio::time::Instant::now() + AT_ONCE;
@@ -111,7 +120,8 @@ pub async fn with_a_follower_then_a_second_signal(t: Ctx) -> Result<()> {
         );
 
         p.start_again().await?;
-        p.wait_state(&t.ns, &id, ActionState::Running, ACTION).await?;
+        p.wait_state(&t.ns, &id, ActionState::Running, ACTION)
+            .await?;
         p.control()
             .await?
             .cancel_isolate(CancelIsolateRequest {
