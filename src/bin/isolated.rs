@@ -340,8 +340,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         grace_secs = SHUTDOWN_GRACE.as_secs(),
         "stopped accepting; letting running actions finish"
     );
-    let drained =
-        tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()).await;
+    let drained = tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()).await;
     if drained.is_err() {
         warn!(
             unfinished = actions.in_flight(),

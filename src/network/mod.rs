@@ -193,7 +193,9 @@ impl Networks {
     /// action uses it; whatever happens is logged, since the stop goes on.
     pub fn release_dir(&self) {
         match netns::release_dir(&self.paths.netns) {
-            Ok(true) => info!(dir = %self.paths.netns.display(), "unmounted the network namespaces' directory"),
+            Ok(true) => {
+                info!(dir = %self.paths.netns.display(), "unmounted the network namespaces' directory")
+            }
             Ok(false) => {}
             Err(e) => warn!(error = %e, "the network namespaces' directory stays mounted"),
         }
