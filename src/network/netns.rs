@@ -240,6 +240,19 @@ mod tests {
     }
 
     #[test]
+    fn the_directory_stays_mounted_while_a_namespace_is_pinned_in_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("netns");
+        // Not a mount point and nothing in it: nothing to do.
+        std::fs::create_dir_all(dir.join("direktiv.ns")).unwrap();
+        assert!(!release_dir(&dir).unwrap());
+        assert!(!release_dir(&d.path().join("absent")).unwrap());
+        std::fs::write(dir.join("direktiv.ns/a1"), "").unwrap();
+        let e = release_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("a1 is still pinned"), "{e}");
+    }
+
+    #[test]
     fn removing_what_is_not_there_is_fine() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ns").join("a");
