@@ -266,6 +266,14 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
         "CHECK passed on a released network"
     );
     ensure!(networks.attached().is_empty(), "attached() after detach");
+    // What a graceful stop does last: nothing stays mounted under the state dir.
+    ensure!(
+        direktiv_isolate::network::netns::release_dir(&netns_dir)?,
+        "{} was not mounted",
+        netns_dir.display()
+    );
+    let mounted = crate::harness::mounts::mounts_under(&state_dir);
+    ensure!(mounted.is_empty(), "still mounted: {mounted:?}");
     let failed = net.remove();
     ensure!(failed.is_empty(), "cleaning up the test bridge: {failed:?}");
     Ok(())
