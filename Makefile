@@ -1,6 +1,8 @@
 # direktiv-isolate: build, run, test.
 #
-#   make run          build and run isolated (embedded containerd if no system one answers)
+#   make run          build and run isolated (embedded containerd if no system one answers);
+#                     BIND=, METRICS_BIND=, FLOW_ENDPOINT= and isolated's environment honoured
+#   make clean        .run (unmounting what is left under it) and cargo's target
 #   make demo-image   the quick start's demo action as an OCI archive under .run/
 #   make test         install what is missing, then fmt, clippy, unit and integration tests
 #   make install      binaries, /etc/isolated/config.toml, systemd unit, completions
@@ -19,8 +21,6 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 DATADIR ?= $(PREFIX)/share
 # Where install takes the binaries from.
 BUILD_DIR ?= target/release
-# make run: "none" keeps results for isolatectl only; set a flow engine's host:port to report to it.
-FLOW_ENDPOINT ?= none
 
 # Debian packages the build, the daemon and the tests need.
 DEB_PACKAGES := containerd runc protobuf-compiler libprotobuf-dev busybox-static docker-registry \
@@ -28,10 +28,11 @@ DEB_PACKAGES := containerd runc protobuf-compiler libprotobuf-dev busybox-static
                 gcc libc6-dev openssl util-linux
 
 RUN_DIR := $(CURDIR)/.run
-RUN_SOCKET := $(RUN_DIR)/isolated.sock
-# make run: TCP address of the gRPC services; empty serves the socket only.
-BIND ?=
 SYSTEM_SOCK := /run/containerd/containerd.sock
+# make run BIND=host:port METRICS_BIND=host:port FLOW_ENDPOINT=host:port: when
+# given, these win over isolated's environment; unset, the environment decides,
+# then make run's defaults (socket only, isolated's metrics port, no flow engine).
+given = $(if $(filter-out undefined default,$(origin $(1))),$(2)='$($(1))')
 
 .PHONY: all build deps run demo-image test fmt-check clippy unit integration bench soak clean \
         install install-files uninstall
@@ -54,24 +55,16 @@ build: deps
 	$(CARGO) build --release --bins
 
 # Runs isolated in the foreground against the system containerd, or, when
-# none answers, against its own embedded one under .run/state/containerd.
-# It serves its own socket, .run/isolated.sock (a system isolated's is
-# /run/isolated/isolated.sock), and no TCP listener unless BIND is set
-# (which then needs authentication: see README "Securing a node").
+# none answers (probed in under a second), against its own embedded one under
+# .run/state/containerd. It serves its own socket, .run/isolated.sock (a system
+# isolated's is /run/isolated/isolated.sock), and no TCP listener unless BIND
+# is set (which then needs authentication: see README "Securing a node").
+# isolated's environment (ISOLATED_*, DIREKTIV_*) is honoured: dist/run.sh.
 run: build
-	@mkdir -p $(RUN_DIR)
-	@echo "serving the local socket $(RUN_SOCKET): export ISOLATECTL_SOCKET=$(RUN_SOCKET)"
-	@if ctr --address $(SYSTEM_SOCK) version >/dev/null 2>&1; then \
-	  echo "using the system containerd at $(SYSTEM_SOCK)"; \
-	  exec ./target/release/isolated --containerd-address $(SYSTEM_SOCK) \
-	    --state-dir $(RUN_DIR)/state --socket $(RUN_SOCKET) --bind "$(BIND)" \
-	    --flow-endpoint "$(FLOW_ENDPOINT)"; \
-	else \
-	  echo "no containerd at $(SYSTEM_SOCK): isolated starts its own under $(RUN_DIR)/state/containerd"; \
-	  exec ./target/release/isolated --embedded-containerd \
-	    --state-dir $(RUN_DIR)/state --socket $(RUN_SOCKET) --bind "$(BIND)" \
-	    --flow-endpoint "$(FLOW_ENDPOINT)"; \
-	fi
+	@$(call given,BIND,RUN_BIND) $(call given,METRICS_BIND,RUN_METRICS_BIND) \
+	  $(call given,FLOW_ENDPOINT,RUN_FLOW_ENDPOINT) \
+	  RUN_DIR='$(RUN_DIR)' SYSTEM_SOCK='$(SYSTEM_SOCK)' ISOLATED_BIN=./target/release/isolated \
+	  bash dist/run.sh
 
 # The quick start's demo action (demo.invalid/echo:latest), built offline
 # from busybox-static: import it with `isolatectl image import`.
@@ -146,6 +139,8 @@ uninstall:
 	done; \
 	rmdir $$c/cni $$c 2>/dev/null; true
 
+# .run after unmounting and stopping what a stopped or killed make run left in it;
+# refused while isolated still runs there.
 clean:
+	bash dist/clean-run.sh $(RUN_DIR)
 	$(CARGO) clean
-	rm -rf $(RUN_DIR)

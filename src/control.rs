@@ -2,7 +2,9 @@
 //! the same port as `DirektivIsolate`: get, list, watch, logs and cancel of
 //! actions, and image import. A thin layer over [`Actions`] and the image
 //! service; it decides nothing itself but what a caller may see: a token
-//! scoped to some namespaces sees only those (`auth::Caller`).
+//! scoped to some namespaces sees only those (`auth::Caller`). A watch
+//! ends when the daemon starts to stop ([`ControlService::stopping`]), so a
+//! follower never holds a graceful stop open.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -12,6 +14,7 @@ use futures::Stream;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actions::Actions;
@@ -36,7 +39,16 @@ pub struct ControlService {
     /// Beyond this an import is refused: the spool shares its disk with the
     /// store, and a full disk would stop every accept.
     pub max_import_bytes: u64,
+    /// Cancelled when the daemon starts to stop. Every open watch ends
+    /// then with UNAVAILABLE: a graceful stop waits for the calls in
+    /// flight, and a watch lasts as long as its action (issue 14: Ctrl-C
+    /// with `isolatectl run` following an action took 42 s, not 10).
+    pub stopping: CancellationToken,
 }
+
+/// What a follower is told when the daemon stops under it.
+const STOPPING: &str =
+    "isolated is stopping; the action goes on and is reported as usual (follow it again with isolatectl get)";
 
 /// The caller of `req`, if it may use namespace `ns`.
 fn allowed<T>(req: &Request<T>, ns: &str) -> Result<Caller, Status> {
@@ -108,6 +120,9 @@ impl IsolateControl for ControlService {
 
     async fn watch_isolate(&self, req: Request<ActionRef>) -> Result<Response<InfoStream>, Status> {
         let caller = allowed(&req, &req.get_ref().namespace)?;
+        if self.stopping.is_cancelled() {
+            return Err(Status::unavailable(STOPPING));
+        }
         let r = req.into_inner();
         let rx = self
             .actions
@@ -128,7 +143,10 @@ impl IsolateControl for ControlService {
                 Ok(()) => Ok(info),
                 Err(e) => Err(Status::from(Error::from(e))),
             });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(until_stopping(
+            Box::pin(stream),
+            self.stopping.clone(),
+        ))))
     }
 
     async fn isolate_logs(
@@ -194,6 +212,23 @@ impl IsolateControl for ControlService {
     }
 }
 
+/// `inner`, ended by one UNAVAILABLE item once `stopping` is cancelled.
+fn until_stopping(inner: InfoStream, stopping: CancellationToken) -> InfoStream {
+    Box::pin(futures::stream::unfold(
+        Some((inner, stopping)),
+        |state| async move {
+            let (mut inner, stopping) = state?;
+            tokio::select! {
+                // A state change and the stop at once: the stop wins, so a
+                // stopping daemon answers nothing more.
+                biased;
+                _ = stopping.cancelled() => Some((Err(Status::unavailable(STOPPING)), None)),
+                item = inner.next() => item.map(|i| (i, Some((inner, stopping)))),
+            }
+        },
+    ))
+}
+
 /// A spooled archive, removed when dropped, whatever the import's outcome.
 struct Spool {
     path: PathBuf,
@@ -223,5 +258,34 @@ impl Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watch_ends_with_unavailable_when_the_daemon_stops() {
+        // A watch whose action never changes again: without the token it
+        // would never end.
+        let (tx, rx) = tokio::sync::watch::channel(ActionInfo {
+            state: ActionState::Running as i32,
+            ..Default::default()
+        });
+        let inner: InfoStream = Box::pin(WatchStream::new(rx).map(Ok));
+        let stopping = CancellationToken::new();
+        let mut s = until_stopping(inner, stopping.clone());
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(first.state(), ActionState::Running);
+        stopping.cancel();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+            .await
+            .expect("the watch ends once the daemon stops");
+        let status = end.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("stopping"), "{status}");
+        assert!(s.next().await.is_none(), "nothing after the stop");
+        drop(tx);
     }
 }

@@ -3,15 +3,29 @@
 //! backoff when it dies, and stops on shutdown (SIGTERM, then SIGKILL).
 //!
 //! Everything of it lives under `<state_dir>/containerd`: the generated
-//! config, root, state, sockets, `opt`, its log and its pid file. Owns only
-//! that process: the shims it starts re-parent away from it by design (they
-//! outlive containerd so that running actions survive a restart), and what
-//! runs in it is the runner's business.
+//! config, root, state, sockets, `opt`, runc's state (`runc/`), its log and
+//! its pid file. Owns only that process and what its config says: the shims
+//! it starts re-parent away from it by design (they outlive containerd so
+//! that running actions survive a restart), and what runs in it is the
+//! runner's business.
+//!
+//! Embedded means private (issue 14): a second containerd on the host with
+//! the same namespace and container id must not meet this one anywhere.
+//! What containerd keeps by itself is under its `root` and `state`. What
+//! the runc v2 shim keeps is not: its runc root defaults to
+//! `/run/containerd/runc/<namespace>` for every containerd on the host, and
+//! containerd has no setting for it outside CRI (which is disabled here); it
+//! is the `root` of the runc options a client gives with the container
+//! ([`runtime_options`]), and containerd hands a container's options to the
+//! shim when a task is created without options of its own. The shim's
+//! ttrpc socket stays under `/run/containerd/s/` (built into the shim), but
+//! is named by a hash of containerd's own socket path, the namespace and the
+//! id, so two containerds never share one.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -33,6 +47,53 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 /// `sun_path` is 108 bytes with its terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// How long `containerd --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The runc v2 shim's runc root when the client gives none (containerd's
+/// `process.RuncRoot`); the shim appends the namespace.
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// The runc root of the containerd this process uses: set once, when the
+/// embedded containerd starts, before any action runs. A process-wide fact
+/// rather than a field, so that every place creating a container (the
+/// runner and the shim keepers) asks the same question the same way.
+static RUNC_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// The runc root (without the namespace) of the containerd this process
+/// uses: `<state_dir>/containerd/runc` for the embedded one, else
+/// [`DEFAULT_RUNC_ROOT`]. runc keeps namespace `cns`'s containers under
+/// `runc_root().join(cns)`.
+pub fn runc_root() -> &'static Path {
+    RUNC_ROOT
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(DEFAULT_RUNC_ROOT))
+}
+
+/// The runtime options every container this process creates carries
+/// (`Container.runtime.options`): the runc root of the embedded
+/// containerd, or none (containerd's defaults) with any other containerd.
+pub fn runtime_options() -> Option<prost_types::Any> {
+    RUNC_ROOT.get().map(|root| runc_options(root))
+}
+
+/// `containerd.runc.v1.Options` with only `root` (field 7) set: what the
+/// shim reads, without the rest of containerd's API types.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncOptions {
+    #[prost(string, tag = "7")]
+    root: String,
+}
+
+fn runc_options(root: &Path) -> prost_types::Any {
+    prost_types::Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value: prost::Message::encode_to_vec(&RuncOptions {
+            root: root.display().to_string(),
+        }),
+    }
+}
 
 /// Why the embedded containerd could not be started.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -46,6 +107,8 @@ pub enum EmbeddedError {
     SocketPath { path: PathBuf },
     /// cannot start containerd (is it installed and in PATH?): {0}
     Spawn(std::io::Error),
+    /// cannot tell containerd's version from `containerd --version`: {0}
+    Version(String),
     /// embedded containerd exited during start-up ({status}); its log is {log}
     Exited { status: String, log: PathBuf },
     /// embedded containerd did not answer on {socket} within {secs} s; its log is {log}
@@ -64,6 +127,7 @@ struct Layout {
     socket: PathBuf,
     log: PathBuf,
     pid_file: PathBuf,
+    runc_root: PathBuf,
 }
 
 impl Layout {
@@ -74,31 +138,102 @@ impl Layout {
             socket: dir.join("containerd.sock"),
             log: dir.join("containerd.log"),
             pid_file: dir.join("containerd.pid"),
+            runc_root: dir.join("runc"),
             dir,
         }
     }
 }
 
-/// The config isolated writes for its containerd: version 2, CRI disabled
-/// (it would want the host's CNI and /var/lib paths), and every path of it
-/// under `dir` so that two isolated on one host do not share anything.
-pub fn config_toml(dir: &Path) -> String {
+/// The plugins that make up CRI. 1.x has one; 2.x split it into images,
+/// runtime, the pod sandbox controller and the gRPC services, and disabling
+/// only `grpc.v1.cri` still loads images and runtime (issue 14), which want
+/// the host's CNI, `/etc/containerd/certs.d` and `/var/lib` paths. NRI,
+/// loaded by default since 2.0, would listen on the host-wide
+/// `/var/run/nri`. Measured with containerd 2.1.9 (Debian's): without CRI
+/// the pod sandbox controller fails to load, and so does the gRPC service
+/// of sandbox controllers without it (a warning each at every start), so
+/// both are off too; `ctr plugins ls` then shows no plugin in error and
+/// the log no warning. The generic shim sandbox controller stays.
+const CRI_PLUGINS_1X: &[&str] = &["io.containerd.grpc.v1.cri"];
+const CRI_PLUGINS_2X: &[&str] = &[
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.images",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+    "io.containerd.grpc.v1.sandbox-controllers",
+    "io.containerd.nri.v1.nri",
+];
+
+/// The config isolated writes for its containerd of major version
+/// `major`: the config version that release reads without migrating
+/// (2 for 1.x; 3 for 2.x, which logs a migration warning at every start
+/// for version 2), CRI disabled, and every path of it under `dir` so that
+/// two isolated on one host do not share anything.
+pub fn config_toml(dir: &Path, major: u32) -> String {
     let q = |p: PathBuf| toml::Value::String(p.display().to_string()).to_string();
+    let (version, disabled) = match major {
+        0 | 1 => (2, CRI_PLUGINS_1X),
+        _ => (3, CRI_PLUGINS_2X),
+    };
+    let disabled: Vec<String> = disabled
+        .iter()
+        .map(|p| toml::Value::String(p.to_string()).to_string())
+        .collect();
     format!(
-        "# Generated by isolated (embedded_containerd); rewritten at every start.\n\
-         version = 2\n\
+        "# Generated by isolated (embedded_containerd) for containerd {major}.x; rewritten at every start.\n\
+         version = {version}\n\
          root = {root}\n\
          state = {state}\n\
-         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n\
+         disabled_plugins = [{disabled}]\n\n\
          [grpc]\n  address = {grpc}\n\n\
          [ttrpc]\n  address = {ttrpc}\n\n\
          [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n",
+        disabled = disabled.join(", "),
         root = q(dir.join("root")),
         state = q(dir.join("state")),
         grpc = q(dir.join("containerd.sock")),
         ttrpc = q(dir.join("containerd.sock.ttrpc")),
         opt = q(dir.join("opt")),
     )
+}
+
+/// The major version in `containerd --version`'s line, e.g.
+/// `containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1`
+/// or `containerd github.com/containerd/containerd/v2 v2.1.4 abc123`.
+pub fn major_version(text: &str) -> Option<u32> {
+    let mut words = text.split_whitespace();
+    let module = words.find(|w| w.contains("containerd/containerd"));
+    let version = match module {
+        Some(_) => words.next(),
+        // A build that prints only a version.
+        None => text.split_whitespace().find(|w| {
+            w.trim_start_matches('v')
+                .starts_with(|c: char| c.is_ascii_digit())
+        }),
+    }?;
+    version
+        .trim_start_matches('v')
+        .split(['.', '+', '~', '-'])
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Asks the `containerd` in PATH for its version.
+async fn containerd_major() -> Result<u32, EmbeddedError> {
+    let out = tokio::time::timeout(
+        VERSION_TIMEOUT,
+        Command::new("containerd")
+            .arg("--version")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| EmbeddedError::Version(format!("no answer within {VERSION_TIMEOUT:?}")))?
+    .map_err(EmbeddedError::Spawn)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    major_version(&text).ok_or_else(|| EmbeddedError::Version(format!("{:?}", text.trim())))
 }
 
 /// A running, supervised containerd.
@@ -126,14 +261,22 @@ impl Embedded {
             move |source| EmbeddedError::Dir { path, source }
         };
         std::fs::create_dir_all(&layout.dir).map_err(dir_err(&layout.dir))?;
-        std::fs::write(&layout.config, config_toml(&layout.dir))
+        let major = containerd_major().await?;
+        std::fs::write(&layout.config, config_toml(&layout.dir, major))
             .map_err(dir_err(&layout.config))?;
+        std::fs::create_dir_all(&layout.runc_root).map_err(dir_err(&layout.runc_root))?;
         stop_leftover(&layout).await;
 
         let mut child = spawn(&layout)?;
         let pid = Arc::new(AtomicI32::new(child_pid(&child)));
         wait_ready(&layout, &mut child).await?;
-        info!(socket = %layout.socket.display(), pid = pid.load(Ordering::Relaxed), "embedded containerd is up");
+        info!(socket = %layout.socket.display(), pid = pid.load(Ordering::Relaxed),
+              major, runc_root = %layout.runc_root.display(), "embedded containerd is up");
+        if RUNC_ROOT.set(layout.runc_root.clone()).is_err() && runc_root() != layout.runc_root {
+            warn!(
+                "a second embedded containerd in one process: its containers use the first one's runc root"
+            );
+        }
 
         let stop = CancellationToken::new();
         let supervisor = tokio::spawn(supervise(layout.clone(), child, pid.clone(), stop.clone()));
@@ -148,6 +291,19 @@ impl Embedded {
     /// The socket to give the containerd client.
     pub fn socket(&self) -> &Path {
         &self.layout.socket
+    }
+
+    /// Something that sends SIGTERM to the current containerd at once,
+    /// without waiting or reaping: for an exit that cannot wait (a second
+    /// Ctrl-C), so that no containerd is left running under the terminal.
+    pub fn sigterm_hook(&self) -> impl Fn() + Send + Sync + 'static {
+        let pid = self.pid.clone();
+        move || {
+            let pid = pid.load(Ordering::Relaxed);
+            if pid > 0 {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
     }
 
     /// Stops containerd (SIGTERM, SIGKILL after a grace period) and reaps
@@ -334,22 +490,102 @@ async fn stop_leftover(layout: &Layout) {
 mod tests {
     use super::*;
 
+    fn disabled(v: &toml::Table) -> Vec<&str> {
+        v["disabled_plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect()
+    }
+
     #[test]
     fn config_keeps_everything_under_the_state_dir() {
-        let text = config_toml(Path::new("/var/lib/isolated/containerd"));
-        let v: toml::Table = text.parse().unwrap();
-        assert_eq!(v["version"].as_integer(), Some(2));
-        assert_eq!(
-            v["grpc"]["address"].as_str(),
-            Some("/var/lib/isolated/containerd/containerd.sock")
-        );
-        for (k, want) in [("root", "root"), ("state", "state")] {
+        for major in [1, 2] {
+            let text = config_toml(Path::new("/var/lib/isolated/containerd"), major);
+            let v: toml::Table = text.parse().unwrap();
             assert_eq!(
-                v[k].as_str(),
-                Some(format!("/var/lib/isolated/containerd/{want}").as_str())
+                v["grpc"]["address"].as_str(),
+                Some("/var/lib/isolated/containerd/containerd.sock")
+            );
+            assert_eq!(
+                v["ttrpc"]["address"].as_str(),
+                Some("/var/lib/isolated/containerd/containerd.sock.ttrpc")
+            );
+            for (k, want) in [("root", "root"), ("state", "state")] {
+                assert_eq!(
+                    v[k].as_str(),
+                    Some(format!("/var/lib/isolated/containerd/{want}").as_str())
+                );
+            }
+            assert_eq!(
+                v["plugins"]["io.containerd.internal.v1.opt"]["path"].as_str(),
+                Some("/var/lib/isolated/containerd/opt")
             );
         }
-        assert!(text.contains("io.containerd.grpc.v1.cri"));
+    }
+
+    #[test]
+    fn config_version_and_cri_follow_the_containerd_release() {
+        let v1: toml::Table = config_toml(Path::new("/s"), 1).parse().unwrap();
+        assert_eq!(v1["version"].as_integer(), Some(2), "1.x reads version 2");
+        assert_eq!(disabled(&v1), ["io.containerd.grpc.v1.cri"]);
+        let v2: toml::Table = config_toml(Path::new("/s"), 2).parse().unwrap();
+        assert_eq!(
+            v2["version"].as_integer(),
+            Some(3),
+            "2.x migrates version 2 with a warning"
+        );
+        let off = disabled(&v2);
+        for plugin in [
+            "io.containerd.grpc.v1.cri",
+            "io.containerd.cri.v1.images",
+            "io.containerd.cri.v1.runtime",
+            "io.containerd.podsandbox.controller.v1.podsandbox",
+            "io.containerd.grpc.v1.sandbox-controllers",
+            "io.containerd.nri.v1.nri",
+        ] {
+            assert!(off.contains(&plugin), "{plugin} stays enabled on 2.x");
+        }
+        // A later major is read as 2.x is.
+        assert_eq!(config_toml(Path::new("/s"), 3), {
+            config_toml(Path::new("/s"), 2).replace("containerd 2.x", "containerd 3.x")
+        });
+    }
+
+    #[test]
+    fn versions_are_read_from_what_containerd_prints() {
+        for (text, want) in [
+            (
+                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3\n",
+                Some(1),
+            ),
+            (
+                "containerd github.com/containerd/containerd/v2 2.1.9+unknown \n",
+                Some(2),
+            ),
+            (
+                "containerd github.com/containerd/containerd/v2 v2.0.4 1a43cb6a1035441f9aca8f5666a9b3ef9e70ab20\n",
+                Some(2),
+            ),
+            ("containerd github.com/containerd/containerd v1.7.24 61f9fd88\n", Some(1)),
+            ("containerd version 2.2.0\n", Some(2)),
+            ("", None),
+            ("containerd github.com/containerd/containerd unknown\n", None),
+        ] {
+            assert_eq!(major_version(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn runc_options_carry_the_root_as_field_seven() {
+        let any = runc_options(Path::new("/s/containerd/runc"));
+        assert_eq!(any.type_url, "containerd.runc.v1.Options");
+        // Tag 7, wire type 2 (length-delimited): 0x3a, then the length.
+        let root = b"/s/containerd/runc";
+        let mut want = vec![0x3a, root.len() as u8];
+        want.extend_from_slice(root);
+        assert_eq!(any.value, want);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod listen;
+pub mod lock;
 pub mod metrics;
 pub mod network;
 pub mod proto;

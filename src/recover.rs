@@ -195,6 +195,9 @@ async fn remove_orphan(runner: &Runner, cns: &str, id: &str) {
         })
         .await;
     remove_dir(&dir);
+    if let Some(ns_dir) = dir.parent() {
+        let _ = std::fs::remove_dir(ns_dir);
+    }
 }
 
 fn remove_dir(dir: &Path) {

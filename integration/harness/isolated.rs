@@ -184,6 +184,26 @@ impl Isolated {
         Some(p.kill())
     }
 
+    /// Waits up to `timeout` for the process to exit on its own, polling; returns its exit
+    /// status, or None if it still runs (it is then left running) or was never started.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut guard = self.process.lock().unwrap();
+                let status = guard.as_mut()?.exited();
+                if let Some(status) = status {
+                    guard.take();
+                    return Some(status);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends `signal` without waiting.
     pub fn signal(&self, signal: Signal) -> Result<()> {
         match self.process.lock().unwrap().as_mut() {

@@ -413,6 +413,25 @@ impl PrivateIsolated {
         self.isolated.stop(Duration::from_secs(15));
     }
 
+    /// Sends `signal` to the process without waiting.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        self.isolated.signal(signal)
+    }
+
+    /// Waits up to `timeout` for the process to exit; None if it still runs.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.isolated.wait_exit(timeout).await
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.isolated.pid()
+    }
+
+    /// Its arguments (the harness's standard ones come first, see `Isolated::start`).
+    pub fn config(&self) -> &IsolatedConfig {
+        self.isolated.config()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.isolated.addr()
     }

@@ -266,6 +266,14 @@ pub async fn detach_works_after_a_restart(t: Ctx) -> Result<()> {
         "CHECK passed on a released network"
     );
     ensure!(networks.attached().is_empty(), "attached() after detach");
+    // What a graceful stop does last: nothing stays mounted under the state dir.
+    ensure!(
+        direktiv_isolate::network::netns::release_dir(&netns_dir)?,
+        "{} was not mounted",
+        netns_dir.display()
+    );
+    let mounted = crate::harness::mounts::mounts_under(&state_dir);
+    ensure!(mounted.is_empty(), "still mounted: {mounted:?}");
     let failed = net.remove();
     ensure!(failed.is_empty(), "cleaning up the test bridge: {failed:?}");
     Ok(())
@@ -324,6 +332,54 @@ pub async fn released_after_a_crash(t: Ctx) -> Result<()> {
     ensure!(leases.is_empty(), "IPAM leases left: {leases:?}");
     drop(daemon);
     let failed = net.remove();
+    ensure!(failed.is_empty(), "cleaning up the test bridge: {failed:?}");
+    Ok(())
+}
+
+/// A graceful stop unmounts what the daemon mounted (issue 14: `make clean` failed on
+/// `<state>/netns`, still mounted after a normal stop): after an action on a CNI network
+/// and a SIGTERM, nothing under the state dir is a mount point.
+pub async fn nothing_mounted_after_a_graceful_stop(t: Ctx) -> Result<()> {
+    let net = TestNet::create(t.env.dir())?;
+    let daemon = Daemon::with_net(t.env, "unmount", &net).await?;
+    let res = async {
+        let image = t.push(&crate::core::echo_spec()).await?;
+        let id = t.action_id("mounted");
+        let report = daemon
+            .run_and_wait(t.env, t.request(&image.reference, &id), FIRST_PULL)
+            .await?;
+        expect_success(&report)?;
+        let netns = daemon.state_dir.join("netns").canonicalize()?;
+        ensure!(
+            crate::harness::mounts::mounts_under(&netns).contains(&netns),
+            "{} was never mounted: the trial proves nothing",
+            netns.display()
+        );
+        daemon.assert_nothing_left(t.env, &t.ns).await?;
+        let status = daemon
+            .isolated
+            .stop(Duration::from_secs(20))
+            .context("the daemon was not running")?;
+        ensure!(status.success(), "the graceful stop exited with {status}");
+        let state = daemon.state_dir.canonicalize()?;
+        let mounted = crate::harness::mounts::mounts_under(&state);
+        ensure!(
+            mounted.is_empty(),
+            "still mounted under {} after a graceful stop: {mounted:?}",
+            state.display()
+        );
+        ensure!(
+            daemon
+                .isolated
+                .log_text()
+                .contains("unmounted the network namespaces' directory"),
+            "the daemon did not say it unmounted it"
+        );
+        Ok(())
+    }
+    .await;
+    let failed = net.remove();
+    res.with_context(|| daemon.log_tail())?;
     ensure!(failed.is_empty(), "cleaning up the test bridge: {failed:?}");
     Ok(())
 }

@@ -75,6 +75,10 @@ pub fn trials() -> Vec<Trial> {
             "network::released_after_a_crash",
             lifecycle::released_after_a_crash,
         ),
+        trial(
+            "network::nothing_mounted_after_a_graceful_stop",
+            lifecycle::nothing_mounted_after_a_graceful_stop,
+        ),
     ]
 }
 

@@ -127,6 +127,44 @@ pub async fn run_output_error_and_exit_codes(t: Ctx) -> Result<()> {
         "missing --image: {}",
         shown(&out)
     );
+    // An input over the node's message limit (32 MiB of input plus 1 MiB) is one line
+    // naming the sizes, not a transport error (issue 14); one over isolatectl's own is
+    // refused before it is sent. Neither runs anything.
+    for (bytes, says) in [
+        (
+            40_000_000usize,
+            "the node takes messages of at most 33.0 MiB (34603008 bytes)",
+        ),
+        (70_000_000, "isolatectl sends at most 63.0 MiB"),
+    ] {
+        let file = t.env.dir().join(format!("input-{bytes}.bin"));
+        std::fs::write(&file, vec![b'x'; bytes])?;
+        let file_arg = file.display().to_string();
+        let out = ctl(
+            addr,
+            &[
+                "run",
+                "-n",
+                &t.ns,
+                "-i",
+                &echo.reference,
+                "--data-file",
+                &file_arg,
+            ],
+            Duration::from_secs(60),
+        )
+        .await?;
+        let _ = std::fs::remove_file(&file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2)
+                && stderr.lines().count() == 1
+                && stderr.contains(&format!("({bytes} bytes)"))
+                && stderr.contains(says),
+            "an input of {bytes} bytes: {}",
+            shown(&out)
+        );
+    }
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 mod cli;
 mod embedded;
 mod install;
+mod make_run;
 pub mod metrics;
+mod stop;
 
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -34,6 +36,26 @@ pub fn trials() -> Vec<Trial> {
             "operator::embedded_containerd_from_nothing",
             embedded::from_nothing,
         ),
+        trial(
+            "operator::embedded_containerd_is_left_alone_by_a_second_isolated",
+            embedded::second_isolated_leaves_it_alone,
+        ),
+        trial(
+            "operator::embedded_runc_state_is_private",
+            embedded::runc_state_is_private,
+        ),
+        trial(
+            "operator::stop_with_a_follower_then_a_second_signal",
+            stop::with_a_follower_then_a_second_signal,
+        ),
+        trial(
+            "operator::second_isolated_on_a_state_dir_is_refused",
+            stop::second_isolated_on_a_state_dir_is_refused,
+        ),
+        trial(
+            "operator::make_run_honours_the_environment_and_clean_unmounts",
+            make_run::honours_the_environment_and_cleans_up,
+        ),
         harness_trial("operator::install_into_destdir", install::into_destdir),
         trial(
             "operator::metrics_move_and_health_serves",
@@ -42,8 +64,9 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-/// `isolatectl ARGS` against `addr`, stdin closed, at most `timeout`.
-pub async fn ctl(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+/// `isolatectl ARGS` against the local `socket`, stdin closed, output piped, killed when
+/// dropped: started, not waited for.
+pub fn ctl_command(socket: &Path, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_isolatectl"));
     // Over the local socket, as an operator on the node would; nothing from the
     // developer's shell points it elsewhere.
@@ -56,6 +79,12 @@ pub async fn ctl(socket: &Path, args: &[&str], timeout: Duration) -> Result<Outp
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    cmd
+}
+
+/// `isolatectl ARGS` against `addr`, stdin closed, at most `timeout`.
+pub async fn ctl(socket: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = ctl_command(socket, args);
     let out = tokio::time::timeout(timeout, cmd.output())
         .await
         .map_err(|_| anyhow!("isolatectl {args:?} did not end within {timeout:?}"))?

@@ -30,6 +30,11 @@ use tonic::Code;
 
 /// Inputs and outputs may be 32 MiB each (ISOLATE.md §2, §4), plus room.
 const MAX_MESSAGE: usize = 64 << 20;
+/// The request's fields besides the input, at most: a command of 64 KiB,
+/// 64 registries of 8 KiB (ISOLATE.md §8), ids and the image.
+const REQUEST_OVERHEAD: usize = 1 << 20;
+/// The node's input limit unless its operator changed it (`max_input_bytes`).
+const DEFAULT_MAX_INPUT: usize = 32 << 20;
 const IMPORT_CHUNK: usize = 1 << 20;
 
 #[derive(Parser)]
@@ -359,6 +364,54 @@ async fn connect(cli: &ConnArgs) -> Outcome<Clients> {
     })
 }
 
+/// An input this client cannot even send: refused here with a line naming
+/// the limit, before a byte goes out (issue 14: a raw transport error).
+fn check_input_size(len: usize) -> Outcome<()> {
+    if len + REQUEST_OVERHEAD > MAX_MESSAGE {
+        return Err(usage(format!(
+            "the input is {} ({len} bytes); isolatectl sends at most {} ({} bytes), and a node takes {} unless its max_input_bytes says more",
+            human_bytes(len),
+            human_bytes(MAX_MESSAGE - REQUEST_OVERHEAD),
+            MAX_MESSAGE - REQUEST_OVERHEAD,
+            human_bytes(DEFAULT_MAX_INPUT),
+        )));
+    }
+    Ok(())
+}
+
+/// The node's refusal of a request too large for its gRPC limit
+/// (OUT_OF_RANGE from tonic's decoder, RESOURCE_EXHAUSTED from grpc-go's)
+/// as a line naming the input's size and the limit, not the transport's.
+fn refused_size(input: usize, s: &tonic::Status) -> Option<Failure> {
+    let message = s.message();
+    let about_size = matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted)
+        && (message.contains("message length too large")
+            || message.contains("larger than max")
+            || message.contains("message too large"));
+    if !about_size {
+        return None;
+    }
+    // tonic: "... found N bytes, the limit is: M bytes"; grpc-go: "... (N vs. M)".
+    let limit = message
+        .rsplit_once("the limit is: ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .or_else(|| {
+            message
+                .rsplit_once(" vs. ")
+                .and_then(|(_, rest)| rest.split(')').next())
+        })
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    let limit = match limit {
+        Some(m) => format!("messages of at most {} ({m} bytes)", human_bytes(m)),
+        None => "smaller messages".to_string(),
+    };
+    Some(usage(format!(
+        "the node refused the action: the input is {} ({input} bytes), and the node takes {limit}; its max_input_bytes (default {}) bounds the input",
+        human_bytes(input),
+        human_bytes(DEFAULT_MAX_INPUT),
+    )))
+}
+
 async fn dispatch(cli: Cli) -> Outcome<u8> {
     let json = cli.json;
     match cli.cmd {
@@ -366,6 +419,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             // Read the input before connecting: a bad --data-file is a usage
             // error whether or not the daemon is up.
             let data = read_input(&args)?;
+            check_input_size(data.len())?;
             let registries = parse_registries(&args.registries)?;
             let c = connect(&cli.conn).await?;
             run(c, args, data, registries, json).await
@@ -586,10 +640,10 @@ async fn run(
         registries,
         size: Some(args.size),
     };
-    c.isolate
-        .run_isolate(req)
-        .await
-        .map_err(|s| call_failed("the node refused the action", s))?;
+    let input = req.data.as_ref().map_or(0, Vec::len);
+    c.isolate.run_isolate(req).await.map_err(|s| {
+        refused_size(input, &s).unwrap_or_else(|| call_failed("the node refused the action", s))
+    })?;
     let aref = ActionRef {
         namespace: args.namespace.clone(),
         action_id: action_id.clone(),
@@ -654,11 +708,17 @@ async fn run(
     if json {
         print_json(&info_json(&info));
     } else if ok {
-        let _ = std::io::stdout().write_all(&info.output);
-        let _ = std::io::stdout().flush();
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&info.output);
+        // Exact bytes into a pipe or file; on a terminal the output ends its
+        // line, or the prompt (or the line below) would start inside it.
+        if out.is_terminal() && !info.output.is_empty() && !info.output.ends_with(b"\n") {
+            let _ = out.write_all(b"\n");
+        }
+        let _ = out.flush();
     }
     if ok {
-        progress.line(&format!(
+        progress.last_line(&format!(
             "{action_id}: done in {:.1}s",
             started.elapsed().as_secs_f64()
         ));
@@ -690,6 +750,17 @@ impl Progress {
         if self.live {
             *self.last.borrow_mut() = text.to_string();
             eprint!("\r\x1b[K{text}");
+        } else {
+            eprintln!("isolatectl: {text}");
+        }
+    }
+
+    /// A line that ends the display: always ends with a newline (issue 14:
+    /// the last line of `run` had none, so the prompt followed it).
+    fn last_line(&self, text: &str) {
+        if self.live {
+            self.last.borrow_mut().clear();
+            eprintln!("\r\x1b[K{text}");
         } else {
             eprintln!("isolatectl: {text}");
         }
@@ -885,6 +956,34 @@ mod tests {
         assert!(parse_registries(&["h=nopassword".into()]).is_err());
         assert_eq!(parse_size("large"), Ok(2));
         assert!(parse_size("huge").is_err());
+    }
+
+    #[test]
+    fn inputs_too_large_are_refused_naming_the_limit() {
+        assert!(check_input_size(32 << 20).is_ok());
+        let f = check_input_size(MAX_MESSAGE).err().unwrap();
+        assert_eq!(f.code, 2);
+        assert!(f.message.contains("63.0 MiB"), "{}", f.message);
+        // What tonic's decoder says on the node, and what grpc-go's says.
+        let tonic = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 40000000 bytes, the limit is: 34603008 bytes",
+        );
+        let f = refused_size(40_000_000, &tonic).unwrap();
+        assert!(
+            f.message.contains("34603008 bytes") && f.message.contains("40000000 bytes"),
+            "{}",
+            f.message
+        );
+        let go = tonic::Status::resource_exhausted(
+            "grpc: received message larger than max (40000000 vs. 4194304)",
+        );
+        assert!(refused_size(40_000_000, &go)
+            .unwrap()
+            .message
+            .contains("4194304 bytes"));
+        // Other refusals keep their own words.
+        let busy = tonic::Status::resource_exhausted("more than 1024 actions are queued");
+        assert!(refused_size(10, &busy).is_none());
     }
 
     #[test]

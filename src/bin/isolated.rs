@@ -1,7 +1,8 @@
 //! `isolated`: the node daemon. Reads its settings, checks it can work
-//! (root, containerd, the port), serves the gRPC services and stops
-//! gracefully on SIGTERM/SIGINT. Errors end here as one line and a
-//! non-zero exit.
+//! (root, the state dir's lock, containerd, the port), serves the gRPC
+//! services and stops gracefully on SIGTERM/SIGINT, at once on a second
+//! one. Errors end here as one line and a non-zero exit. What stopping
+//! releases is decided here; what each part holds is that part's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use direktiv_isolate::engine::containerd::ContainerdEngine;
 use direktiv_isolate::engine::{Engine, RuncRoot};
 use direktiv_isolate::image::ImageService;
 use direktiv_isolate::listen::{self, LocalSocket};
+use direktiv_isolate::lock::StateLock;
 use direktiv_isolate::metrics;
 use direktiv_isolate::network::Networks;
 use direktiv_isolate::proto::control::isolate_control_server::IsolateControlServer;
@@ -56,8 +58,17 @@ struct Cli {
 }
 
 /// How long running actions get to finish after SIGTERM before isolated
-/// exits anyway (their containers keep running under containerd).
+/// exits anyway (their containers keep running under containerd), counted
+/// from the signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long calls in flight (a RunIsolate's durable write, an import) get
+/// after the signal before their connections are dropped. Watches end at
+/// the signal itself; without a bound, one long call held the stop open
+/// for as long as its action ran (issue 14: 42 s).
+const SERVER_GRACE: Duration = Duration::from_secs(2);
+/// How long the runtime waits for blocking work (file and store I/O) when
+/// `run` has returned: what is unfinished is in the store.
+const RUNTIME_GRACE: Duration = Duration::from_secs(1);
 
 fn main() {
     tls::install_crypto_provider();
@@ -81,7 +92,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    let result = rt.block_on(run(cfg));
+    rt.shutdown_timeout(RUNTIME_GRACE);
+    if let Err(e) = result {
         tracing::error!("{e:#}");
         eprintln!("isolated: {e:#}");
         std::process::exit(1);
@@ -124,12 +137,18 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             bail!("isolated needs {cap} in its effective capability set");
         }
     }
+    // Before anything is touched: a second isolated on this state dir
+    // would take the first one's embedded containerd for a leftover and
+    // stop it (issue 14). Held until the process ends.
+    let _lock = StateLock::acquire(&cfg.state_dir)?;
     let template = SpecTemplate::load(
         non_empty(&cfg.base_spec).as_deref(),
         non_empty(&cfg.seccomp_profile).as_deref(),
     )?;
     std::fs::create_dir_all(cfg.actions_dir())
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
+    // Nothing runs yet, so no action is creating one of these right now.
+    remove_empty_dirs(&cfg.actions_dir());
     // The embedded containerd replaces the configured address.
     let embedded = match cfg.embedded_containerd {
         true => Some(Embedded::start(&cfg.state_dir).await?),
@@ -173,9 +192,10 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     }
     // Every call of the lifecycle goes through the engine (issue 12).
     let engine: Arc<dyn Engine> = Arc::new(ContainerdEngine::new(cd.clone()));
-    // runc's state as the runc v2 shim keeps it: its default root, since
-    // isolated passes no runtime options.
-    let runc = RuncRoot::default();
+    // runc's state as the runc v2 shim keeps it: the embedded containerd's
+    // own (passed in every container's runtime options), else the shim's
+    // default root.
+    let runc = RuncRoot(direktiv_isolate::embedded::runc_root().to_path_buf());
     let keepers = match cfg.shim_group {
         ShimGroup::Namespace if runc_shim => Some(
             ShimKeepers::new(
@@ -210,6 +230,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     recover(&runner, &actions)
         .await
         .context("cannot read the store to recover accepted actions")?;
+    // Stops the listeners, and ends every watch (the control service).
+    let stop = tokio_util::sync::CancellationToken::new();
     let control = ControlService {
         actions: actions.clone(),
         store: runner.store.clone(),
@@ -217,6 +239,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),
         max_import_bytes: cfg.max_import_bytes,
+        stopping: stop.clone(),
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(bind) = metrics::parse_bind(&cfg.metrics_bind)? {
@@ -263,7 +286,6 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
                 )),
         )
     };
-    let stop = tokio_util::sync::CancellationToken::new();
     let mut servers: Vec<futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>>> =
         Vec::new();
     if let Some(incoming) = local.as_mut().and_then(|l| l.incoming()) {
@@ -293,40 +315,78 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         info!(socket = %l.path().display(), "serving the local socket");
     }
     info!(flow = %cfg.flow_endpoint, "serving");
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            stop.cancel();
-        });
-    }
-    let served = futures::future::try_join_all(servers).await;
+    let on_forced_exit: Box<dyn Fn() + Send + Sync> = match &embedded {
+        Some(e) => Box::new(e.sigterm_hook()),
+        None => Box::new(|| {}),
+    };
+    tokio::spawn(signals(stop.clone(), on_forced_exit));
+
+    let served = futures::future::try_join_all(servers);
+    tokio::pin!(served);
+    let listener_ended = tokio::select! {
+        r = &mut served => Some(r),
+        _ = stop.cancelled() => None,
+    };
+    let stopping_since = tokio::time::Instant::now();
     // One listener failing stops the other.
     stop.cancel();
-    served.context("gRPC server failed")?;
+    match listener_ended {
+        Some(r) => {
+            r.context("gRPC server failed")?;
+        }
+        None => match tokio::time::timeout(SERVER_GRACE, &mut served).await {
+            Ok(r) => {
+                r.context("gRPC server failed")?;
+            }
+            Err(_) => warn!(
+                grace_ms = SERVER_GRACE.as_millis() as u64,
+                "calls still open after the grace period; dropping their connections"
+            ),
+        },
+    }
     drop(local);
 
     info!(
         running = actions.in_flight(),
+        grace_secs = SHUTDOWN_GRACE.as_secs(),
         "stopped accepting; letting running actions finish"
     );
-    if tokio::time::timeout(SHUTDOWN_GRACE, actions.drained())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()).await;
+    if drained.is_err() {
         warn!(
             unfinished = actions.in_flight(),
-            "exiting with actions unfinished"
+            "exiting with actions unfinished; they resume at the next start"
         );
     }
     if let Some(k) = &runner.keepers {
         k.remove_idle().await;
     }
+    if drained.is_ok() {
+        // No action uses the network namespaces' mount any more, nor its
+        // directory under actions/ (issue 14: `make clean` failed on it).
+        runner.networks.release_dir();
+        remove_empty_dirs(&cfg.actions_dir());
+    }
     stop_metrics.cancel();
     if let Some(e) = embedded {
         e.shutdown().await;
     }
+    info!("stopped");
     Ok(())
+}
+
+/// Removes the empty `actions/<namespace>/` directories (each action's own
+/// directory is removed with the action, its namespace's is not). Only
+/// while no action runs: one being prepared may have just created its
+/// namespace's directory.
+fn remove_empty_dirs(actions_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(actions_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        // Fails, as it should, for a directory that is not empty.
+        let _ = std::fs::remove_dir(e.path());
+    }
 }
 
 fn flow_tls(cfg: &Config) -> FlowTls {
@@ -340,16 +400,46 @@ fn non_empty(p: &std::path::Path) -> Option<PathBuf> {
     (!p.as_os_str().is_empty()).then(|| p.to_owned())
 }
 
-async fn shutdown_signal() {
+/// The first SIGTERM or SIGINT starts the graceful stop (`stop`); a second
+/// one exits at once: tokio's handler stays installed after the first, so
+/// without this every further Ctrl-C was swallowed (issue 14). Nothing is
+/// lost by that exit: accepted actions are in the store, their tasks keep
+/// running under containerd, and the next start re-attaches to them.
+async fn signals(
+    stop: tokio_util::sync::CancellationToken,
+    on_forced_exit: Box<dyn Fn() + Send + Sync>,
+) {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         // Without signal handlers the default action (exit) still applies.
-        return std::future::pending().await;
+        return;
     };
+    let (name, _) = next_signal(&mut term, &mut int).await;
+    info!(
+        signal = name,
+        grace_secs = SHUTDOWN_GRACE.as_secs(),
+        "stopping gracefully; a second signal exits at once"
+    );
+    stop.cancel();
+    let (name, code) = next_signal(&mut term, &mut int).await;
+    warn!(
+        signal = name,
+        "second signal: exiting now; unfinished actions resume at the next start"
+    );
+    on_forced_exit();
+    std::process::exit(code);
+}
+
+/// The next SIGTERM or SIGINT: its name and the exit code of a process it
+/// ends (128 + its number, as a shell reports it).
+async fn next_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> (&'static str, i32) {
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+        _ = term.recv() => ("SIGTERM", 128 + 15),
+        _ = int.recv() => ("SIGINT", 128 + 2),
     }
 }

@@ -186,6 +186,18 @@ impl Networks {
         Ok(networks)
     }
 
+    /// Unmounts the namespaces' directory at a graceful stop, once no
+    /// action uses it; whatever happens is logged, since the stop goes on.
+    pub fn release_dir(&self) {
+        match netns::release_dir(&self.paths.netns) {
+            Ok(true) => {
+                info!(dir = %self.paths.netns.display(), "unmounted the network namespaces' directory")
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "the network namespaces' directory stays mounted"),
+        }
+    }
+
     /// Says at start-up which network actions get, or why they will fail.
     fn log_config(&self) {
         match conf::load(&self.conf_dir) {

@@ -55,6 +55,51 @@ pub fn prepare_dir(dir: &Path) -> Result<(), NetworkError> {
     .map_err(|e| io_error("make shared", &dir, e))
 }
 
+/// Undoes [`prepare_dir`] once no namespace is pinned under `dir` (issue
+/// 14: the bind mount outlived a graceful stop, and `rm -rf` of the state
+/// dir then failed on it). Returns whether it unmounted anything; with a
+/// namespace still pinned (an action left running for the next start) the
+/// mount stays, since a lazy unmount would detach that namespace too.
+pub fn release_dir(dir: &Path) -> Result<bool, NetworkError> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Ok(false);
+    };
+    if let Some(pinned) = first_pinned(&dir) {
+        return Err(io_error(
+            "keep the mount of",
+            &dir,
+            format!("{} is still pinned", pinned.display()),
+        ));
+    }
+    let mut unmounted = false;
+    // prepare_dir binds once; a crash between two starts of an older
+    // version may have stacked more.
+    for _ in 0..8 {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| io_error("read", Path::new("/proc/self/mountinfo"), e))?;
+        if !is_mount_point(&mountinfo, &dir) {
+            break;
+        }
+        umount2(&dir, MntFlags::empty()).map_err(|e| io_error("unmount", &dir, e))?;
+        unmounted = true;
+    }
+    Ok(unmounted)
+}
+
+/// A file under `dir/<tenant>/` (a pinned namespace, or the file of one
+/// being created), if there is any.
+fn first_pinned(dir: &Path) -> Option<PathBuf> {
+    for tenant in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(entries) = std::fs::read_dir(tenant.path()) else {
+            continue;
+        };
+        if let Some(e) = entries.flatten().next() {
+            return Some(e.path());
+        }
+    }
+    None
+}
+
 /// Whether `path` is a mount point according to a mountinfo text (field 5,
 /// with the kernel's octal escapes).
 pub fn is_mount_point(mountinfo: &str, path: &Path) -> bool {
@@ -192,6 +237,19 @@ mod tests {
         ));
         assert_eq!(unescape_mountinfo("a\\011b\\134"), "a\tb\\");
         assert_eq!(unescape_mountinfo("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn the_directory_stays_mounted_while_a_namespace_is_pinned_in_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("netns");
+        // Not a mount point and nothing in it: nothing to do.
+        std::fs::create_dir_all(dir.join("direktiv.ns")).unwrap();
+        assert!(!release_dir(&dir).unwrap());
+        assert!(!release_dir(&d.path().join("absent")).unwrap());
+        std::fs::write(dir.join("direktiv.ns/a1"), "").unwrap();
+        let e = release_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("a1 is still pinned"), "{e}");
     }
 
     #[test]

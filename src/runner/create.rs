@@ -111,7 +111,7 @@ impl Runner {
             image: image.name.clone(),
             runtime: Some(Runtime {
                 name: self.cfg.runtime.clone(),
-                options: None,
+                options: crate::embedded::runtime_options(),
             }),
             spec: Some(spec::to_any(&spec)?),
             snapshotter: self.cfg.snapshotter.clone(),
@@ -182,7 +182,14 @@ pub(super) fn prepare_dir(a: &Action) -> Result<(), RunError> {
         // content must not leak into this one.
         std::fs::remove_dir_all(&a.dir).map_err(io)?;
     }
-    std::fs::create_dir_all(&data).map_err(io)?;
+    // Another action's cleanup may remove the namespace's (then empty)
+    // directory between this creating it and creating the action's in it.
+    if let Err(e) = std::fs::create_dir_all(&data) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(io(e));
+        }
+        std::fs::create_dir_all(&data).map_err(io)?;
+    }
     std::fs::write(data.join("data.in"), &a.req.data).map_err(io)?;
     Ok(())
 }

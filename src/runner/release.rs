@@ -29,6 +29,12 @@ impl Runner {
                 warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
             }
         }
+        // The namespace's directory goes with its last action (it fails,
+        // harmlessly, while another is in it; `prepare_dir` copes with one
+        // removed under it), so quiet tenants leave no empty dirs behind.
+        if let Some(ns_dir) = a.dir.parent() {
+            let _ = std::fs::remove_dir(ns_dir);
+        }
     }
 
     /// The containerd half of cleanup: task, container, snapshot.

@@ -311,7 +311,7 @@ impl Inner {
             ]),
             runtime: Some(Runtime {
                 name: self.runtime.clone(),
-                options: None,
+                options: crate::embedded::runtime_options(),
             }),
             spec: Some(spec),
             ..Default::default()
