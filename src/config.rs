@@ -174,6 +174,8 @@ settings! {
     max_input_bytes: usize = 32 << 20, "ISOLATED_MAX_INPUT_BYTES", "33554432";
     /// Largest data.out reported, in bytes.
     max_output_bytes: usize = 32 << 20, "ISOLATED_MAX_OUTPUT_BYTES", "33554432";
+    /// Largest report sent to the flow engine, in bytes (the encoded request; Direktiv's gRPC server takes 4 MiB); a larger output is reported as an io error naming both sizes.
+    max_report_bytes: usize = 4 << 20, "ISOLATED_MAX_REPORT_BYTES", "4194304";
     /// Largest image archive an import takes, in bytes (it is spooled under the state dir).
     max_import_bytes: u64 = 4 << 30, "ISOLATED_MAX_IMPORT_BYTES", "4294967296";
     /// Memory limits in MiB of sizes 0,1,2 (swap included).

@@ -191,10 +191,19 @@ pub fn timer(phase: Phase) -> Timer {
 }
 
 /// Counts a finished action under its report code (`None` is success).
+///
+/// The label takes the contract's codes, `ok`, and `action` for every code
+/// an action's error.json chose: those are any string, and a series per
+/// string would let an action grow the metrics without bound (and a code
+/// with a newline forge lines in them).
 pub fn action_finished(code: Option<&str>) {
+    let label = match code {
+        None => "ok",
+        Some(c) => crate::report::ErrorCode::of(c).map_or("action", |c| c.as_str()),
+    };
     METRICS
         .actions
-        .get_or_create(&vec![("code".into(), code.unwrap_or("ok").to_string())])
+        .get_or_create(&vec![("code".into(), label.to_string())])
         .inc();
 }
 

@@ -9,7 +9,7 @@ use direktiv_isolate::proto::control::{ActionState, ListIsolatesRequest};
 use super::{expect_output, FAST_GRACE};
 use crate::core::echo_spec;
 use crate::harness::private::{action_ref, PrivateIsolated};
-use crate::harness::{Ctx, FIRST_PULL, NOTHING_LEFT};
+use crate::harness::{Ctx, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
 /// The flow endpoint answers the action's report with UNAVAILABLE for 10 s: isolated keeps
 /// retrying with backoff meanwhile, the operator sees the report pending (finished, not
@@ -129,5 +129,54 @@ pub async fn stored_report_survives_sigkill(t: Ctx) -> Result<()> {
     }
     .await;
     flow.refuse_action(&id, false);
+    res.map_err(|e| p.explain(e))
+}
+
+/// A flow engine that takes 4 MiB messages, as Direktiv's grpc-go server does: a 3 MiB
+/// output arrives exactly; a 5 MiB one is reported at once as the io error naming both
+/// sizes, not refused by the engine and retried forever (ISOLATE.md §10).
+pub async fn reports_fit_a_4_mib_flow_engine(t: Ctx) -> Result<()> {
+    let flow = crate::harness::flow::FlowReceiver::start_limited(4 << 20).await?;
+    let endpoint = flow.addr().to_string();
+    let p = PrivateIsolated::start(t.env, &["--flow-endpoint", &endpoint]).await?;
+    p.adopt(&t.ns);
+    let res = async {
+        let image = t
+            .push(&ImageSpec::with_script(
+                "read n < /direktiv-data/data.in\nhead -c \"$n\" /dev/zero | tr '\\0' x > /direktiv-data/data.out",
+            ))
+            .await?;
+        let fits = t.action_id("fits");
+        let mut req = t.request(&image.reference, &fits);
+        req.data = Some(format!("{}", 3 << 20).into_bytes());
+        p.accept(req).await?;
+        let report = flow.wait_report(&fits, FIRST_PULL).await?;
+        let out = crate::core::expect_success(&report)?;
+        ensure!(
+            out.len() == 3 << 20 && out.iter().all(|b| *b == b'x'),
+            "the 3 MiB output arrived as {} bytes",
+            out.len()
+        );
+        let big = t.action_id("big");
+        let mut req = t.request(&image.reference, &big);
+        req.data = Some(format!("{}", 5 << 20).into_bytes());
+        let sent = std::time::Instant::now();
+        p.accept(req).await?;
+        let report = flow.wait_report(&big, ACTION).await?;
+        let message = crate::core::expect_error(&report, "au.com.direktiv.error.io")?;
+        ensure!(
+            message.contains(&(5u64 << 20).to_string()) && message.contains(&(4u64 << 20).to_string()),
+            "the io error does not name both sizes: {message:?}"
+        );
+        ensure!(
+            sent.elapsed() < Duration::from_secs(30) && flow.refused_count(&big) == 0,
+            "the oversized report took {:?}",
+            sent.elapsed()
+        );
+        p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
+            .await
+    }
+    .await;
+    flow.shutdown();
     res.map_err(|e| p.explain(e))
 }

@@ -39,6 +39,10 @@ pub fn trials() -> Vec<Trial> {
             delivery::flow_unavailable_for_10s,
         ),
         trial(
+            "durability::reports_fit_a_4_mib_flow_engine",
+            delivery::reports_fit_a_4_mib_flow_engine,
+        ),
+        trial(
             "durability::stored_report_survives_sigkill",
             delivery::stored_report_survives_sigkill,
         ),

@@ -84,6 +84,12 @@ impl FlowReceiver {
         Self::start_with(addr, None).await
     }
 
+    /// Takes messages of at most `max` bytes, as Direktiv's flow (grpc-go's
+    /// default receive limit, 4 MiB) does.
+    pub async fn start_limited(max: usize) -> Result<Self> {
+        Self::start_with_limit("127.0.0.1:0".parse()?, None, max).await
+    }
+
     pub async fn start_tls_on(
         addr: SocketAddr,
         tls: tonic::transport::ServerTlsConfig,
@@ -94,6 +100,14 @@ impl FlowReceiver {
     async fn start_with(
         addr: SocketAddr,
         tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> Result<Self> {
+        Self::start_with_limit(addr, tls, MAX_MESSAGE).await
+    }
+
+    async fn start_with_limit(
+        addr: SocketAddr,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        max: usize,
     ) -> Result<Self> {
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
@@ -108,8 +122,8 @@ impl FlowReceiver {
             state: state.clone(),
             changed: changed.clone(),
         })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
         // As Direktiv's flow (a Go gRPC server: Go sets TCP_NODELAY) would.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

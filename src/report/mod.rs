@@ -25,6 +25,24 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code of the contract (ISOLATE.md §4).
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::Io,
+        ErrorCode::Exit,
+        ErrorCode::Oom,
+        ErrorCode::Timeout,
+        ErrorCode::Cancelled,
+        ErrorCode::Image,
+        ErrorCode::Network,
+        ErrorCode::Internal,
+    ];
+
+    /// The contract's code `code` is, if it is one (error.json may carry
+    /// any string).
+    pub fn of(code: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Io => "au.com.direktiv.error.io",

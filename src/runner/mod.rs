@@ -184,13 +184,22 @@ impl Runner {
                         Start::Resume { deadline_ms } => self.resume(&action, deadline_ms).await,
                         _ => self.run_fresh(&action, &mut record).await,
                     };
+                    let outcome = self.within_report_limit(&action, outcome);
                     action.handle.finished(&outcome);
                     crate::metrics::action_finished(outcome.code());
-                    info!(
-                        code = outcome.code().unwrap_or("ok"),
-                        ms = started.elapsed().as_millis() as u64,
-                        "action finished"
-                    );
+                    let ms = started.elapsed().as_millis() as u64;
+                    match &outcome {
+                        Outcome::Output(_) => info!(code = "ok", ms, "action finished"),
+                        // At the default level with its message, escaped onto
+                        // one line (ISOLATE.md §10): an operator sees why
+                        // without turning on debug.
+                        Outcome::Failed { code, message } => info!(
+                            code = %crate::text::one_line(code),
+                            error = %crate::text::one_line(message),
+                            ms,
+                            "action failed"
+                        ),
+                    }
                     let report = Report {
                         instance_id: action.req.instance_id.clone(),
                         step: action.req.step,
@@ -238,6 +247,34 @@ impl Runner {
         }
         .instrument(span)
         .await
+    }
+
+    /// The outcome as a report the flow engine will take: a report larger
+    /// than `max_report_bytes` (counted as the encoded request; Direktiv's
+    /// gRPC server refuses more than 4 MiB, forever) becomes the io error
+    /// naming both sizes (ISOLATE.md §10).
+    fn within_report_limit(&self, a: &Action, outcome: Outcome) -> Outcome {
+        let report = Report {
+            instance_id: a.req.instance_id.clone(),
+            step: a.req.step,
+            action_id: a.req.action_id.clone(),
+            outcome,
+        };
+        let size = prost::Message::encoded_len(&report.to_wire());
+        let limit = self.cfg.max_report_bytes;
+        if size <= limit {
+            return report.outcome;
+        }
+        let what = match &report.outcome {
+            Outcome::Output(out) => format!("data.out ({} bytes)", out.len()),
+            Outcome::Failed { .. } => "error.json's message".to_string(),
+        };
+        Outcome::failed(
+            ErrorCode::Io,
+            format!(
+                "the report would be {size} bytes, more than max_report_bytes ({limit} bytes) the flow engine takes: {what} is too large"
+            ),
+        )
     }
 
     /// A new action: waits for a slot, then runs it. While containerd is
