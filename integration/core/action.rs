@@ -219,3 +219,23 @@ pub async fn image_user_is_honoured(t: Ctx) -> Result<()> {
     );
     Ok(())
 }
+
+/// A command whose executable is missing, or is not executable, fails as a shell would
+/// say it: exit 127 or 126 with the path in the message (ISOLATE.md §10), not an internal
+/// error.
+pub async fn missing_or_unexecutable_command(t: Ctx) -> Result<()> {
+    let image = t
+        .push(&ImageSpec::with_script("true").file("/not-executable", "#!/bin/sh\n", 0o644))
+        .await?;
+    for (path, code) in [("/no/such/binary", 127), ("/not-executable", 126)] {
+        let mut req = t.request(&image.reference, &t.action_id("cmd"));
+        req.command = Some(format!("{path} --flag"));
+        let report = t.run_and_wait(req, FIRST_PULL).await?;
+        let message = expect_error(&report, "au.com.direktiv.error.exit")?;
+        ensure!(
+            message.contains(&format!("exit code {code}")) && message.contains(path),
+            "{path}: errorMessage {message:?} should name exit code {code} and the path"
+        );
+    }
+    Ok(())
+}

@@ -39,6 +39,10 @@ pub fn trials() -> Vec<Trial> {
             action::nonzero_exit_without_error_json,
         ),
         trial(
+            "core::missing_or_unexecutable_command",
+            action::missing_or_unexecutable_command,
+        ),
+        trial(
             "core::command_override_splits_like_a_shell",
             action::command_override_splits_like_a_shell,
         ),

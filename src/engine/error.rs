@@ -29,6 +29,15 @@ pub enum EngineError {
     },
     /// cannot {what}: runc still holds the id ({message})
     RuncIdTaken { what: &'static str, message: String },
+    /// {path}: {reason}
+    Exec {
+        what: &'static str,
+        path: String,
+        reason: String,
+        /// What a shell exits with: 127 not found, 126 not executable.
+        exit_code: u32,
+        message: String,
+    },
     /// containerd failed to {what}: {message}
     Failed {
         what: &'static str,
@@ -54,6 +63,15 @@ impl EngineError {
             return EngineError::LeakedBundle {
                 what,
                 bundle,
+                message,
+            };
+        }
+        if let Some((path, reason, exit_code)) = exec_failure(&message) {
+            return EngineError::Exec {
+                what,
+                path,
+                reason,
+                exit_code,
                 message,
             };
         }
@@ -96,6 +114,33 @@ impl EngineError {
     pub fn is_already_exists(&self) -> bool {
         matches!(self, EngineError::AlreadyExists { .. })
     }
+}
+
+/// runc's words when the container's process cannot be exec'd (at `runc
+/// create`, its init checks the executable): `exec: "PATH": stat PATH: no
+/// such file or directory` or `exec: "PATH": permission denied`. Returns
+/// the path, the reason and the exit code a shell would give.
+fn exec_failure(message: &str) -> Option<(String, String, u32)> {
+    let rest = message.split("exec: \"").nth(1)?;
+    let (path, after) = rest.split_once("\": ")?;
+    let exit_code = if after.contains("no such file or directory")
+        || after.contains("executable file not found")
+    {
+        127
+    } else if after.contains("permission denied")
+        || after.contains("exec format error")
+        || after.contains("is a directory")
+    {
+        126
+    } else {
+        return None;
+    };
+    let reason = if exit_code == 127 {
+        "no such file or directory (exit code 127, as a shell gives it)"
+    } else {
+        "not executable (exit code 126, as a shell gives it)"
+    };
+    Some((path.to_string(), reason.to_string(), exit_code))
 }
 
 /// The bundle named by `mkdir <bundle>: file exists`, when the message has
@@ -149,6 +194,23 @@ mod tests {
             ),
             other => panic!("{other}"),
         }
+        let e = kind(
+            Code::Unknown,
+            "failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec: \"/no/such/binary\": stat /no/such/binary: no such file or directory: unknown",
+        );
+        match e {
+            EngineError::Exec {
+                path, exit_code, ..
+            } => {
+                assert_eq!((path.as_str(), exit_code), ("/no/such/binary", 127))
+            }
+            other => panic!("{other}"),
+        }
+        let e = kind(
+            Code::Unknown,
+            "failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec: \"/not-executable\": permission denied: unknown",
+        );
+        assert!(matches!(e, EngineError::Exec { exit_code: 126, .. }), "{e}");
         let e = kind(Code::Unknown, "ttrpc: closed: unknown");
         assert!(matches!(e, EngineError::ShimGone { .. }), "{e}");
         let e = kind(

@@ -40,7 +40,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::actions::{now_ms, Handle};
 use crate::config::Config;
-use crate::engine::{Engine, RuncRoot};
+use crate::engine::{Engine, EngineError, RuncRoot};
 use crate::image::ImageService;
 use crate::network::{NetTarget, Networks};
 use crate::proto::control::ActionState;
@@ -309,6 +309,17 @@ impl Runner {
                     warn!(error = %e, "containerd is unreachable; waiting for it before trying again");
                     self.cleanup_containerd(a).await;
                     self.wait_for_containerd(give_up).await;
+                }
+                Err(RunError::Engine(EngineError::Exec {
+                    path,
+                    reason,
+                    exit_code,
+                    ..
+                })) => {
+                    return Outcome::failed(
+                        ErrorCode::Exit,
+                        format!("action exited with code {exit_code}: {path}: {reason}"),
+                    )
                 }
                 Err(e) => return Outcome::failed(e.code(), e.to_string()),
             }
