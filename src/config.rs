@@ -366,7 +366,11 @@ impl Config {
 
     /// The containerd namespace of a Direktiv namespace.
     pub fn containerd_namespace(&self, namespace: &str) -> String {
-        format!("{}{}", self.namespace_prefix, namespace)
+        format!(
+            "{}{}",
+            self.namespace_prefix,
+            crate::request::containerd_name(namespace)
+        )
     }
 
     /// The store's database file.

@@ -191,7 +191,11 @@ impl IsolateControl for ControlService {
         }
         file.flush().await.map_err(spool_err)?;
         drop(file);
-        let cns = format!("{}{}", self.namespace_prefix, namespace);
+        let cns = format!(
+            "{}{}",
+            self.namespace_prefix,
+            crate::request::containerd_name(&namespace)
+        );
         tracing::info!(namespace = %namespace, bytes = received, caller = %caller.who(), "importing an image archive");
         // Detached: a caller that goes away (Ctrl-C in isolatectl) drops this
         // handler, and the import would stop between its lease and the

@@ -18,7 +18,7 @@ use crate::proto::isolate::RunIsolateRequest;
 pub enum ValidationError {
     /// {0} is required
     Missing(&'static str),
-    /// namespace {0:?} is invalid: use 1-63 chars of [a-z0-9._-], alphanumeric at both ends, no two separators in a row
+    /// namespace {0:?} is invalid: use 1-63 chars of [a-z0-9._-], alphanumeric at both ends
     Namespace(String),
     /// actionId {0:?} is invalid: use 1-64 chars of [A-Za-z0-9._-], alphanumeric at both ends, no two separators in a row
     ActionId(String),
@@ -82,7 +82,7 @@ impl ActionRequest {
             .namespace
             .filter(|s| !s.is_empty())
             .ok_or(ValidationError::Missing("namespace"))?;
-        if !is_identifier(&namespace, 63, false) {
+        if !is_direktiv_namespace(&namespace) {
             return Err(ValidationError::Namespace(namespace));
         }
         let action_id = req
@@ -149,7 +149,7 @@ pub fn validate_namespace(namespace: &str) -> Result<(), ValidationError> {
     if namespace.is_empty() {
         return Err(ValidationError::Missing("namespace"));
     }
-    if !is_identifier(namespace, 63, false) {
+    if !is_direktiv_namespace(namespace) {
         return Err(ValidationError::Namespace(namespace.to_string()));
     }
     Ok(())
@@ -165,6 +165,53 @@ pub fn parse_reference(image: &str) -> Result<Reference, ValidationError> {
             reference: image.to_string(),
             reason: e.to_string(),
         })
+}
+
+/// Direktiv's own rule (ISOLATE.md §2): 1-63 chars of `[a-z0-9._-]`,
+/// alphanumeric at both ends; separators may follow each other (`my--ns`,
+/// `a..b`), which containerd's identifiers refuse, hence
+/// [`containerd_name`].
+fn is_direktiv_namespace(s: &str) -> bool {
+    let alnum = |c: u8| c.is_ascii_digit() || c.is_ascii_lowercase();
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && alnum(b[0])
+        && alnum(b[b.len() - 1])
+        && b.iter()
+            .all(|&c| alnum(c) || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// The containerd namespace name of Direktiv namespace `ns` (without the
+/// prefix), one-to-one: a name containerd takes as it is stays as it is;
+/// in the others each separator that follows another is written as an
+/// upper-case letter (`-` D, `.` P, `_` U: `my--ns` is `my-Dns`). Direktiv
+/// names are lower case, so an escaped name is never another's plain one,
+/// and the escape reads back uniquely.
+pub fn containerd_name(ns: &str) -> std::borrow::Cow<'_, str> {
+    let sep = |c: char| matches!(c, '.' | '_' | '-');
+    if !ns
+        .chars()
+        .zip(ns.chars().skip(1))
+        .any(|(a, b)| sep(a) && sep(b))
+    {
+        return std::borrow::Cow::Borrowed(ns);
+    }
+    let mut out = String::with_capacity(ns.len());
+    let mut prev_sep = false;
+    for c in ns.chars() {
+        if sep(c) && prev_sep {
+            out.push(match c {
+                '-' => 'D',
+                '.' => 'P',
+                _ => 'U',
+            });
+        } else {
+            out.push(c);
+        }
+        prev_sep = sep(c);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The identifier rule shared by namespaces and action ids: containerd
@@ -231,8 +278,33 @@ mod tests {
     }
 
     #[test]
+    fn direktiv_namespaces_map_one_to_one_onto_containerd_names() {
+        for ok in ["my--ns", "a..b", "a._-b", "x", "tenant-1"] {
+            assert!(is_direktiv_namespace(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a b", &"a".repeat(64)] {
+            assert!(!is_direktiv_namespace(bad), "{bad}");
+        }
+        assert_eq!(containerd_name("tenant-1"), "tenant-1");
+        assert_eq!(containerd_name("my--ns"), "my-Dns");
+        assert_eq!(containerd_name("my-ns"), "my-ns");
+        assert_eq!(containerd_name("a..b"), "a.Pb");
+        assert_eq!(containerd_name("a-._b"), "a-PUb");
+        // Every mapped name is a containerd identifier, and no two collide.
+        let names = [
+            "my--ns", "my-ns", "my-dns", "a..b", "a.-b", "a-.b", "a---b", "a-p.b",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in names {
+            let c = containerd_name(n).into_owned();
+            assert!(is_identifier(&c, 76, true), "{n} -> {c}");
+            assert!(seen.insert(c.clone()), "{n} collides as {c}");
+        }
+    }
+
+    #[test]
     fn namespace_rules() {
-        for bad in ["", "Upper", "a..b", "-a", "a-", "a b", &"a".repeat(64)] {
+        for bad in ["", "Upper", "-a", "a-", "a b", &"a".repeat(64)] {
             let r = with(|r| r.namespace = Some(bad.into()));
             assert!(r.is_err(), "{bad:?} accepted");
         }
@@ -240,7 +312,7 @@ mod tests {
             with(|r| r.namespace = None).unwrap_err(),
             ValidationError::Missing("namespace")
         );
-        for ok in ["a", "a.b-c_d", "0", &"a".repeat(63)] {
+        for ok in ["a", "a.b-c_d", "0", "my--ns", "a..b", &"a".repeat(63)] {
             assert!(
                 with(|r| r.namespace = Some(ok.into())).is_ok(),
                 "{ok:?} refused"

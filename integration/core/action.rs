@@ -239,3 +239,46 @@ pub async fn missing_or_unexecutable_command(t: Ctx) -> Result<()> {
     }
     Ok(())
 }
+
+/// Namespaces Direktiv accepts and containerd's identifiers would not (`my--ns`) are
+/// their own tenants, apart from the ones they look like (`my-ns`): the same action id
+/// at once in both, each with its own input and output (ISOLATE.md §2).
+pub async fn doubled_separators_are_their_own_namespace(t: Ctx) -> Result<()> {
+    let image = t.push(&super::echo_spec()).await?;
+    let doubled = format!("{}--x", t.ns);
+    let single = format!("{}-x", t.ns);
+    for ns in [&doubled, &single] {
+        t.env.register_namespace(ns);
+    }
+    let id = t.action_id("twin");
+    let mut reqs = Vec::new();
+    for ns in [&doubled, &single] {
+        let mut req = t.request_in(ns, &image.reference, &id);
+        req.data = Some(format!("from {ns}").into_bytes());
+        reqs.push(req);
+    }
+    // Both accepted: the same id in two namespaces is no duplicate.
+    for req in &reqs {
+        t.run(req.clone())
+            .await
+            .map_err(|s| anyhow::anyhow!("RunIsolate: {s}"))?;
+    }
+    let reports = t.env.flow.wait_reports(&id, 2, FIRST_PULL).await?;
+    let mut outputs: Vec<String> = reports
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.output.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    outputs.sort();
+    let mut expected = vec![format!("from {doubled}"), format!("from {single}")];
+    expected.sort();
+    ensure!(
+        outputs == expected,
+        "outputs {outputs:?}, expected {expected:?}"
+    );
+    for ns in [&doubled, &single] {
+        t.env
+            .assert_nothing_left(ns, crate::harness::NOTHING_LEFT)
+            .await?;
+    }
+    Ok(())
+}

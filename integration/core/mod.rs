@@ -39,6 +39,10 @@ pub fn trials() -> Vec<Trial> {
             action::nonzero_exit_without_error_json,
         ),
         trial(
+            "core::doubled_separators_are_their_own_namespace",
+            action::doubled_separators_are_their_own_namespace,
+        ),
+        trial(
             "core::missing_or_unexecutable_command",
             action::missing_or_unexecutable_command,
         ),

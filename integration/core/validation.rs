@@ -21,7 +21,9 @@ pub async fn rejects_bad_requests(t: Ctx) -> Result<()> {
         with("no-namespace", &|r| r.namespace = None),
         with("empty-namespace", &|r| r.namespace = Some(String::new())),
         with("upper-namespace", &|r| r.namespace = Some("Bad-NS".into())),
-        with("dotdot-namespace", &|r| r.namespace = Some("a..b".into())),
+        with("dash-last-namespace", &|r| {
+            r.namespace = Some("a..b-".into())
+        }),
         with("no-action-id", &|r| r.action_id = None),
         with("dotdot-action-id", &|r| r.action_id = Some("a..b".into())),
         with("long-action-id", &|r| r.action_id = Some("a".repeat(65))),

@@ -174,7 +174,10 @@ impl Env {
 
     /// `direktiv.<ns>`
     pub fn containerd_namespace(ns: &str) -> String {
-        format!("{CONTAINERD_NS_PREFIX}{ns}")
+        format!(
+            "{CONTAINERD_NS_PREFIX}{}",
+            direktiv_isolate::request::containerd_name(ns)
+        )
     }
 
     /// `<state-dir>/actions/direktiv.<ns>`, where isolated keeps the data dirs of `ns`.

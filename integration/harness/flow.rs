@@ -176,6 +176,32 @@ impl FlowReceiver {
         }
     }
 
+    /// Waits until `n` reports of `action_id` arrived (one id in several namespaces).
+    pub async fn wait_reports(
+        &self,
+        action_id: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ReportActionResultsRequest>> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let got = self.reports(action_id);
+            if got.len() >= n {
+                return Ok(got);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => bail!("flow receiver closed while waiting for {action_id}"),
+                Err(_) => bail!(
+                    "{} of {n} reports for {action_id} within {timeout:?}",
+                    got.len()
+                ),
+            }
+        }
+    }
+
     /// Accepted reports for `action_id`, in arrival order.
     pub fn reports(&self, action_id: &str) -> Vec<ReportActionResultsRequest> {
         let st = self.state.lock().unwrap();

@@ -471,7 +471,11 @@ impl PrivateIsolated {
     }
 
     pub fn cns(&self, ns: &str) -> String {
-        format!("{}{ns}", self.prefix)
+        format!(
+            "{}{}",
+            self.prefix,
+            direktiv_isolate::request::containerd_name(ns)
+        )
     }
 
     pub async fn run(&self, req: RunIsolateRequest) -> Result<(), tonic::Status> {

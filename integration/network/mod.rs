@@ -152,7 +152,11 @@ impl Daemon {
     /// The containerd namespace of Direktiv namespace `ns` on this daemon, recorded for the
     /// clean-up after the run.
     pub fn cns(&self, ns: &str) -> String {
-        let cns = format!("{}{ns}", self.prefix);
+        let cns = format!(
+            "{}{}",
+            self.prefix,
+            direktiv_isolate::request::containerd_name(ns)
+        );
         crate::harness::stale::record_namespace(&self.run_dir, &cns);
         cns
     }
