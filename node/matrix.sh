@@ -1,0 +1,36 @@
+#!/bin/bash
+# Owns: `make test-matrix`: runs the integration suite's core, limits, reaper and
+# durability trials (and the harness's own, which check the containerd config) against
+# each other containerd build that node/matrix-fetch.sh brings (Debian 13's 1.7.x, Debian
+# unstable's 2.x), one full run per build, and prints which version each run used.
+# Does not: fetch or install anything itself, or touch the system's containerd.
+#
+# Usage: node/matrix.sh [SUITE...]   (default: trixie sid; MATRIX_FILTER overrides the trials)
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${MATRIX_CACHE:-$repo/.cache/matrix}
+suites=("$@"); [ ${#suites[@]} -gt 0 ] || suites=(trixie sid)
+# core:: holds the limits trials (core::memory_limit_by_size, core::oom ...).
+read -r -a filter <<< "${MATRIX_FILTER:-harness:: core:: reaper:: durability::}"
+cargo=${CARGO:-cargo}
+
+builds=$(bash "$here/matrix-fetch.sh" "$cache" "${suites[@]}") || { echo "matrix: fetching failed" >&2; exit 1; }
+# Built once for every run.
+(cd "$repo" && $cargo test --test integration --no-run -q) || exit 1
+
+summary=(); failed=0
+while read -r suite version dir; do
+  echo "=== matrix: $suite containerd $version ($("$dir/containerd" --version)) with $(runc --version | head -1)"
+  start=$(date +%s)
+  (cd "$repo" && ISOLATED_TEST_CONTAINERD=$dir $cargo test -q --test integration -- "${filter[@]}") 2>&1 | tee "$cache/last-$suite.log"
+  rc=${PIPESTATUS[0]}
+  secs=$(( $(date +%s) - start ))
+  result=$(grep -E '^test result:' "$cache/last-$suite.log" | tail -1)
+  summary+=("$suite containerd $version: ${result:-no result} (exit $rc, $secs s)")
+  [ "$rc" = 0 ] || failed=1
+done <<< "$builds"
+
+echo "=== matrix summary"
+printf '  %s\n' "${summary[@]}"
+exit $failed
