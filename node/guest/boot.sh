@@ -32,8 +32,20 @@ fail_all() { # GROUP REASON: the daemon is not there, so every check of GROUP fa
   echo "NODE-RESULT $1 daemon FAIL $2"
 }
 
+# isolated is Type=simple: systemctl returns when it is forked, not when it serves. Polls
+# the local socket with a deadline (under TCG it answered 4 s after its start here).
+wait_socket() {
+  local deadline=$(( $(date +%s) + 120 ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    isolatectl ls >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
 run_group() { # GROUP NAMESPACE
   local group=$1 ns=$2 out
+  wait_socket || { fail_all "$group" "isolated does not answer on its socket within 120 s"; return; }
   out=$(isolatectl image import $P/busybox.tar -n "$ns" 2>&1) \
     || { fail_all "$group" "image import failed: $out"; return; }
   echo "NODE-INFO $group imported $out"
