@@ -13,7 +13,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 export DEBIAN_FRONTEND=noninteractive
 
 missing=
-for p in debootstrap e2fsprogs zstd xz-utils; do installed "$p" || missing="$missing $p"; done
+for p in debootstrap e2fsprogs zstd xz-utils ca-certificates; do installed "$p" || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   echo "node-deps: installing$missing"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends $missing

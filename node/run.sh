@@ -69,7 +69,8 @@ for g in "${guests[@]}"; do
   mkdir -p "$p/root"
   make -s -C "$repo" install-files DESTDIR="$p/root" BUILD_DIR="$build_dir" >/dev/null \
     || { echo "node: make install-files failed"; exit 1; }
-  cp "$here/guest/boot.sh" "$here/guest/suite.sh" "$run_dir/busybox.tar" "$p/"
+  cp "$here/guest/boot.sh" "$here/guest/suite.sh" "$run_dir/busybox.tar" \
+    /etc/ssl/certs/ca-certificates.crt "$p/"
   echo "$g" > "$p/guest"
   case $g in trixie) printf 'runc\ncrun\n' > "$p/runtimes" ;; *) echo runc > "$p/runtimes" ;; esac
   size_mb=$(( $(du -sm "$p" | cut -f1) + 64 ))

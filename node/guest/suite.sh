@@ -9,7 +9,9 @@
 # Every wait polls for the event with a deadline; nothing sleeps hoping work is done.
 set -u
 group=$1 ns=$2 image=$3
-ctl=isolatectl
+# Every call is bounded: a hung call fails its check instead of the whole boot's deadline.
+ctl_timeout=${NODE_CTL_TIMEOUT:-180}
+ctl="timeout $ctl_timeout isolatectl"
 export ISOLATECTL_SOCKET=/run/isolated/isolated.sock
 
 result() { # check PASS|FAIL reason...
@@ -29,8 +31,13 @@ check() {
   if [ $rc = 0 ]; then
     result "$name" PASS "${reason:-ok} ($(( $(date +%s) - start )) s)"
   else
-    # The whole output goes to the console too, for the log the host keeps.
-    printf '%s\n' "$out" | sed "s/^/  [$group $name] /"
+    # The whole output goes to the console too, with what the daemon said, for the log
+    # the host keeps.
+    {
+      printf '%s\n' "$out"
+      echo "isolatectl ls:"; timeout 20 isolatectl ls 2>&1 | tail -15
+      echo "journal of isolated:"; journalctl -u isolated --no-pager -o cat -n 25 | cut -c1-300
+    } | sed "s/^/  [$group $name] /"
     result "$name" FAIL "${reason:-failed} ($(( $(date +%s) - start )) s)"
   fi
 }
@@ -129,7 +136,7 @@ c_timeout_kills_all() {
 start_sleepers() {
   local prefix=$1 n=$2 secs=$3 i
   for i in $(seq 1 "$n"); do
-    timeout 300 $ctl run -n "$ns" -i "$image" --action-id "$prefix-$i" \
+    $ctl run -n "$ns" -i "$image" --action-id "$prefix-$i" \
       -c "/bin/sh -c 'sleep $secs; echo done-$i > /direktiv-data/data.out'" >/dev/null 2>&1 &
   done
   for i in $(seq 1 "$n"); do
