@@ -96,19 +96,32 @@ c_oom() {
   esac
 }
 
-# The action's own cgroup (its cgroup namespace root) has the size's CPU quota and the
-# base spec's pids limit: size 0 is 1 CPU, size 2 is 2 CPUs, over a 100 ms period.
+# The action's cgroup, as the node sees it while the action runs, has the size's CPU
+# quota and the base spec's pids limit: size 0 is 1 CPU, size 2 is 2 CPUs, over a 100 ms
+# period; 256 MiB and 1 GiB of memory. (The action itself sees the node's root cgroup at
+# /sys/fs/cgroup: there is no cgroup namespace, so it cannot read its own limits there.)
 c_cgroup_limits() {
-  local size want out
+  local size want_cpu want_mem id dir deadline cpu pids mem
   for size in 0 2; do
-    want=$([ $size = 0 ] && echo "100000 100000" || echo "200000 100000")
-    out=$($ctl run -n "$ns" -i "$image" --action-id "$(uid cg$size)" --size $size \
-          -c "/bin/sh -c 'stat -fc %T /sys/fs/cgroup; cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max > /direktiv-data/data.out'") \
-      || { echo "size $size: run failed: $out"; return 1; }
-    set -- $out
-    [ "$1 $2" = "$want" ] || { echo "size $size: cpu.max is '$1 $2', want '$want'"; return 1; }
-    [ "$3" = 1024 ] || { echo "size $size: pids.max is '$3', want 1024"; return 1; }
-    echo "size $size: cpu.max $1 $2, pids.max $3, memory.max $4"
+    want_cpu=$([ $size = 0 ] && echo "100000 100000" || echo "200000 100000")
+    want_mem=$([ $size = 0 ] && echo 268435456 || echo 1073741824)
+    id=$(uid cg$size)
+    $ctl run -n "$ns" -i "$image" --action-id "$id" --size $size -c "sleep 600" >/dev/null 2>&1 &
+    wait_state "$id" running 60 >/dev/null || { echo "size $size: $id never ran"; return 1; }
+    deadline=$(( $(date +%s) + 30 )); dir=
+    while [ -z "$dir" ] && [ "$(date +%s)" -lt "$deadline" ]; do
+      dir=$(find /sys/fs/cgroup -type d -name "*$id*" 2>/dev/null | head -1)
+      [ -n "$dir" ] || sleep 0.2
+    done
+    [ -n "$dir" ] || { echo "size $size: no cgroup named after $id under /sys/fs/cgroup"; return 1; }
+    cpu=$(cat "$dir/cpu.max"); pids=$(cat "$dir/pids.max"); mem=$(cat "$dir/memory.max")
+    $ctl cancel -n "$ns" "$id" --reason "cgroup check done" >/dev/null 2>&1
+    wait_state "$id" reported 60 >/dev/null || { echo "size $size: $id not reported after cancel"; return 1; }
+    wait
+    [ "$cpu" = "$want_cpu" ] || { echo "size $size: $dir/cpu.max is '$cpu', want '$want_cpu'"; return 1; }
+    [ "$pids" = 1024 ] || { echo "size $size: $dir/pids.max is '$pids', want 1024"; return 1; }
+    [ "$mem" = "$want_mem" ] || { echo "size $size: $dir/memory.max is '$mem', want $want_mem"; return 1; }
+    echo "size $size: ${dir#/sys/fs/cgroup} cpu.max $cpu, pids.max $pids, memory.max $mem"
   done
 }
 
