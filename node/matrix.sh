@@ -31,7 +31,20 @@ while read -r suite version dir; do
   secs=$(( $(date +%s) - start ))
   result=$(grep -E '^test result:' "$cache/last-$suite.log" | tail -1)
   summary+=("$suite containerd $version: ${result:-no result} (exit $rc, $secs s)")
-  [ "$rc" = 0 ] || failed=1
+  if [ "$rc" != 0 ]; then
+    # Failed trials that node/KNOWN-GAPS.md lists for this build ("- expected failure:
+    # `matrix-SUITE TRIAL`") stay failed in the count but do not fail the run; any other
+    # failure, or a run with no result line, does.
+    failures=$(sed -n '/^failures:$/,/^test result:/p' "$cache/last-$suite.log" | sed -n 's/^    \([a-z_0-9]*::[a-z_0-9:]*\)$/\1/p')
+    [ -n "$result" ] && [ -n "$failures" ] || failed=1
+    for f in $failures; do
+      if grep -q "^- expected failure: \`matrix-$suite $f\`" "$here/KNOWN-GAPS.md"; then
+        summary+=("  FAILED $f (expected, node/KNOWN-GAPS.md)")
+      else
+        summary+=("  FAILED $f"); failed=1
+      fi
+    done
+  fi
 done <<< "$builds"
 
 echo "=== matrix summary"

@@ -51,11 +51,11 @@ json_field() {
 wait_state() {
   local id=$1 want=$2 deadline=$(( $(date +%s) + $3 )) info=
   while [ "$(date +%s)" -lt "$deadline" ]; do
-    info=$($ctl --json get -n "$ns" "$id" 2>/dev/null) || info=
+    info=$($ctl --json get -n "$ns" "$id" 2>&1)
     [ "$(json_field "$info" state)" = "$want" ] && { printf '%s' "$info"; return 0; }
     sleep 0.2
   done
-  echo "action $id not $want after $3 s: ${info:-no answer}"
+  echo "action $id not $want after $3 s: $(printf '%s' "$info" | tr '\n' ' ' | cut -c1-300)"
   return 1
 }
 
@@ -170,11 +170,14 @@ check_reported() {
 }
 
 # systemctl restart with actions running: the new daemon re-attaches to their tasks and
-# each is reported once, with the output its process wrote.
+# each is reported once, with the output its process wrote. On SIGTERM isolated lets
+# running actions finish for 10 s before it exits: the actions sleep 45 s so that they
+# outlive that grace under TCG too (a 12 s sleep took 25 s there and finished within it,
+# and the new daemon had nothing to re-attach to).
 c_restart_reattaches() {
   local p n=3 attached
   p=$(uid restart)
-  start_sleepers "$p" $n 12 || return 1
+  start_sleepers "$p" $n 45 || return 1
   systemctl restart isolated || { echo "systemctl restart failed"; return 1; }
   wait_isolated 60 || return 1
   check_reported "$p" $n || return 1
@@ -188,7 +191,7 @@ c_restart_reattaches() {
 c_stop_start() {
   local p n=2 state
   p=$(uid stop)
-  start_sleepers "$p" $n 20 || return 1
+  start_sleepers "$p" $n 45 || return 1
   systemctl stop isolated || { echo "systemctl stop failed"; return 1; }
   state=$(systemctl is-active isolated)
   [ "$state" != active ] || { echo "isolated still active after stop"; return 1; }
