@@ -101,7 +101,7 @@ c_oom() {
 # period; 256 MiB and 1 GiB of memory. (The action itself sees the node's root cgroup at
 # /sys/fs/cgroup: there is no cgroup namespace, so it cannot read its own limits there.)
 c_cgroup_limits() {
-  local size want_cpu want_mem id dir deadline cpu pids mem
+  local size want_cpu want_mem id dir deadline cpu pids mem seen=
   for size in 0 2; do
     want_cpu=$([ $size = 0 ] && echo "100000 100000" || echo "200000 100000")
     want_mem=$([ $size = 0 ] && echo 268435456 || echo 1073741824)
@@ -121,8 +121,9 @@ c_cgroup_limits() {
     [ "$cpu" = "$want_cpu" ] || { echo "size $size: $dir/cpu.max is '$cpu', want '$want_cpu'"; return 1; }
     [ "$pids" = 1024 ] || { echo "size $size: $dir/pids.max is '$pids', want 1024"; return 1; }
     [ "$mem" = "$want_mem" ] || { echo "size $size: $dir/memory.max is '$mem', want $want_mem"; return 1; }
-    echo "size $size: ${dir#/sys/fs/cgroup} cpu.max $cpu, pids.max $pids, memory.max $mem"
+    seen="$seen size $size: ${dir#/sys/fs/cgroup} cpu.max $cpu, pids.max $pids, memory.max $mem;"
   done
+  echo "${seen# }"
 }
 
 # At the timeout every process gets SIGTERM and, after kill_grace_secs (5), SIGKILL. The
@@ -202,12 +203,14 @@ c_stop_start() {
   echo "$n actions survived stop/start, each reported once"
 }
 
-# journald has the action's span: its id with its namespace on one line.
+# journald has the action's span: a line of isolated's under the span
+# action{namespace=NS ... action_id=ID} (the "accepted" line names both too, but outside
+# the span, so it does not count).
 c_journal_span() {
   local id line
   id=$(cat /run/node-suite-e2e-id 2>/dev/null) || { echo "no end-to-end action to look for"; return 1; }
-  line=$(journalctl -u isolated --no-pager -o cat | grep "$id" | grep "namespace" | grep -F "$ns" | head -1)
-  [ -n "$line" ] || { echo "no journal line of isolated names $id with namespace $ns"; return 1; }
+  line=$(journalctl -u isolated --no-pager -o cat | grep -F "action{namespace=$ns " | grep -F "action_id=$id}" | head -1)
+  [ -n "$line" ] || { echo "no journal line of isolated is in the span action{namespace=$ns ... action_id=$id}"; return 1; }
   echo "journal: ${line:0:200}"
 }
 
