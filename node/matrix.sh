@@ -26,7 +26,8 @@ summary=(); failed=0
 while read -r suite version dir; do
   echo "=== matrix: $suite containerd $version ($("$dir/containerd" --version)) with $(runc --version | head -1)"
   start=$(date +%s)
-  (cd "$repo" && ISOLATED_TEST_CONTAINERD=$dir $cargo test -q --test integration -- "${skip[@]}") 2>&1 | tee "$cache/last-$suite.log"
+  # stdin is the list of builds this loop reads: the test run must not consume it.
+  (cd "$repo" && ISOLATED_TEST_CONTAINERD=$dir $cargo test -q --test integration -- "${skip[@]}") < /dev/null 2>&1 | tee "$cache/last-$suite.log"
   rc=${PIPESTATUS[0]}
   secs=$(( $(date +%s) - start ))
   result=$(grep -E '^test result:' "$cache/last-$suite.log" | tail -1)
