@@ -4,7 +4,12 @@
 #                     BIND=, METRICS_BIND=, FLOW_ENDPOINT= and isolated's environment honoured
 #   make clean        .run (unmounting what is left under it) and cargo's target
 #   make demo-image   the quick start's demo action as an OCI archive under .run/
-#   make test         install what is missing, then fmt, clippy, unit and integration tests
+#   make test-quick   install what is missing, then fmt, clippy, unit and integration tests
+#   make test-matrix  the integration suite's core, limits and durability trials against
+#                     Debian 13's containerd 1.7 and Debian unstable's 2.x (node/matrix.sh)
+#   make test-node    the real-node tier: Debian 12 and 13 guests under QEMU, systemd and
+#                     cgroup v2, isolated installed and run as a service (node/run.sh)
+#   make test         all three
 #   make install      binaries, /etc/isolated/config.toml, systemd unit, completions
 #   make uninstall    removes what install put there (a config you edited stays)
 #   make bench        the benchmark (see README)
@@ -34,8 +39,8 @@ SYSTEM_SOCK := /run/containerd/containerd.sock
 # then make run's defaults (socket only, isolated's metrics port, no flow engine).
 given = $(if $(filter-out undefined default,$(origin $(1))),$(2)='$($(1))')
 
-.PHONY: all build deps run demo-image test fmt-check clippy unit integration bench soak clean \
-        install install-files uninstall
+.PHONY: all build deps node-deps run demo-image test test-quick test-matrix test-node \
+        fmt-check clippy unit integration bench soak clean install install-files uninstall
 
 all: build
 
@@ -74,7 +79,26 @@ $(RUN_DIR)/demo-echo.tar: dist/demo-image.sh
 	@mkdir -p $(RUN_DIR)
 	sh dist/demo-image.sh $@ demo.invalid/echo:latest
 
-test: deps fmt-check clippy unit integration
+# Where cargo put the release binaries the node tier installs into its guests.
+NODE_BUILD_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release
+
+test: test-quick test-matrix test-node
+
+test-quick: deps fmt-check clippy unit integration
+
+# Other containerd builds, fetched as .debs with a private apt under .cache/matrix
+# (never installed), each running the host suite's core, reaper and durability trials.
+test-matrix: deps
+	bash node/matrix.sh
+
+# What the node tier needs on the host: debootstrap, qemu-system-x86 (from
+# bookworm-backports, through a private sources dir: the system's sources are unchanged).
+node-deps: deps
+	bash node/deps.sh
+
+test-node: node-deps
+	$(CARGO) build --release --bins
+	bash node/run.sh $(NODE_BUILD_DIR)
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

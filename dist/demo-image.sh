@@ -6,6 +6,9 @@
 #
 #   sh dist/demo-image.sh OUT.tar [NAME]     (NAME: demo.invalid/echo:latest, a
 # registry that never resolves, so a node always runs the imported image)
+#
+# APPLETS=all links every busybox applet (ps, dd, grep, ...) instead of the few the
+# demo needs: the node tier's tests run their commands in the same image.
 set -eu
 out=$1
 name=${2:-demo.invalid/echo:latest}
@@ -18,7 +21,9 @@ root=$work/rootfs
 mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/proc" "$root/sys" "$root/dev" "$work/oci/blobs/sha256"
 chmod 1777 "$root/tmp"
 cp "$busybox" "$root/bin/busybox"
-for applet in sh cat echo printf sed tr env ls sleep true false; do
+applets="sh cat echo printf sed tr env ls sleep true false"
+[ "${APPLETS:-}" = all ] && applets=$("$busybox" --list | grep -vx busybox)
+for applet in $applets; do
   ln -s busybox "$root/bin/$applet"
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$root/etc/passwd"

@@ -19,10 +19,41 @@ pub fn trials() -> Vec<Trial> {
         ),
         harness_trial("harness::flow_receiver_records_and_refuses", flow_receiver),
         harness_trial(
+            "harness::containerd_takes_its_config",
+            containerd_takes_its_config,
+        ),
+        harness_trial(
             "harness::leftover_check_sees_leaks",
             leftover_check_sees_leaks,
         ),
     ]
+}
+
+/// The config the harness writes is the one this containerd build reads as it is: no
+/// migration of an older config version, no deprecated or unknown key, no CRI plugin
+/// loaded (on 2.x CRI is several plugins; one left enabled loads and wants /var/lib).
+async fn containerd_takes_its_config(t: Ctx) -> Result<()> {
+    let warnings = t.env.containerd.config_warnings();
+    ensure!(
+        warnings.is_empty(),
+        "{} warns about its config:\n{}",
+        t.env.containerd.version(),
+        warnings.join("\n")
+    );
+    let out = ctr(&t, &["plugins", "ls"]).await?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "ctr plugins ls failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cri: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains(".cri") || l.contains("podsandbox"))
+        .filter(|l| l.trim_end().ends_with("ok"))
+        .collect();
+    ensure!(cri.is_empty(), "CRI plugins loaded:\n{}", cri.join("\n"));
+    Ok(())
 }
 
 async fn ctr(t: &Ctx, args: &[&str]) -> Result<std::process::Output> {

@@ -16,6 +16,15 @@ use std::process::ExitCode;
 use libtest_mimic::Arguments;
 
 fn main() -> ExitCode {
+    // Before any thread exists: it changes PATH for this process and every child.
+    match harness::containerd::use_test_containerd() {
+        Ok(Some(dir)) => eprintln!("integration: containerd build from {}", dir.display()),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("integration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let args = Arguments::from_args();
     let mut trials = harness_selftest::trials();
     trials.extend(core::trials());
@@ -42,9 +51,10 @@ fn main() -> ExitCode {
         }
     };
     eprintln!(
-        "integration: environment in {} (containerd pid {}, isolated on {}, flow on {})",
+        "integration: environment in {} (containerd pid {}, {}, isolated on {}, flow on {})",
         env.dir().display(),
         env.containerd.pid(),
+        env.containerd.version(),
         env.isolated.addr(),
         env.flow.addr()
     );

@@ -1,5 +1,7 @@
-//! The test run's own containerd: its generated config, start-up, gRPC clients for it, and
-//! the sweep that removes whatever a run left in it before it is stopped.
+//! The test run's own containerd: which build it is (PATH's, or the one
+//! `ISOLATED_TEST_CONTAINERD` names for the matrix), its generated config in the format that
+//! build takes, start-up, gRPC clients for it, and the sweep that removes whatever a run left
+//! in it before it is stopped. It does not fetch other builds (node/matrix-fetch.sh does).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,27 +28,76 @@ use super::process::{wait_ready, ChildProcess};
 /// The snapshotter isolated is told to use (ISOLATE.md §6).
 pub const SNAPSHOTTER: &str = "overlayfs";
 
-pub struct Containerd {
-    process: std::sync::Mutex<ChildProcess>,
-    socket: PathBuf,
-    dir: PathBuf,
+/// A directory with `containerd`, `containerd-shim-runc-v2` and optionally `ctr`: the run
+/// uses that build instead of PATH's.
+pub const TEST_CONTAINERD_VAR: &str = "ISOLATED_TEST_CONTAINERD";
+
+/// Puts `ISOLATED_TEST_CONTAINERD`'s directory first on this process's PATH, so that
+/// containerd, the shim containerd starts (found on containerd's PATH), `ctr` and isolated
+/// (which inherits the environment) all use that build. Must run before any thread is
+/// started: it changes the process environment. Returns the directory, if set.
+pub fn use_test_containerd() -> Result<Option<PathBuf>> {
+    let Some(dir) = std::env::var_os(TEST_CONTAINERD_VAR).filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let dir = std::fs::canonicalize(&dir)
+        .with_context(|| format!("{TEST_CONTAINERD_VAR}={}", Path::new(&dir).display()))?;
+    for bin in ["containerd", "containerd-shim-runc-v2"] {
+        anyhow::ensure!(
+            dir.join(bin).is_file(),
+            "{TEST_CONTAINERD_VAR}={} has no {bin}",
+            dir.display()
+        );
+    }
+    let mut paths = vec![dir.clone()];
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::set_var("PATH", std::env::join_paths(paths)?);
+    Ok(Some(dir))
 }
 
-impl Containerd {
-    /// Writes a config confined to `dir` and starts containerd on it. The CRI plugin is
-    /// disabled: it would want CNI and the host's /var/lib paths.
-    pub async fn start(dir: &Path, timeout: Duration) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let socket = dir.join("c.sock");
-        let config = dir.join("config.toml");
-        let d = dir.display();
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
+/// `containerd --version` of the build on PATH: the whole line, and the major version.
+pub fn version() -> Result<(String, u32)> {
+    let out = Command::new("containerd")
+        .arg("--version")
+        .output()
+        .context("run containerd --version")?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // "containerd github.com/containerd/containerd/v2 2.1.9+unknown ..."
+    let major = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.trim_start_matches('v').split('.').next()?.parse().ok())
+        .with_context(|| format!("no version in `containerd --version`: {line:?}"))?;
+    Ok((line, major))
+}
+
+/// The config of a containerd confined to `d`, in the format its major version reads
+/// without migrating: containerd 2.x takes `version = 3` (a version 2 file is migrated in
+/// memory at every start, with a warning) and split CRI into several plugins, each of which
+/// must be disabled on its own; 1.6 and 1.7 take `version = 2` and one CRI plugin. CRI is
+/// off because it would want CNI and the host's /var/lib paths.
+pub fn config_for(major: u32, d: &Path) -> String {
+    let d = d.display();
+    let (version, disabled) = if major >= 2 {
+        (
+            3,
+            r#"[
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.images",
+  "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox",
+]"#,
+        )
+    } else {
+        (2, r#"["io.containerd.grpc.v1.cri"]"#)
+    };
+    format!(
+        r#"version = {version}
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = {disabled}
 
 [grpc]
   address = "{d}/c.sock"
@@ -60,8 +111,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
 "#
-            ),
-        )?;
+    )
+}
+
+pub struct Containerd {
+    process: std::sync::Mutex<ChildProcess>,
+    socket: PathBuf,
+    dir: PathBuf,
+    /// `containerd --version` of the build that runs.
+    version: String,
+}
+
+impl Containerd {
+    /// Writes a config confined to `dir` and starts containerd on it. The CRI plugin is
+    /// disabled: it would want CNI and the host's /var/lib paths.
+    pub async fn start(dir: &Path, timeout: Duration) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("c.sock");
+        let config = dir.join("config.toml");
+        let (version, major) = version()?;
+        eprintln!("harness: {version}");
+        std::fs::write(&config, config_for(major, dir))?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config);
         let mut child = ChildProcess::spawn("containerd", cmd, &dir.join("containerd.log"))?;
@@ -78,7 +148,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             process: std::sync::Mutex::new(child),
             socket,
             dir: dir.to_path_buf(),
+            version,
         })
+    }
+
+    /// `containerd --version` of the build that runs.
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     pub fn socket(&self) -> &Path {
@@ -124,6 +200,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .into_iter()
             .map(|n| n.name)
             .collect())
+    }
+
+    /// The warnings containerd logged about its config (a version it migrates, a
+    /// deprecated or unknown key): each is a sign that the config written here is not the
+    /// one this build wants.
+    pub fn config_warnings(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("level=warning") || l.contains("level=error"))
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                // Not "config" alone: 1.6 warns that devmapper is "not configured", which
+                // says nothing about the file.
+                ["migrat", "deprecat", "unknown"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .map(str::to_string)
+            .collect()
     }
 
     /// Kills and deletes every task, deletes every container and removes every snapshot

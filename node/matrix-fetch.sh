@@ -1,0 +1,52 @@
+#!/bin/bash
+# Owns: fetching other containerd builds for the host matrix (Debian 13's 1.7.x and Debian
+# unstable's 2.x) as .debs with a private apt (its own sources list, lists and cache, from
+# the mirror this machine is configured with) and extracting them under a cache dir.
+# Does not: install anything system-wide, touch the system's apt sources or state, or run
+# any test (node/matrix.sh does).
+#
+# Usage: node/matrix-fetch.sh CACHE_DIR SUITE...   (prints "SUITE VERSION BIN_DIR" per suite)
+set -euo pipefail
+mkdir -p "$1"; cache=$(cd "$1" && pwd); shift
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/mirror.sh"
+mirror=$(debian_mirror)
+
+
+for suite in "$@"; do
+  apt_dir=$cache/apt-$suite
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/etc" "$apt_dir/debs"
+  printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+    "$mirror" "$suite" > "$apt_dir/etc/sources.list"
+  # Every path apt would read or write is private: the system's sources, lists, cache and
+  # preferences are never seen nor changed. Status is /dev/null so that the system's
+  # installed packages do not steer which version is chosen.
+  opts=(-o Dir::Etc::SourceList="$apt_dir/etc/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o Dir::State::Lists="$apt_dir/lists" -o Dir::State::Status=/dev/null
+        -o Dir::Cache="$apt_dir/cache" -o Debug::NoLocking=1
+        -o Acquire::Languages=none)
+  # The lists are refreshed at most once a day: a matrix run should not depend on the
+  # archive answering every time, and a suite's containerd changes seldom.
+  stamp=$apt_dir/lists/.updated
+  if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440)" ]; then
+    apt-get "${opts[@]}" -qq update >&2
+    touch "$stamp"
+  fi
+  version=$(apt-cache "${opts[@]}" show containerd | sed -n 's/^Version: //p' | head -1)
+  [ -n "$version" ] || { echo "matrix-fetch: no containerd in $suite" >&2; exit 1; }
+  out=$cache/containerd-$suite-$version
+  if [ ! -x "$out/bin/containerd" ]; then
+    rm -rf "$out" "$out.tmp"
+    (cd "$apt_dir/debs" && rm -f containerd_*.deb && apt-get "${opts[@]}" -qq download "containerd=$version" >&2)
+    mkdir -p "$out.tmp/root" "$out.tmp/bin"
+    dpkg-deb -x "$apt_dir"/debs/containerd_*.deb "$out.tmp/root"
+    # Only containerd, its runc v2 shim and ctr: the runtime (runc) stays the host's.
+    for b in containerd containerd-shim-runc-v2 ctr; do
+      if [ -x "$out.tmp/root/usr/bin/$b" ]; then ln -s ../root/usr/bin/$b "$out.tmp/bin/$b"; fi
+    done
+    [ -x "$out.tmp/bin/containerd" ] && [ -x "$out.tmp/bin/containerd-shim-runc-v2" ] \
+      || { echo "matrix-fetch: $suite's containerd package lacks containerd or its shim" >&2; exit 1; }
+    mv "$out.tmp" "$out"
+  fi
+  echo "$suite $version $out/bin"
+done
