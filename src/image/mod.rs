@@ -117,10 +117,11 @@ impl ImageService {
                 return Ok(image);
             }
             // The tag may have moved: a HEAD request says where it points now.
-            match Registry::new(reference, creds.clone(), &self.insecure)
-                .head(reference)
-                .await
-            {
+            let head = match Registry::new(reference, creds.clone(), &self.insecure) {
+                Ok(registry) => registry.head(reference).await,
+                Err(e) => Err(e),
+            };
+            match head {
                 Ok(digest) if digest == image.manifest_digest => {
                     self.remember(&key, image.clone());
                     return Ok(image);
@@ -213,7 +214,7 @@ impl ImageService {
     ) -> Result<Image, ImageError> {
         let _timer = crate::metrics::timer(crate::metrics::Phase::Pull);
         let started = Instant::now();
-        let registry = Registry::new(reference, creds, &self.insecure);
+        let registry = Registry::new(reference, creds, &self.insecure)?;
         let resolved = registry.resolve(reference).await?;
         let whole = reference.whole();
         let internal = |what: &str, e: tonic::Status| {

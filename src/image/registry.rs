@@ -70,7 +70,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(reference: &Reference, creds: Option<Credentials>, insecure: &[String]) -> Self {
+    /// A client for `reference`'s registry. Fails (as unreachable, so an
+    /// image already in the namespace still runs) where the node cannot
+    /// make one at all, e.g. it has no CA certificates: oci-client's
+    /// `Client::new` would fall back to reqwest's, which panics then.
+    pub fn new(
+        reference: &Reference,
+        creds: Option<Credentials>,
+        insecure: &[String],
+    ) -> Result<Self, ImageError> {
         let registry = reference.resolve_registry().to_string();
         let plain_http = is_loopback(&registry)
             || insecure
@@ -90,11 +98,18 @@ impl Registry {
             .as_ref()
             .map(Credentials::to_auth)
             .unwrap_or(RegistryAuth::Anonymous);
-        Registry {
-            client: Client::new(config),
+        let client = Client::try_from(config).map_err(|e| ImageError::Unreachable {
+            reference: reference.whole(),
+            reason: format!(
+                "cannot set up a registry client on this node: {}",
+                crate::containerd::error_chain(&e)
+            ),
+        })?;
+        Ok(Registry {
+            client,
             auth,
             creds,
-        }
+        })
     }
 
     /// One line for a registry error, with the password scrubbed.
