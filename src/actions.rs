@@ -2,7 +2,9 @@
 //! API shows it, its cancel switch, its live output tails, and who may be
 //! watching it. A (namespace, actionId) pair is taken from acceptance until
 //! its report is acknowledged; reported actions stay visible for a while
-//! (the newest [`KEEP_REPORTED`]) so an operator can still look at them.
+//! (the newest [`KEEP_REPORTED`], holding at most [`KEEP_REPORTED_BYTES`]
+//! of outputs and log tails together) so an operator can still look at
+//! them.
 //!
 //! In memory only: what must survive a restart is the store's.
 
@@ -20,6 +22,14 @@ use crate::request::ActionRequest;
 
 /// How many reported actions stay visible.
 pub const KEEP_REPORTED: usize = 1000;
+/// Most bytes of output and log tails the reported actions kept visible
+/// hold together (issue 13): by count alone, 1000 actions with 32 MiB
+/// outputs and two 1 MiB tails could pin 34 GB. 64 MiB keeps every one of
+/// the 1000 when they are the usual few KiB, and the newest few when they
+/// are huge; older ones go first, as they do by count. An action in flight
+/// holds its own (its output is bounded by `max_report_bytes`, and is in
+/// the store's outbox until delivered).
+pub const KEEP_REPORTED_BYTES: usize = 64 << 20;
 
 type Key = (String, String);
 
@@ -48,8 +58,22 @@ struct Entry {
 #[derive(Default)]
 struct Table {
     entries: HashMap<Key, Entry>,
-    /// Reported actions, oldest first, for eviction.
-    reported: VecDeque<Key>,
+    /// Reported actions, oldest first, for eviction, with the bytes each
+    /// holds.
+    reported: VecDeque<(Key, usize)>,
+    /// The sum of those bytes.
+    reported_bytes: usize,
+}
+
+impl Table {
+    /// Forgets that `key` is among the reported (it is claimed again).
+    fn unreport(&mut self, key: &Key) {
+        if let Some(pos) = self.reported.iter().position(|(k, _)| k == key) {
+            if let Some((_, bytes)) = self.reported.remove(pos) {
+                self.reported_bytes -= bytes;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -118,7 +142,7 @@ impl Actions {
                     action_id: req.action_id.clone(),
                 });
             }
-            t.reported.retain(|k| k != &key);
+            t.unreport(&key);
         }
         let info = ActionInfo {
             namespace: req.namespace.clone(),
@@ -327,11 +351,18 @@ impl Handle {
             i.reported_at_ms = now_ms();
         });
         let mut t = self.actions.lock();
-        t.reported.push_back(self.key.clone());
-        while t.reported.len() > KEEP_REPORTED {
-            if let Some(old) = t.reported.pop_front() {
-                t.entries.remove(&old);
-            }
+        let held = |m: &Mutex<Vec<u8>>| m.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let bytes = t.entries.get(&self.key).map_or(0, |e| {
+            e.info.borrow().output.len() + held(&e.logs.stdout) + held(&e.logs.stderr)
+        });
+        t.reported.push_back((self.key.clone(), bytes));
+        t.reported_bytes += bytes;
+        while t.reported.len() > KEEP_REPORTED || t.reported_bytes > KEEP_REPORTED_BYTES {
+            let Some((old, bytes)) = t.reported.pop_front() else {
+                break;
+            };
+            t.reported_bytes -= bytes;
+            t.entries.remove(&old);
         }
         drop(t);
         self.actions.drained.notify_waiters();
@@ -405,5 +436,25 @@ mod tests {
         }
         assert_eq!(a.list(None, None).len(), KEEP_REPORTED);
         assert!(a.get("n", "a0").is_none());
+    }
+
+    #[test]
+    fn reported_entries_are_evicted_by_bytes_too() {
+        let a = Arc::new(Actions::default());
+        let big = vec![0u8; 10 << 20];
+        for i in 0..10 {
+            let h = a.claim(&req("n", &format!("b{i}"))).unwrap();
+            h.finished(&Outcome::Output(big.clone()));
+            h.logs.stderr.lock().unwrap().extend_from_slice(&[1; 1 << 20]);
+            h.reported();
+        }
+        // Five of 11 MiB fit in 64 MiB; the oldest went first.
+        let kept = a.list(None, None);
+        assert_eq!(kept.len(), 5);
+        assert_eq!(kept[0].action_id, "b5");
+        assert!(a.get("n", "b4").is_none());
+        // Claimed again: no longer counted as reported.
+        a.claim(&req("n", "b9")).unwrap();
+        assert_eq!(a.lock().reported_bytes, 4 * (11 << 20));
     }
 }

@@ -166,6 +166,10 @@ settings! {
     max_timeout_secs: u64 = 1800, "ISOLATED_MAX_TIMEOUT_SECS", "1800";
     /// Actions running at once; more wait in the queue.
     max_running: usize = 32, "ISOLATED_MAX_RUNNING", "32";
+    /// Most MiB of memory limits (size_memory_mib) of the actions running at once; beyond it actions wait in the queue; 0: the host's MemTotal minus an eighth (at least 1 GiB) for the host.
+    max_total_memory_mib: u64 = 0, "ISOLATED_MAX_TOTAL_MEMORY_MIB", "0";
+    /// Most pids (each action's pids limit from the base spec) of the actions running at once; beyond it actions wait in the queue; 0: the smaller of the kernel's pid_max and threads-max, minus an eighth (at least 4096) for the host.
+    max_total_pids: u64 = 0, "ISOLATED_MAX_TOTAL_PIDS", "0";
     /// Actions waiting for a slot before RunIsolate answers RESOURCE_EXHAUSTED.
     max_queued: usize = 1024, "ISOLATED_MAX_QUEUED", "1024";
     /// Seconds between SIGTERM and SIGKILL when an action is stopped.
@@ -176,7 +180,7 @@ settings! {
     max_output_bytes: usize = 32 << 20, "ISOLATED_MAX_OUTPUT_BYTES", "33554432";
     /// Largest report sent to the flow engine, in bytes (the encoded request; Direktiv's gRPC server takes 4 MiB); a larger output is reported as an io error naming both sizes.
     max_report_bytes: usize = 4 << 20, "ISOLATED_MAX_REPORT_BYTES", "4194304";
-    /// Largest image archive an import takes, in bytes (it is spooled under the state dir).
+    /// Largest image archive an import takes, in bytes, and the most all imports in progress spool under the state dir together (beyond it: RESOURCE_EXHAUSTED).
     max_import_bytes: u64 = 4 << 30, "ISOLATED_MAX_IMPORT_BYTES", "4294967296";
     /// Memory limits in MiB of sizes 0,1,2 (swap included).
     size_memory_mib: Vec<u64> = vec![256, 512, 1024], "ISOLATED_SIZE_MEMORY_MIB", "256,512,1024", value_delimiter = ',';
@@ -381,6 +385,11 @@ impl Config {
     /// Root of the per-action directories.
     pub fn actions_dir(&self) -> PathBuf {
         self.state_dir.join("actions")
+    }
+
+    /// Where queued actions' inputs wait (`crate::inputs`).
+    pub fn inputs_dir(&self) -> PathBuf {
+        self.state_dir.join("inputs")
     }
 }
 

@@ -36,9 +36,10 @@ pub struct ControlService {
     /// Where an archive being imported is spooled: it must be read out of
     /// order (index.json may come last), and a stream cannot be.
     pub import_dir: PathBuf,
-    /// Beyond this an import is refused: the spool shares its disk with the
-    /// store, and a full disk would stop every accept.
-    pub max_import_bytes: u64,
+    /// Beyond this an import is refused, an archive alone or all imports in
+    /// progress together: the spool shares its disk with the store, and a
+    /// full disk would stop every accept.
+    pub import_budget: crate::image::import::SpoolBudget,
     /// Cancelled when the daemon starts to stop. Every open watch ends
     /// then with UNAVAILABLE: a graceful stop waits for the calls in
     /// flight, and a watch lasts as long as its action (issue 14: Ctrl-C
@@ -179,12 +180,21 @@ impl IsolateControl for ControlService {
             reason: e.to_string(),
         };
         let mut file = tokio::fs::File::from_std(spool.file.try_clone().map_err(spool_err)?);
+        let budget = &self.import_budget;
+        let mut hold = budget.hold();
         let mut received = 0u64;
         let mut next = Some(first);
         while let Some(msg) = next {
             received += msg.chunk.len() as u64;
-            if received > self.max_import_bytes {
-                return Err(Error::ImportTooLarge(self.max_import_bytes).into());
+            if received > budget.limit() {
+                return Err(Error::ImportTooLarge(budget.limit()).into());
+            }
+            if let Err(held) = budget.grow(&mut hold, msg.chunk.len() as u64) {
+                return Err(Error::ImportSpoolFull {
+                    held,
+                    limit: budget.limit(),
+                }
+                .into());
             }
             file.write_all(&msg.chunk).await.map_err(spool_err)?;
             next = stream.message().await?;
@@ -204,6 +214,7 @@ impl IsolateControl for ControlService {
         let images = tokio::spawn(async move {
             let imported = service.import(&cns, &spool.path).await;
             drop(spool);
+            drop(hold);
             imported
         })
         .await

@@ -39,11 +39,15 @@ pub enum Error {
     /// {0}
     Store(#[from] StoreError),
     /// {0}
+    Input(#[from] crate::inputs::InputError),
+    /// {0}
     Import(#[from] ImportError),
     /// the import stream is empty
     EmptyImport,
     /// the archive is larger than max_import_bytes ({0} bytes)
     ImportTooLarge(u64),
+    /// imports in progress already spool {held} bytes: max_import_bytes ({limit} bytes) is what all imports at once may spool; try again when they are done
+    ImportSpoolFull { held: u64, limit: u64 },
     /// cannot spool the archive under {dir}: {reason}
     Spool { dir: PathBuf, reason: String },
 }
@@ -58,11 +62,13 @@ impl From<Error> for Status {
             Error::Auth(AuthError::Forbidden { .. }) => Status::permission_denied(msg),
             Error::Auth(_) => Status::unauthenticated(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
-            Error::Busy(_) | Error::ImportTooLarge(_) => Status::resource_exhausted(msg),
+            Error::Busy(_) | Error::ImportTooLarge(_) | Error::ImportSpoolFull { .. } => {
+                Status::resource_exhausted(msg)
+            }
             Error::NotFound { .. } => Status::not_found(msg),
             Error::Finished { .. } => Status::failed_precondition(msg),
             // Not durable, so not done: the caller may try again.
-            Error::Store(_) => Status::unavailable(msg),
+            Error::Store(_) | Error::Input(_) => Status::unavailable(msg),
             Error::EmptyImport => Status::invalid_argument(msg),
             // The archive's faults are the caller's; containerd's are ours.
             Error::Import(

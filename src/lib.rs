@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod image;
+pub mod inputs;
 pub mod listen;
 pub mod lock;
 pub mod metrics;

@@ -87,7 +87,12 @@ pub async fn recover(
             info!(key = %record.key(), "carrying out a cancel stored before the restart");
             handle.cancel_now(&record.cancel_reason);
         }
+        // Accepted since inputs are spooled: the record has none inline.
+        let spooled = record.request.as_ref().is_some_and(|r| r.data.is_none());
         let mut action = Action::new(&runner.cfg, req, handle);
+        if spooled {
+            action = action.spooled();
+        }
         if matches!(start, Start::Fresh) {
             // Already accepted: it takes its queue place whatever the limit.
             action = action.queued(runner.queued.force());
@@ -169,6 +174,11 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
                 }
             }
         }
+    }
+    // Inputs spooled for actions the store no longer has.
+    let spooled = crate::inputs::sweep(&runner.cfg.inputs_dir(), known);
+    if spooled > 0 {
+        warn!(count = spooled, "removed spooled inputs of unknown actions");
     }
     // Networks (namespace, lease) whose action left nothing else behind.
     for key in runner.networks.attached() {

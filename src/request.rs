@@ -1,6 +1,10 @@
 //! The edge: turns a wire `RunIsolateRequest` into a validated [`ActionRequest`].
 //!
-//! Owns every rule of the contract's validation table (ISOLATE.md section 2).
+//! Owns every rule of the contract's validation table (ISOLATE.md section 2),
+//! and the bounds on what a caller can make the daemon hold (section 8,
+//! issue 13): a `command` of at most [`MAX_COMMAND_BYTES`], at most
+//! [`MAX_REGISTRIES`] registries, and no other string above
+//! [`MAX_VALUE_BYTES`]; checked first, before anything is parsed or copied.
 //! Nothing here touches containerd or the network; registry credentials are
 //! kept as the caller sent them and parsed only when an image is pulled, so a
 //! malformed one fails that action with the image code instead of the call.
@@ -12,6 +16,17 @@ use oci_client::Reference;
 
 use crate::config::Limits;
 use crate::proto::isolate::RunIsolateRequest;
+
+/// Largest `command`: an argv far beyond any real entrypoint's, and small
+/// enough that splitting it costs nothing (six 700 MiB commands once took
+/// the daemon to a 4.4 GB peak).
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+/// Most entries of `registries`: one per registry an action's image may
+/// come from; Direktiv sends the namespace's few.
+pub const MAX_REGISTRIES: usize = 64;
+/// Largest value of any other string field (instanceId, image, a registry's
+/// host or `user!password`): a registry token is a few KiB at most.
+pub const MAX_VALUE_BYTES: usize = 8 << 10;
 
 /// Why a request was refused at the edge. Each maps to INVALID_ARGUMENT.
 #[derive(Debug, thiserror::Error, displaydoc::Display, PartialEq, Eq)]
@@ -34,6 +49,51 @@ pub enum ValidationError {
     EmptyCommand,
     /// data is {len} bytes, above the input limit of {limit} bytes
     DataTooLarge { len: usize, limit: usize },
+    /// {field} is {len} bytes, above the limit of {limit} bytes
+    TooLong {
+        field: String,
+        len: usize,
+        limit: usize,
+    },
+    /// registries has {count} entries, above the limit of {limit}
+    TooManyRegistries { count: usize, limit: usize },
+}
+
+/// The size bounds, before any field is looked at more closely. A field
+/// is named as the wire names it; a registry by its host, cut short.
+fn check_sizes(req: &RunIsolateRequest) -> Result<(), ValidationError> {
+    let too_long = |field: String, len: usize, limit: usize| {
+        (len > limit)
+            .then_some(ValidationError::TooLong { field, len, limit })
+            .map_or(Ok(()), Err)
+    };
+    let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    too_long("command".into(), len(&req.command), MAX_COMMAND_BYTES)?;
+    for (field, value) in [
+        ("namespace", &req.namespace),
+        ("actionId", &req.action_id),
+        ("instanceId", &req.instance_id),
+        ("image", &req.image),
+    ] {
+        too_long(field.into(), len(value), MAX_VALUE_BYTES)?;
+    }
+    if req.registries.len() > MAX_REGISTRIES {
+        return Err(ValidationError::TooManyRegistries {
+            count: req.registries.len(),
+            limit: MAX_REGISTRIES,
+        });
+    }
+    for (host, value) in &req.registries {
+        let name: String = host.chars().take(64).collect();
+        too_long("registries key".into(), host.len(), MAX_VALUE_BYTES)?;
+        // The value is a password: only its host is named.
+        too_long(
+            format!("registries[{name:?}]"),
+            value.len(),
+            MAX_VALUE_BYTES,
+        )?;
+    }
+    Ok(())
 }
 
 /// The memory/CPU class of an action (ISOLATE.md section 5).
@@ -78,6 +138,7 @@ impl ActionRequest {
     /// Applies the validation table to a wire request, consuming it so the
     /// input bytes are moved, not copied.
     pub fn validate(req: RunIsolateRequest, limits: &Limits) -> Result<Self, ValidationError> {
+        check_sizes(&req)?;
         let namespace = req
             .namespace
             .filter(|s| !s.is_empty())
@@ -390,6 +451,46 @@ mod tests {
             ValidationError::Command(_)
         ));
         assert_eq!(with(|r| r.command = Some("  ".into())).unwrap().argv, None);
+    }
+
+    #[test]
+    fn size_bounds_name_the_field_and_limit() {
+        assert!(with(|r| r.command = Some("a".repeat(MAX_COMMAND_BYTES))).is_ok());
+        let e = with(|r| r.command = Some("a".repeat(MAX_COMMAND_BYTES + 1))).unwrap_err();
+        assert_eq!(e.to_string(), "command is 65537 bytes, above the limit of 65536 bytes");
+        let e = with(|r| r.instance_id = Some("i".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
+        assert!(e.to_string().starts_with("instanceId is 8193 bytes"), "{e}");
+        let e = with(|r| r.image = Some("i".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
+        assert!(e.to_string().starts_with("image is"), "{e}");
+        let e = with(|r| {
+            r.registries
+                .insert("reg.example".into(), format!("u!{}", "p".repeat(MAX_VALUE_BYTES)))
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "registries[\"reg.example\"] is 8194 bytes, above the limit of 8192 bytes"
+        );
+        assert!(!e.to_string().contains("ppp"), "the password is in {e}");
+        let e = with(|r| {
+            r.registries = (0..=MAX_REGISTRIES)
+                .map(|i| (format!("r{i}"), "u!p".to_string()))
+                .collect()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ValidationError::TooManyRegistries {
+                count: 65,
+                limit: 64
+            }
+        );
+        assert!(with(|r| {
+            r.registries = (0..MAX_REGISTRIES)
+                .map(|i| (format!("r{i}"), "u!p".to_string()))
+                .collect()
+        })
+        .is_ok());
     }
 
     #[test]

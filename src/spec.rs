@@ -78,6 +78,17 @@ pub struct SpecTemplate {
 }
 
 impl SpecTemplate {
+    /// The pids limit every action gets (the base spec's), for the node's
+    /// pids budget; 0 when the base spec sets none.
+    pub fn pids_limit(&self) -> u64 {
+        self.base
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.pids().as_ref())
+            .map_or(0, |p| p.limit().max(0) as u64)
+    }
+
     /// Loads the built-in data, or the override files when given. A
     /// seccomp path of `unconfined` leaves seccomp off.
     pub fn load(base: Option<&Path>, seccomp: Option<&Path>) -> Result<Self, SpecError> {

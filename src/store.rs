@@ -8,10 +8,16 @@
 //! acknowledged that report. Records are
 //! protobuf, reusing the wire messages, so the format is versionable.
 //!
+//! The file gives its space back (issue 13): redb reuses freed pages but
+//! never shrinks the file by itself, so a burst of large reports once left
+//! a 1.6 GB file behind for good. The writer compacts it when it is idle
+//! and the file is much larger than what it holds ([`worth_compacting`]).
+//!
 //! Does not decide anything: recovery (`recover`) reads it back.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -109,7 +115,8 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    /// Shared with the writer, which takes it exclusively to compact.
+    db: Arc<RwLock<Database>>,
     jobs: std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -147,12 +154,13 @@ impl Store {
         txn.open_table(ACTIONS)
             .map_err(|e| open_err(e.to_string()))?;
         txn.commit().map_err(|e| open_err(e.to_string()))?;
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(db));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let writer_db = db.clone();
+        let file = path.to_owned();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer(writer_db, rx))
+            .spawn(move || writer(writer_db, &file, rx))
             .map_err(|e| open_err(e.to_string()))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -221,7 +229,8 @@ impl Store {
     /// Every record, for recovery at start-up.
     pub fn load_all(&self) -> Result<Vec<StoredAction>, StoreError> {
         let r = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
-        let txn = self.inner.db.begin_read().map_err(|e| r(&e))?;
+        let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        let txn = db.begin_read().map_err(|e| r(&e))?;
         let table = txn.open_table(ACTIONS).map_err(|e| r(&e))?;
         let mut out = Vec::new();
         for row in table.iter().map_err(|e| r(&e))? {
@@ -238,9 +247,33 @@ impl Store {
 }
 
 /// The writer thread: one transaction per batch of queued changes, made
-/// durable if any of them asks for it.
-fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
+/// durable if any of them asks for it; and, once removals have happened
+/// and nothing is queued, a look at whether the file should be compacted.
+fn writer(db: Arc<RwLock<Database>>, path: &Path, rx: std::sync::mpsc::Receiver<Job>) {
+    let mut removed = false;
+    let mut last_look = Instant::now() - COMPACT_EVERY;
+    loop {
+        let first = if removed {
+            // Idle, or a look is due: compact off the request path, between
+            // batches, never inside one an accept waits for.
+            match rx.recv_timeout(COMPACT_EVERY.saturating_sub(last_look.elapsed())) {
+                Ok(job) => Some(job),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        };
+        let Some(first) = first else {
+            removed = false;
+            last_look = Instant::now();
+            let mut db = db.write().unwrap_or_else(|p| p.into_inner());
+            compact_if_worth_it(&mut db, path);
+            continue;
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -248,11 +281,72 @@ fn writer(db: Arc<Database>, rx: std::sync::mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        removed |= batch.iter().any(|j| matches!(j.op, Op::Remove(_)));
         let durable = batch.iter().any(|j| j.sync == Sync::Durable);
-        let result = commit(&db, &batch, durable);
+        let result = commit(
+            &db.read().unwrap_or_else(|p| p.into_inner()),
+            &batch,
+            durable,
+        );
         for job in batch {
             let _ = job.done.send(result.clone());
         }
+    }
+}
+
+/// At most one look at the file's size per this long, after removals: a
+/// look is a write transaction's statistics (a walk of the trees), so not
+/// after every delivered report under load.
+const COMPACT_EVERY: Duration = Duration::from_secs(2);
+/// A file this small is left alone: redb's own overhead is a few MiB, and
+/// compacting it would give back next to nothing.
+const COMPACT_MIN_FILE: u64 = 16 << 20;
+/// Compact when the file is this many times what its live pages take: a
+/// quarter live means the copy compaction makes is small next to what it
+/// gives back, and a store with steady traffic (which reuses its free
+/// pages) is not compacted over and over.
+const COMPACT_RATIO: u64 = 4;
+
+/// Whether a file of `file` bytes, `live` of them in use, is worth it.
+fn worth_compacting(file: u64, live: u64) -> bool {
+    file > COMPACT_MIN_FILE && file > live.saturating_mul(COMPACT_RATIO)
+}
+
+fn compact_if_worth_it(db: &mut Database, path: &Path) {
+    let Ok(file) = std::fs::metadata(path).map(|m| m.len()) else {
+        return;
+    };
+    if file <= COMPACT_MIN_FILE {
+        return;
+    }
+    let live = (|| -> Result<u64, String> {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        let stats = txn.stats().map_err(|e| e.to_string())?;
+        txn.abort().map_err(|e| e.to_string())?;
+        Ok(stats.allocated_pages() * stats.page_size() as u64)
+    })();
+    let live = match live {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the store's statistics");
+            return;
+        }
+    };
+    if !worth_compacting(file, live) {
+        return;
+    }
+    let started = Instant::now();
+    match db.compact() {
+        Ok(_) => {
+            let after = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            tracing::info!(
+                before = file,
+                after,
+                ms = started.elapsed().as_millis() as u64,
+                "compacted the store"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot compact the store"),
     }
 }
 
@@ -329,6 +423,51 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(s.load_all().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn compaction_thresholds() {
+        assert!(!worth_compacting(10 << 20, 0), "a small file is left alone");
+        assert!(worth_compacting(1 << 30, 1 << 20));
+        assert!(!worth_compacting(100 << 20, 30 << 20), "30% live is kept");
+    }
+
+    #[tokio::test]
+    async fn space_is_given_back_after_a_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let s = Store::open(&path).unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let mut big = rec("n", "x", ActionState::Finished);
+        big.report = Some(ReportActionResultsRequest {
+            output: Some(vec![7; 4 << 20]),
+            ..Default::default()
+        });
+        for i in 0..20 {
+            let mut r = big.clone();
+            r.request.as_mut().unwrap().action_id = Some(format!("a{i}"));
+            s.put(&r, Sync::Durable).await.unwrap();
+        }
+        s.put(&rec("n", "keep", ActionState::Accepted), Sync::Durable)
+            .await
+            .unwrap();
+        let burst = size();
+        assert!(burst > 80 << 20, "the burst took {burst} bytes");
+        for i in 0..20 {
+            s.remove("n", &format!("a{i}"), Sync::Lazy).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while size() > COMPACT_MIN_FILE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = size();
+        assert!(after <= COMPACT_MIN_FILE, "still {after} bytes after a burst of {burst}");
+        // Still usable, and nothing live was lost.
+        s.put(&rec("n", "more", ActionState::Accepted), Sync::Durable)
+            .await
+            .unwrap();
+        let keys: Vec<String> = s.load_all().unwrap().iter().map(StoredAction::key).collect();
+        assert_eq!(keys, ["n/keep", "n/more"]);
     }
 
     #[tokio::test]

@@ -213,6 +213,16 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    let budget = direktiv_isolate::runner::queue::Budget::for_host(
+        cfg.max_total_memory_mib,
+        cfg.max_total_pids,
+    );
+    let (memory_mib, pids) = budget.totals();
+    tracing::info!(
+        memory_mib,
+        pids,
+        "budget of the running actions' memory and pids limits"
+    );
     let runner = Arc::new(Runner {
         cfg: cfg.clone(),
         engine,
@@ -225,6 +235,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         keepers,
         slots: tokio::sync::Semaphore::new(cfg.max_running),
         queued: Default::default(),
+        budget,
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)
@@ -238,7 +249,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         images: runner.images.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),
-        max_import_bytes: cfg.max_import_bytes,
+        import_budget: direktiv_isolate::image::import::SpoolBudget::new(cfg.max_import_bytes),
         stopping: stop.clone(),
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();

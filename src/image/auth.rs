@@ -55,6 +55,14 @@ impl Credentials {
     }
 
     /// Replaces every occurrence of the password in `text`.
+    /// Which credential this is, for the image cache's "checked with these
+    /// credentials" marks: keyed by the cache's own random hasher, so it
+    /// cannot be turned back into the password, and never shown.
+    pub fn fingerprint(&self, hasher: &std::hash::RandomState) -> u64 {
+        use std::hash::BuildHasher;
+        hasher.hash_one((&self.user, &self.password))
+    }
+
     pub fn redact(&self, text: &str) -> String {
         if self.password.is_empty() {
             text.to_string()

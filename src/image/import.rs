@@ -10,12 +10,20 @@
 //! from its record when its registry cannot be reached
 //! ([`ImageService::local_fallback`]).
 //!
+//! And the one spool budget every import in progress shares
+//! ([`SpoolBudget`]): the control service spools each archive to a file
+//! under the state dir, and without a node-wide cap a few concurrent
+//! imports of `max_import_bytes` each could fill the disk the store and the
+//! input spool live on.
+//!
 //! Does not receive the archive (the control service spools it to a file)
 //! and does not take legacy docker-archives (`manifest.json` only).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use containerd_client::services::v1::GetImageRequest;
 use oci_client::Reference;
@@ -63,6 +71,64 @@ pub enum ImportError {
     Containerd { what: String, reason: String },
     /// cannot unpack {name}: {reason}
     Unpack { name: String, reason: String },
+}
+
+/// The bytes all imports in progress may spool together (issue 13):
+/// `max_import_bytes`, the same as one archive may have, so the state dir's
+/// disk sees at most that much of imports at any time, however many run.
+pub struct SpoolBudget {
+    limit: u64,
+    used: Arc<AtomicU64>,
+}
+
+/// One import's share of the [`SpoolBudget`], given back when dropped (once
+/// its spool file is removed), so no path can leak it.
+#[must_use = "the share is given back when dropped"]
+pub struct SpoolHold {
+    used: Arc<AtomicU64>,
+    held: u64,
+}
+
+impl SpoolBudget {
+    pub fn new(limit: u64) -> Self {
+        SpoolBudget {
+            limit,
+            used: Arc::default(),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// An empty share, grown as the archive arrives.
+    pub fn hold(&self) -> SpoolHold {
+        SpoolHold {
+            used: self.used.clone(),
+            held: 0,
+        }
+    }
+
+    /// Grows `hold` by `bytes`, or says how much all imports hold when that
+    /// would pass the limit. Check and take are one atomic step.
+    pub fn grow(&self, hold: &mut SpoolHold, bytes: u64) -> Result<(), u64> {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.limit)
+            })
+            .map(|_| hold.held += bytes)
+    }
+
+    /// Bytes spooled by all imports in progress.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SpoolHold {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.held, Ordering::SeqCst);
+    }
 }
 
 /// Where each file of the archive is: data offset and size.
@@ -385,6 +451,7 @@ impl ImageService {
                 .await
                 .map_err(|e| format!("read {digest}: {}", e.message()))
         };
+        let resolved_digest = target.digest.clone();
         let mut manifest_digest = target.digest.clone();
         let mut bytes = read(target.digest.clone()).await?;
         if is_index(&target.media_type) {
@@ -409,6 +476,7 @@ impl ImageService {
         }
         Ok(Some(Image {
             name: name.to_string(),
+            resolved_digest,
             manifest_digest,
             config,
             top_chain: chains.last().cloned(),
@@ -470,6 +538,22 @@ mod tests {
         let junk = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(junk.path(), vec![7u8; 1500]).unwrap();
         assert!(plan(junk.path()).is_err());
+    }
+
+    #[test]
+    fn imports_share_one_spool_budget() {
+        let budget = SpoolBudget::new(100);
+        let mut a = budget.hold();
+        let mut b = budget.hold();
+        budget.grow(&mut a, 60).unwrap();
+        assert_eq!(budget.grow(&mut b, 41), Err(60));
+        budget.grow(&mut b, 40).unwrap();
+        assert_eq!(budget.grow(&mut a, 1), Err(100));
+        drop(a);
+        assert_eq!(budget.used(), 40);
+        budget.grow(&mut b, 60).unwrap();
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Images: from a reference and a tenant's credentials to a committed
 //! snapshot chain in the tenant's containerd namespace.
 //!
-//! Owns the per-namespace cache (a tag is re-resolved at most every
-//! `tag_ttl`, a digest never), the single flight (concurrent requests for
+//! Owns the per-namespace cache (every reference, tag or digest, is checked
+//! against its registry with the caller's credentials at least once per
+//! `tag_ttl`, and the registry's answer stands: issue 13), the single
+//! flight (concurrent requests for
 //! one image in one namespace share one pull) and the pull itself, done the
 //! way containerd's own client does it on 1.6 (CONTAINERD-NOTES.md): under
 //! a lease, blobs through the content service, layers through the diff
@@ -56,6 +58,9 @@ pub struct Image {
     pub name: String,
     pub manifest_digest: String,
     pub config: ImageConfiguration,
+    /// What the reference resolves to at the registry: the index's digest
+    /// when it names one, else the manifest's. A re-check compares it.
+    pub resolved_digest: String,
     /// Chain id of the top layer: the parent of every action's snapshot.
     /// `None` for an image without layers.
     pub top_chain: Option<String>,
@@ -63,10 +68,18 @@ pub struct Image {
 
 struct Cached {
     image: Arc<Image>,
-    resolved_at: Instant,
+    /// When the registry last said yes to this image for each credential
+    /// (by fingerprint; `None` is no credentials). A credential not here,
+    /// or here for longer than the TTL, asks the registry again before the
+    /// image runs: within one namespace a request without credentials (or
+    /// with revoked ones) must not ride on another request's pull.
+    checked: HashMap<Option<u64>, Instant>,
 }
 
 type Key = (String, String);
+/// A pull in flight is shared only by requests with the same credentials:
+/// one without them must not get what another's credentials fetched.
+type FlightKey = (String, String, Option<u64>);
 type Pull = Shared<BoxFuture<'static, Result<Arc<Image>, ImageError>>>;
 
 /// Pulls and caches images for every namespace of one containerd.
@@ -76,7 +89,9 @@ pub struct ImageService {
     insecure: Vec<String>,
     tag_ttl: Duration,
     cache: Mutex<HashMap<Key, Cached>>,
-    inflight: Mutex<HashMap<Key, Pull>>,
+    /// Keys credentials' fingerprints ([`Credentials::fingerprint`]).
+    hasher: std::hash::RandomState,
+    inflight: Mutex<HashMap<FlightKey, Pull>>,
 }
 
 impl ImageService {
@@ -92,6 +107,7 @@ impl ImageService {
             insecure,
             tag_ttl,
             cache: Mutex::new(HashMap::new()),
+            hasher: std::hash::RandomState::new(),
             inflight: Mutex::new(HashMap::new()),
         })
     }
@@ -106,35 +122,48 @@ impl ImageService {
         let creds = auth::lookup(registries, reference.registry())?;
         let key = (ns.to_string(), reference.whole());
 
+        let fp = creds.as_ref().map(|c| c.fingerprint(&self.hasher));
+
         let cached = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             cache
                 .get(&key)
-                .map(|c| (c.image.clone(), c.resolved_at.elapsed()))
+                .map(|c| (c.image.clone(), c.checked.get(&fp).map(Instant::elapsed)))
         };
         if let Some((image, age)) = cached {
-            if reference.digest().is_some() || age < self.tag_ttl {
+            if age.is_some_and(|age| age < self.tag_ttl) {
                 return Ok(image);
             }
-            // The tag may have moved: a HEAD request says where it points now.
+            // Tag or digest, the registry has the last word once per TTL and
+            // per credential: a tag may have moved or gone, a credential may
+            // have been revoked or never been good (one HEAD request).
             let head = match Registry::new(reference, creds.clone(), &self.insecure) {
                 Ok(registry) => registry.head(reference).await,
                 Err(e) => Err(e),
             };
             match head {
-                Ok(digest) if digest == image.manifest_digest => {
-                    self.remember(&key, image.clone());
+                Ok(digest) if digest == image.resolved_digest || digest == image.manifest_digest => {
+                    self.remember(&key, image.clone(), fp);
                     return Ok(image);
                 }
                 Ok(digest) => debug!(image = %key.1, %digest, "tag moved, pulling again"),
-                Err(e) => {
-                    // An edge box's registry comes and goes; the image we
-                    // have is still this tenant's, so keep running it.
-                    // Asked again one TTL later, not by every action meanwhile:
-                    // an unreachable registry can take a connect timeout to say so.
-                    warn!(image = %key.1, error = %e, "cannot re-resolve tag, using the cached image");
-                    self.remember(&key, image.clone());
+                Err(e @ ImageError::Unreachable { .. }) => {
+                    // No answer at all: an edge box's registry comes and
+                    // goes, and the image we have is this tenant's, so keep
+                    // running it. Asked again one TTL later, not by every
+                    // action meanwhile: an unreachable registry can take a
+                    // connect timeout to say so.
+                    warn!(image = %key.1, error = %e, "cannot re-resolve, the registry does not answer; using the cached image");
+                    self.remember(&key, image.clone(), fp);
                     return Ok(image);
+                }
+                Err(e) => {
+                    // An answer ("unauthorized", "denied", "not found")
+                    // stands, whatever this namespace holds: the credential
+                    // loses its mark, so it is asked again next time too.
+                    warn!(image = %key.1, error = %e, "the registry refused the cached image");
+                    self.unmark(&key, fp);
+                    return Err(e);
                 }
             }
         }
@@ -142,7 +171,7 @@ impl ImageService {
         let pull = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             inflight
-                .entry(key.clone())
+                .entry((key.0.clone(), key.1.clone(), fp))
                 .or_insert_with(|| {
                     let this = self.clone();
                     let (ns, reference) = (ns.to_string(), reference.clone());
@@ -163,12 +192,12 @@ impl ImageService {
                         .map(Arc::new);
                         let key = (ns, reference.whole());
                         if let Ok(image) = &result {
-                            this.remember(&key, image.clone());
+                            this.remember(&key, image.clone(), fp);
                         }
                         this.inflight
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
+                            .remove(&(key.0, key.1, fp));
                         result
                     }
                     .instrument(span)
@@ -184,7 +213,7 @@ impl ImageService {
     /// unit tests of the lifecycle, which has no registry.
     #[cfg(test)]
     pub fn cache_for_test(&self, ns: &str, reference: &Reference, image: Image) {
-        self.remember(&(ns.to_string(), reference.whole()), Arc::new(image));
+        self.remember(&(ns.to_string(), reference.whole()), Arc::new(image), None);
     }
 
     /// Drops a cached image, so that the next `ensure` resolves it afresh
@@ -196,14 +225,31 @@ impl ImageService {
             .remove(&(ns.to_string(), name.to_string()));
     }
 
-    fn remember(&self, key: &Key, image: Arc<Image>) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            key.clone(),
-            Cached {
-                image,
-                resolved_at: Instant::now(),
-            },
-        );
+    /// Caches `image` under `key`, checked now for credential `fp`. A new
+    /// image (the tag moved) drops every other credential's mark.
+    fn remember(&self, key: &Key, image: Arc<Image>, fp: Option<u64>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.entry(key.clone()).or_insert_with(|| Cached {
+            image: image.clone(),
+            checked: HashMap::new(),
+        });
+        if !Arc::ptr_eq(&entry.image, &image) && entry.image.manifest_digest != image.manifest_digest
+        {
+            entry.checked.clear();
+        }
+        entry.image = image;
+        entry.checked.insert(fp, Instant::now());
+    }
+
+    /// The registry refused credential `fp`: it is asked again next time.
+    fn unmark(&self, key: &Key, fp: Option<u64>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = cache.get_mut(key) {
+            entry.checked.remove(&fp);
+            if entry.checked.is_empty() {
+                cache.remove(key);
+            }
+        }
     }
 
     async fn pull(
@@ -282,6 +328,11 @@ impl ImageService {
               ms = started.elapsed().as_millis() as u64, "image ready");
         Ok(Image {
             name: whole,
+            resolved_digest: resolved
+                .index
+                .as_ref()
+                .map_or(&resolved.manifest.digest, |(blob, _, _)| &blob.digest)
+                .clone(),
             manifest_digest: resolved.manifest.digest.clone(),
             config: resolved.image_config,
             top_chain: chains.last().cloned(),

@@ -190,8 +190,7 @@ pub(super) fn prepare_dir(a: &Action) -> Result<(), RunError> {
         }
         std::fs::create_dir_all(&data).map_err(io)?;
     }
-    std::fs::write(data.join("data.in"), &a.req.data).map_err(io)?;
-    Ok(())
+    a.write_input(&data.join("data.in"))
 }
 
 /// Reads a file of the image from the snapshot's mounts without mounting

@@ -20,6 +20,8 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// {0}
+    Input(#[from] crate::inputs::InputError),
+    /// {0}
     Image(#[from] ImageError),
     /// {0}
     Spec(#[from] SpecError),
@@ -44,7 +46,7 @@ impl RunError {
     /// The report code: the image's fault, the data dir's, or ours.
     pub fn code(&self) -> ErrorCode {
         match self {
-            RunError::DataDir { .. } => ErrorCode::Io,
+            RunError::DataDir { .. } | RunError::Input(_) => ErrorCode::Io,
             RunError::Network(_) => ErrorCode::Network,
             RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
             RunError::Image(_) => ErrorCode::Image,

@@ -78,6 +78,10 @@ impl Node {
             keepers: None,
             slots: tokio::sync::Semaphore::new(cfg.max_running),
             queued: Default::default(),
+            budget: crate::runner::queue::Budget::for_host(
+                cfg.max_total_memory_mib,
+                cfg.max_total_pids,
+            ),
         });
         Node {
             _dir: dir,
@@ -116,6 +120,7 @@ impl Node {
             Image {
                 name: IMAGE.into(),
                 manifest_digest: "sha256:0".into(),
+                resolved_digest: "sha256:0".into(),
                 config,
                 top_chain: Some("sha256:top".into()),
             },

@@ -73,6 +73,8 @@ pub struct Runner {
     pub slots: tokio::sync::Semaphore,
     /// Actions waiting for a permit.
     pub queued: queue::Queue,
+    /// The memory and pids the running actions may have together.
+    pub budget: queue::Budget,
 }
 
 /// One action in the runner's hands.
@@ -82,6 +84,11 @@ pub struct Action {
     pub cns: String,
     /// `<state>/actions/<cns>/<actionId>`.
     pub dir: PathBuf,
+    /// Where its input waits (`crate::inputs`), removed with the rest.
+    pub input: PathBuf,
+    /// Whether the input is there rather than in `req.data` (a record
+    /// stored before inputs were spooled carries it inline).
+    spooled: bool,
     pub handle: Handle,
     /// Its claim on the namespace's shim, from its task's creation until
     /// the task is deleted.
@@ -94,10 +101,13 @@ impl Action {
     pub fn new(cfg: &Config, req: ActionRequest, handle: Handle) -> Action {
         let cns = cfg.containerd_namespace(&req.namespace);
         let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
+        let input = crate::inputs::path(&cfg.inputs_dir(), &cns, &req.action_id);
         Action {
             req,
             cns,
             dir,
+            input,
+            spooled: false,
             handle,
             shim: Default::default(),
             queue_place: Default::default(),
@@ -108,6 +118,23 @@ impl Action {
     pub fn queued(self, place: queue::QueuePlace) -> Action {
         *self.queue_place.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
         self
+    }
+
+    /// Its input waits in the spool, not in `req.data`.
+    pub fn spooled(mut self) -> Action {
+        self.spooled = true;
+        self
+    }
+
+    /// Writes the action's input to `dest` (its data.in).
+    fn write_input(&self, dest: &std::path::Path) -> Result<(), RunError> {
+        if self.spooled {
+            return crate::inputs::copy_to(&self.input, dest).map_err(RunError::Input);
+        }
+        std::fs::write(dest, &self.req.data).map_err(|source| RunError::DataDir {
+            path: dest.to_owned(),
+            source,
+        })
     }
 
     /// Gives its queue place back (it runs, or will not).
@@ -277,12 +304,18 @@ impl Runner {
         )
     }
 
+    /// The memory limit of the action's size, in MiB.
+    fn memory_mib(&self, a: &Action) -> u64 {
+        self.cfg.size_memory_mib[a.req.size.index()]
+    }
+
     /// A new action: waits for a slot, then runs it. While containerd is
     /// unreachable before the task started, it waits and tries again rather
     /// than report a failure that is nobody's fault.
     async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
         // The queue place was taken when the action was accepted; it is
-        // given back once a slot is had, or the action is cancelled while it
+        // given back once a slot and the action's share of the node's
+        // memory and pids are had, or the action is cancelled while it
         // waits (or was before a restart: `biased`, so that wins).
         let permit = tokio::select! {
             biased;
@@ -290,7 +323,11 @@ impl Runner {
                 a.leave_queue();
                 return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
             }
-            p = self.slots.acquire() => p,
+            p = async {
+                let slot = self.slots.acquire().await?;
+                let share = self.budget.take(self.memory_mib(a), self.template.pids_limit()).await?;
+                Ok::<_, tokio::sync::AcquireError>((slot, share))
+            } => p,
         };
         a.leave_queue();
         let _permit = match permit {
@@ -404,8 +441,12 @@ impl Runner {
     /// collects it like any other.
     async fn resume(&self, a: &Action, deadline_ms: i64) -> Outcome {
         // The task already runs, so it never waits for a slot; it takes one
-        // if there is one, so new actions see the node as busy as it is.
+        // (and its share of the budget) if there is one, so new actions see
+        // the node as busy as it is.
         let _permit = self.slots.try_acquire().ok();
+        let _share = self
+            .budget
+            .try_take(self.memory_mib(a), self.template.pids_limit());
         if let Err(e) = self.engine.task(&a.cns, a.id()).await {
             let e = RunError::Engine(e);
             return Outcome::failed(

@@ -1,6 +1,6 @@
 //! Releasing what an action used (issue 12's "release on collect"): its
 //! task, container and snapshot (through `engine::ops`, the one removal),
-//! its network and data directory, and its hold on the namespace's shim;
+//! its network, data directory and spooled input, and its hold on the namespace's shim;
 //! every step tolerates what is gone, so it runs after any failure and
 //! again after a crash.
 
@@ -24,6 +24,7 @@ impl Runner {
     pub async fn cleanup(&self, a: &Action) {
         self.cleanup_containerd(a).await;
         self.networks.detach(&a.net()).await;
+        crate::inputs::remove(&a.input);
         if let Err(e) = std::fs::remove_dir_all(&a.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
