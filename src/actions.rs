@@ -445,7 +445,11 @@ mod tests {
         for i in 0..10 {
             let h = a.claim(&req("n", &format!("b{i}"))).unwrap();
             h.finished(&Outcome::Output(big.clone()));
-            h.logs.stderr.lock().unwrap().extend_from_slice(&[1; 1 << 20]);
+            h.logs
+                .stderr
+                .lock()
+                .unwrap()
+                .extend_from_slice(&[1; 1 << 20]);
             h.reported();
         }
         // Five of 11 MiB fit in 64 MiB; the oldest went first.

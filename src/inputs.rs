@@ -155,9 +155,6 @@ mod tests {
         remove(&a);
         remove(&a);
         assert!(std::fs::read_dir(&spool).unwrap().next().is_none());
-        assert!(matches!(
-            copy_to(&a, &dest),
-            Err(InputError::Read { .. })
-        ));
+        assert!(matches!(copy_to(&a, &dest), Err(InputError::Read { .. })));
     }
 }

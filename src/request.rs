@@ -457,14 +457,19 @@ mod tests {
     fn size_bounds_name_the_field_and_limit() {
         assert!(with(|r| r.command = Some("a".repeat(MAX_COMMAND_BYTES))).is_ok());
         let e = with(|r| r.command = Some("a".repeat(MAX_COMMAND_BYTES + 1))).unwrap_err();
-        assert_eq!(e.to_string(), "command is 65537 bytes, above the limit of 65536 bytes");
+        assert_eq!(
+            e.to_string(),
+            "command is 65537 bytes, above the limit of 65536 bytes"
+        );
         let e = with(|r| r.instance_id = Some("i".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
         assert!(e.to_string().starts_with("instanceId is 8193 bytes"), "{e}");
         let e = with(|r| r.image = Some("i".repeat(MAX_VALUE_BYTES + 1))).unwrap_err();
         assert!(e.to_string().starts_with("image is"), "{e}");
         let e = with(|r| {
-            r.registries
-                .insert("reg.example".into(), format!("u!{}", "p".repeat(MAX_VALUE_BYTES)))
+            r.registries.insert(
+                "reg.example".into(),
+                format!("u!{}", "p".repeat(MAX_VALUE_BYTES)),
+            );
         })
         .unwrap_err();
         assert_eq!(

@@ -1,11 +1,12 @@
 //! The core contract of isolated: what an action sees and what its report says
-//! (ISOLATE.md §4), request validation (§2), images and registry credentials (§6), memory
-//! limits (§5). Every trial ends with the harness checking that nothing of its namespaces
+//! (ISOLATE.md §4), request validation and its size bounds (§2, §8), images, registry
+//! credentials and the registry's answers (§6, §8), memory limits (§5). Every trial ends with the harness checking that nothing of its namespaces
 //! is left (§6).
 
 mod action;
 mod images;
 mod limits;
+mod registry_answers;
 mod seccomp;
 mod shims;
 mod validation;
@@ -79,6 +80,22 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "core::validation_rejects_bad_requests",
             validation::rejects_bad_requests,
+        ),
+        trial(
+            "core::size_bounds_are_invalid_argument",
+            validation::size_bounds_are_invalid_argument,
+        ),
+        trial(
+            "core::registry_401_after_ttl_is_honoured",
+            registry_answers::unauthorized_after_ttl,
+        ),
+        trial(
+            "core::registry_404_after_tag_deleted_is_honoured",
+            registry_answers::not_found_after_tag_deleted,
+        ),
+        trial(
+            "core::imported_copy_does_not_shadow_the_registry",
+            registry_answers::imported_copy_does_not_shadow_the_registry,
         ),
         trial(
             "core::duplicate_action_id_while_running",

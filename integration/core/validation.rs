@@ -114,3 +114,79 @@ pub async fn duplicate_action_id_while_running(t: Ctx) -> Result<()> {
     );
     Ok(())
 }
+
+/// What a caller can make the daemon hold (ISOLATE.md §8, issue 13): a command above 64
+/// KiB, more than 64 registries, a value above 8 KiB are INVALID_ARGUMENT naming the field
+/// and the limit (a password never), nothing of them is reported, and a command at the
+/// limit runs.
+pub async fn size_bounds_are_invalid_argument(t: Ctx) -> Result<()> {
+    let image = t.push(&echo_spec()).await?;
+    let host = t.env.open_registry.host().to_string();
+    let secret = format!("s3cret{}", "p".repeat(8 << 10));
+    let password_names = ["registries", host.as_str(), "8192"];
+    let cases: Vec<(&str, &[&str], RunIsolateRequest)> = vec![
+        ("command", &["command", "65536"], {
+            let mut r = t.request(&image.reference, &t.action_id("command"));
+            r.command = Some(format!("/bin/echo {}", "c".repeat(64 << 10)));
+            r
+        }),
+        ("registries", &["registries", "64"], {
+            let mut r = t.request(&image.reference, &t.action_id("registries"));
+            r.registries = (0..65)
+                .map(|i| (format!("r{i}.example"), "u!p".to_string()))
+                .collect();
+            r
+        }),
+        ("password", &password_names, {
+            let mut r = t.request(&image.reference, &t.action_id("password"));
+            r.registries = [(host.clone(), format!("u!{secret}"))].into();
+            r
+        }),
+        ("instanceId", &["instanceId", "8192"], {
+            let mut r = t.request(&image.reference, &t.action_id("instance"));
+            r.instance_id = Some("i".repeat((8 << 10) + 1));
+            r
+        }),
+    ];
+    let mut wrong = Vec::new();
+    for (label, names, req) in &cases {
+        match t.run(req.clone()).await {
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                if !names.iter().all(|n| s.message().contains(n)) {
+                    wrong.push(format!(
+                        "{label}: {:?} does not name {names:?}",
+                        s.message()
+                    ));
+                }
+                if s.message().contains("s3cret") {
+                    wrong.push(format!("{label}: the message carries the password"));
+                }
+            }
+            Err(s) => wrong.push(format!("{label}: {:?} {}", s.code(), s.message())),
+            Ok(()) => wrong.push(format!("{label}: accepted")),
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "requests beyond the size bounds:\n  {}",
+        wrong.join("\n  ")
+    );
+    // At the limit: accepted and run.
+    let mut req = t.request(&image.reference, &t.action_id("at-limit"));
+    let fill = (64 << 10) - "/bin/echo ".len();
+    req.command = Some(format!("/bin/echo {}", "c".repeat(fill)));
+    let report = t.run_and_wait(req, FIRST_PULL).await?;
+    expect_success(&report)?;
+    for (label, _, req) in &cases {
+        let id = req.action_id.as_deref().unwrap_or_default();
+        ensure!(
+            t.env.flow.count(id) == 0,
+            "{label}: rejected request {id} was reported"
+        );
+    }
+    ensure!(
+        !t.env.isolated.log_text().contains("s3cret"),
+        "isolated's log carries the oversized password"
+    );
+    Ok(())
+}

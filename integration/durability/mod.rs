@@ -1,11 +1,14 @@
 //! Accepted means reported (issue 4; ISOLATE.md §2, §3, §6): isolated killed with SIGKILL
 //! and restarted on its state dir, the flow endpoint down, containerd restarted, orphans
-//! from an earlier life, many clients at once and a full queue.
+//! from an earlier life, many clients at once and a full queue; and the bounds on what
+//! callers can make the daemon hold (issue 13: queued inputs, the store's size, the
+//! node's memory budget).
 //!
 //! Every trial that kills, restarts or starves a daemon gets its own (see
 //! `harness::private`), so the trials on the shared ones are not disturbed; reports go to
 //! the shared flow receiver, where they are counted per action id.
 
+mod bounds;
 mod containerd_restart;
 mod crash;
 mod delivery;
@@ -70,6 +73,18 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "durability::queue_full_is_resource_exhausted",
             load::queue_full_is_resource_exhausted,
+        ),
+        trial(
+            "durability::queued_inputs_wait_on_disk",
+            bounds::queued_inputs_wait_on_disk,
+        ),
+        trial(
+            "durability::store_gives_space_back_after_a_burst",
+            bounds::store_gives_space_back_after_a_burst,
+        ),
+        trial(
+            "durability::memory_budget_queues_instead_of_overcommitting",
+            bounds::memory_budget_queues_instead_of_overcommitting,
         ),
     ]
 }

@@ -87,6 +87,17 @@ impl Env {
                 left.push(format!("state dir entry {}", e.path().display()));
             }
         }
+        // Inputs spooled for the namespace's actions (`direktiv_isolate::inputs`).
+        if let Ok(entries) = std::fs::read_dir(state_dir.join("inputs")) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{cns}@"))
+                {
+                    left.push(format!("spooled input {}", e.path().display()));
+                }
+            }
+        }
         left.extend(network_leftovers(state_dir, &cns));
         Ok(left)
     }

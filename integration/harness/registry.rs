@@ -138,9 +138,25 @@ impl Registry {
 /// The status code of a plain HTTP/1.0 GET; enough for readiness probes without an HTTP
 /// client crate.
 pub async fn http_status(host: &str, path: &str) -> Result<u16> {
+    http_request(host, "GET", path, "").await
+}
+
+/// Deletes a manifest (and so every tag pointing at it) from the open registry, whose
+/// storage allows deletes: the "tag deleted" case of re-resolution.
+pub async fn delete_manifest(host: &str, repository: &str, digest: &str) -> Result<()> {
+    let path = format!("/v2/{repository}/manifests/{digest}");
+    let status = http_request(host, "DELETE", &path, "").await?;
+    if status != 202 {
+        bail!("DELETE {path} at {host} answered {status}, expected 202");
+    }
+    Ok(())
+}
+
+/// The status code of one plain HTTP/1.0 request with `headers` (CRLF-terminated lines).
+async fn http_request(host: &str, method: &str, path: &str, headers: &str) -> Result<u16> {
     let mut stream = tokio::net::TcpStream::connect(host).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .write_all(format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\n{headers}\r\n").as_bytes())
         .await?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;

@@ -142,7 +142,9 @@ impl ImageService {
                 Err(e) => Err(e),
             };
             match head {
-                Ok(digest) if digest == image.resolved_digest || digest == image.manifest_digest => {
+                Ok(digest)
+                    if digest == image.resolved_digest || digest == image.manifest_digest =>
+                {
                     self.remember(&key, image.clone(), fp);
                     return Ok(image);
                 }
@@ -233,7 +235,8 @@ impl ImageService {
             image: image.clone(),
             checked: HashMap::new(),
         });
-        if !Arc::ptr_eq(&entry.image, &image) && entry.image.manifest_digest != image.manifest_digest
+        if !Arc::ptr_eq(&entry.image, &image)
+            && entry.image.manifest_digest != image.manifest_digest
         {
             entry.checked.clear();
         }

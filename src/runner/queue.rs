@@ -149,8 +149,14 @@ impl Budget {
     /// than never). Fair: the first to wait is the first served, so small
     /// actions cannot starve a large one.
     pub async fn take(&self, memory_mib: u64, pids: u64) -> Result<BudgetHold<'_>, AcquireError> {
-        let memory = self.memory_mib.acquire_many(self.share(memory_mib, self.total_memory_mib)).await?;
-        let pids = self.pids.acquire_many(self.share(pids, self.total_pids)).await?;
+        let memory = self
+            .memory_mib
+            .acquire_many(self.share(memory_mib, self.total_memory_mib))
+            .await?;
+        let pids = self
+            .pids
+            .acquire_many(self.share(pids, self.total_pids))
+            .await?;
         Ok(BudgetHold {
             _memory: memory,
             _pids: pids,
@@ -164,7 +170,10 @@ impl Budget {
             .memory_mib
             .try_acquire_many(self.share(memory_mib, self.total_memory_mib))
             .ok()?;
-        let pids = self.pids.try_acquire_many(self.share(pids, self.total_pids)).ok()?;
+        let pids = self
+            .pids
+            .try_acquire_many(self.share(pids, self.total_pids))
+            .ok()?;
         Some(BudgetHold {
             _memory: memory,
             _pids: pids,
@@ -173,7 +182,10 @@ impl Budget {
 
     /// MiB (or pids) free now.
     pub fn available(&self) -> (usize, usize) {
-        (self.memory_mib.available_permits(), self.pids.available_permits())
+        (
+            self.memory_mib.available_permits(),
+            self.pids.available_permits(),
+        )
     }
 
     fn share(&self, want: u64, total: u32) -> u32 {
