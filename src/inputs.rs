@@ -31,6 +31,9 @@ pub enum InputError {
     },
 }
 
+/// The end of a half-written input's name.
+const PART: &str = "~part";
+
 /// The spooled input of action `id` in containerd namespace `cns`. `@` is
 /// in neither, so the name is unambiguous.
 pub fn path(dir: &Path, cns: &str, id: &str) -> PathBuf {
@@ -57,7 +60,11 @@ fn write_sync(dest: &Path, data: &[u8]) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let tmp = dest.with_extension("part");
+    // Beside it, under a name no spooled input has (`~` is in neither a
+    // namespace nor an action id); appended, as both may contain dots.
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(PART);
+    let tmp = PathBuf::from(tmp);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -115,7 +122,7 @@ pub fn sweep(dir: &Path, known: &HashSet<(String, String)>) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let keep = !name.ends_with(".part")
+        let keep = !name.ends_with(PART)
             && name
                 .split_once('@')
                 .is_some_and(|(cns, id)| known.contains(&(cns.to_string(), id.to_string())));
@@ -141,7 +148,24 @@ mod tests {
         write(path(&spool, "direktiv.n", "b"), b"b".to_vec())
             .await
             .unwrap();
-        std::fs::write(spool.join("direktiv.n@c.part"), b"half").unwrap();
+        std::fs::write(spool.join("direktiv.n@c~part"), b"half").unwrap();
+        // Dots in both names, written at once: each to its own file.
+        let dotted: Vec<_> = (0..8)
+            .map(|i| {
+                write(
+                    path(&spool, "direktiv.n", &format!("a.{i}")),
+                    vec![i; 1 << 16],
+                )
+            })
+            .collect();
+        for w in futures::future::join_all(dotted).await {
+            w.unwrap();
+        }
+        for i in 0..8u8 {
+            let p = path(&spool, "direktiv.n", &format!("a.{i}"));
+            assert_eq!(std::fs::read(&p).unwrap(), vec![i; 1 << 16]);
+            remove(&p);
+        }
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&a), 0o600);
         assert_eq!(mode(&spool), 0o700);

@@ -36,13 +36,13 @@ fn file_size(path: &Path) -> Result<u64> {
 
 const MIB: u64 = 1 << 20;
 
-/// One slot, taken by a sleeping action; 20 actions with 4 MiB inputs queue behind it.
-/// The daemon's RSS grows by far less than the 80 MiB they sum to, and so does the store
-/// file; the inputs are in the spool, 0600; once the slot is free each action gets its
+/// One slot, taken by a sleeping action; 20 actions with 8 MiB inputs queue behind it.
+/// The daemon's RSS grows by far less than the 160 MiB they sum to, and so does the store
+/// file; the inputs are in the spool, 0600 (the running one's too, until it is released); once the slot is free each action gets its
 /// whole input (its SHA-256 is its output), and the spool is empty again.
 pub async fn queued_inputs_wait_on_disk(t: Ctx) -> Result<()> {
     const QUEUED: usize = 20;
-    const INPUT: usize = 4 << 20;
+    const INPUT: usize = 8 << 20;
     let mut args = FAST_GRACE.to_vec();
     args.extend(["--max-running", "1"]);
     let p = PrivateIsolated::start(t.env, &args).await?;
@@ -96,8 +96,12 @@ pub async fn queued_inputs_wait_on_disk(t: Ctx) -> Result<()> {
             grown >> 10,
             store_grown >> 10
         );
+        // What may stay is the allocator's, not the queue's: glibc keeps up to twice its
+        // (grown) mmap threshold, i.e. two freed messages, untrimmed in each arena the
+        // accepts touched, however many were queued (measured: 12 MiB for 20 x 4 MiB,
+        // 32 MiB for 20 x 8 MiB; with the inputs in memory, 20 of 32 MiB added 1.5 GB, issue 13).
         ensure!(
-            grown < sum / 4,
+            grown < 6 * INPUT as u64 && grown < sum / 3,
             "{QUEUED} queued inputs of {INPUT} bytes grew the daemon's RSS by {grown} bytes"
         );
         ensure!(
@@ -110,8 +114,8 @@ pub async fn queued_inputs_wait_on_disk(t: Ctx) -> Result<()> {
             .flatten()
             .collect();
         ensure!(
-            spooled.len() == QUEUED + 1,
-            "{} files in the spool for {} queued inputs",
+            spooled.len() == QUEUED + 2,
+            "{} files in the spool for {} queued inputs and the running one",
             spooled.len(),
             QUEUED + 1
         );
