@@ -469,3 +469,45 @@ async fn the_sweep_removes_orphans_and_keeps_what_it_knows() {
     n.finish("ns", "known", b"ok");
     assert_eq!(n.reported("ns", "known").await.error_code, "");
 }
+
+#[tokio::test]
+async fn a_spooled_input_reaches_data_in_and_goes_with_the_action() {
+    let n = Node::new(4);
+    n.cache_image("ns");
+    let cns = n.cns("ns");
+    // Accepted before a restart, as RunIsolate stores it: the input in the spool, the
+    // record without it.
+    let spool = crate::inputs::path(&n.runner.cfg.inputs_dir(), &cns, "spooled");
+    crate::inputs::write(spool.clone(), b"from the spool".to_vec())
+        .await
+        .unwrap();
+    let mut wire = n.request("ns", "spooled", 30);
+    wire.data = None;
+    let record = StoredAction {
+        request: Some(wire),
+        state: ActionState::Accepted as i32,
+        accepted_at_ms: now_ms(),
+        ..Default::default()
+    };
+    n.runner.store.put(&record, Sync::Durable).await.unwrap();
+    // And one whose record is gone: its spooled input is swept.
+    let stray = crate::inputs::path(&n.runner.cfg.inputs_dir(), &cns, "gone");
+    crate::inputs::write(stray.clone(), b"x".to_vec())
+        .await
+        .unwrap();
+    let found = crate::recover::recover(&n.runner, &n.actions)
+        .await
+        .unwrap();
+    assert_eq!(found.restarted, 1);
+    assert!(!stray.exists(), "the input of an unknown action is left");
+    n.task_running("ns", "spooled").await;
+    let data = n.runner.cfg.actions_dir().join(&cns).join("spooled/data");
+    assert_eq!(
+        std::fs::read(data.join("data.in")).unwrap(),
+        b"from the spool"
+    );
+    n.finish("ns", "spooled", b"ok");
+    assert_eq!(n.reported("ns", "spooled").await.output, b"ok");
+    n.nothing_left("ns", "spooled");
+    assert!(!spool.exists(), "the spooled input outlived its action");
+}
