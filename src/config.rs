@@ -252,6 +252,9 @@ pub struct Limits {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub max_input_bytes: usize,
+    /// Whether the size bounds of `request` apply (not to requests accepted
+    /// before they existed, which are owed their run).
+    pub size_bounds: bool,
 }
 
 impl Default for Limits {
@@ -357,6 +360,7 @@ impl Config {
             ),
             max_timeout: Duration::from_secs(self.max_timeout_secs),
             max_input_bytes: self.max_input_bytes,
+            size_bounds: true,
         }
     }
 

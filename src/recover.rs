@@ -38,9 +38,11 @@ pub async fn recover(
     let mut found = Recovered::default();
     let mut plans = Vec::new();
     // Requests were validated when accepted; only the input limit may have
-    // shrunk since, and an accepted action is still owed its run.
+    // shrunk since (and the size bounds come after some were accepted), and
+    // an accepted action is still owed its run.
     let limits = Limits {
         max_input_bytes: usize::MAX,
+        size_bounds: false,
         ..runner.cfg.limits()
     };
     for record in records {

@@ -138,7 +138,9 @@ impl ActionRequest {
     /// Applies the validation table to a wire request, consuming it so the
     /// input bytes are moved, not copied.
     pub fn validate(req: RunIsolateRequest, limits: &Limits) -> Result<Self, ValidationError> {
-        check_sizes(&req)?;
+        if limits.size_bounds {
+            check_sizes(&req)?;
+        }
         let namespace = req
             .namespace
             .filter(|s| !s.is_empty())
@@ -490,6 +492,14 @@ mod tests {
                 limit: 64
             }
         );
+        // Recovery's limits: a request accepted before the bounds still runs.
+        let mut r = good();
+        r.command = Some("a".repeat(MAX_COMMAND_BYTES + 1));
+        let recovering = Limits {
+            size_bounds: false,
+            ..limits()
+        };
+        assert!(ActionRequest::validate(r, &recovering).is_ok());
         assert!(with(|r| {
             r.registries = (0..MAX_REGISTRIES)
                 .map(|i| (format!("r{i}"), "u!p".to_string()))
