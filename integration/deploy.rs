@@ -146,10 +146,16 @@ fn kubernetes_manifests_decode_without_losing_a_field() {
     // `set env` decodes the whole DaemonSet, pod template included (the variable it adds
     // is only in the typed copy, which is not what is compared).
     let lost = typed_loss(ds, &["set", "env", "DEPLOY_CHECK=1"]);
-    assert!(lost.is_empty(), "kubectl does not know DaemonSet fields: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "kubectl does not know DaemonSet fields: {lost:?}"
+    );
     let svc = of_kind(&items, "Service");
     let lost = typed_loss(svc, &["set", "selector", "app.kubernetes.io/name=isolated"]);
-    assert!(lost.is_empty(), "kubectl does not know Service fields: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "kubectl does not know Service fields: {lost:?}"
+    );
 }
 
 /// A container's mounts and the pod's volumes, as (mountPath, volume).
@@ -177,7 +183,10 @@ fn mounts(ds: &Value) -> Vec<(String, Value, Value)> {
 }
 
 /// The mount that holds `path`, if one does.
-fn mount_of<'a>(mounts: &'a [(String, Value, Value)], path: &Path) -> Option<&'a (String, Value, Value)> {
+fn mount_of<'a>(
+    mounts: &'a [(String, Value, Value)],
+    path: &Path,
+) -> Option<&'a (String, Value, Value)> {
     mounts
         .iter()
         .filter(|(at, _, _)| path.starts_with(at))
@@ -191,8 +200,9 @@ fn isolated_config(args: &[String], file: Option<&Path>) -> Config {
         #[command(flatten)]
         options: Options,
     }
-    let cli = Cli::try_parse_from(std::iter::once("isolated".to_string()).chain(args.iter().cloned()))
-        .unwrap_or_else(|e| panic!("isolated does not take {args:?}: {e}"));
+    let cli =
+        Cli::try_parse_from(std::iter::once("isolated".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("isolated does not take {args:?}: {e}"));
     Config::load(cli.options, file).unwrap_or_else(|e| panic!("isolated refuses its config: {e}"))
 }
 
@@ -202,7 +212,10 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
     let ds = of_kind(&items, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true, "actions' network is the node's");
-    assert_eq!(pod["hostPID"], true, "the shim keepers check pids of the node");
+    assert_eq!(
+        pod["hostPID"], true,
+        "the shim keepers check pids of the node"
+    );
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["privileged"], true);
@@ -210,7 +223,9 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
     // The config the ConfigMap carries is one isolated takes, and every path it names is
     // on a volume: the node's where the node's containerd or runc must see it.
     let cm = of_kind(&items, "ConfigMap");
-    let toml = cm["data"]["config.toml"].as_str().expect("config.toml in the ConfigMap");
+    let toml = cm["data"]["config.toml"]
+        .as_str()
+        .expect("config.toml in the ConfigMap");
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("config.toml");
     std::fs::write(&file, toml).expect("write config");
@@ -223,7 +238,8 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
     assert_eq!(args, ["--config", "/etc/isolated/config.toml"]);
     let cfg = isolated_config(&[], Some(&file));
     let mounts = mounts(ds);
-    let config_mount = mount_of(&mounts, Path::new("/etc/isolated/config.toml")).expect("config mounted");
+    let config_mount =
+        mount_of(&mounts, Path::new("/etc/isolated/config.toml")).expect("config mounted");
     assert_eq!(config_mount.1["subPath"], "config.toml");
     assert_eq!(
         config_mount.2["configMap"]["name"]
@@ -232,8 +248,8 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
         Some(true)
     );
     let host = |path: &Path, propagation: Option<&str>| {
-        let (at, m, v) = mount_of(&mounts, path)
-            .unwrap_or_else(|| panic!("{} is on no volume", path.display()));
+        let (at, m, v) =
+            mount_of(&mounts, path).unwrap_or_else(|| panic!("{} is on no volume", path.display()));
         assert_eq!(
             v["hostPath"]["path"].as_str(),
             Some(at.as_str()),
@@ -249,8 +265,8 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
     host(Path::new(&cfg.containerd_address), None);
     host(Path::new("/sys/fs/cgroup"), None);
     let secret = |path: &Path, name: &str| {
-        let (_, _, v) = mount_of(&mounts, path)
-            .unwrap_or_else(|| panic!("{} is on no volume", path.display()));
+        let (_, _, v) =
+            mount_of(&mounts, path).unwrap_or_else(|| panic!("{} is on no volume", path.display()));
         assert_eq!(v["secret"]["secretName"], name, "{}", path.display());
     };
     secret(&cfg.tls_cert, "isolated-tls");
@@ -260,7 +276,10 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
 
     // The Secrets as the README makes them hold exactly the files the config names.
     for (name, paths) in [
-        ("isolated-tls", vec![&cfg.tls_cert, &cfg.tls_key, &cfg.tls_client_ca]),
+        (
+            "isolated-tls",
+            vec![&cfg.tls_cert, &cfg.tls_key, &cfg.tls_client_ca],
+        ),
         ("isolated-auth", vec![&cfg.auth_tokens_file]),
     ] {
         let mut args = vec![
@@ -279,7 +298,12 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let s: Value = serde_json::from_str(&run_kubectl(&args, None)).expect("secret JSON");
-        let mut keys: Vec<&str> = s["data"].as_object().expect("data").keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = s["data"]
+            .as_object()
+            .expect("data")
+            .keys()
+            .map(String::as_str)
+            .collect();
         keys.sort();
         let mut want: Vec<&str> = paths
             .iter()
@@ -298,25 +322,41 @@ fn the_daemonset_gives_isolated_the_node_it_needs() {
         .collect();
     assert_eq!(
         probe,
-        ["/usr/local/bin/isolatectl", "--socket", cfg.socket.to_str().expect("UTF-8"), "health"]
+        [
+            "/usr/local/bin/isolatectl",
+            "--socket",
+            cfg.socket.to_str().expect("UTF-8"),
+            "health"
+        ]
     );
 
     // The headless Service balances over the port isolated binds.
     let svc = of_kind(&items, "Service");
-    assert_eq!(svc["spec"]["clusterIP"], "None", "headless, for dns:/// and round_robin");
+    assert_eq!(
+        svc["spec"]["clusterIP"], "None",
+        "headless, for dns:/// and round_robin"
+    );
     let port = cfg.tcp_bind().expect("bind").expect("a TCP bind").port();
     assert_eq!(svc["spec"]["ports"][0]["port"], port);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "grpc");
     assert_eq!(c["ports"][0]["name"], "grpc");
     assert_eq!(c["ports"][0]["containerPort"], port);
-    assert_eq!(svc["spec"]["selector"], ds["spec"]["selector"]["matchLabels"]);
-    assert_eq!(ds["spec"]["selector"]["matchLabels"], ds["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(
+        svc["spec"]["selector"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        ds["spec"]["template"]["metadata"]["labels"]
+    );
 }
 
 #[test]
 fn the_nomad_job_runs_isolated_on_every_node() {
-    let text = std::fs::read_to_string(repo().join("deploy/nomad/isolated.nomad.hcl")).expect("read the job");
-    let body: hcl::Body = hcl::from_str(&text).unwrap_or_else(|e| panic!("the Nomad job is not HCL: {e}"));
+    let text = std::fs::read_to_string(repo().join("deploy/nomad/isolated.nomad.hcl"))
+        .expect("read the job");
+    let body: hcl::Body =
+        hcl::from_str(&text).unwrap_or_else(|e| panic!("the Nomad job is not HCL: {e}"));
     let v: Value = serde_json::to_value(hcl::Value::from(body)).expect("JSON");
     let job = &v["job"]["isolated"];
     assert_eq!(job["type"], "system", "one isolated per node");
@@ -351,7 +391,12 @@ fn the_nomad_job_runs_isolated_on_every_node() {
                 .replace("${NOMAD_SECRETS_DIR}", "/secrets")
         })
         .collect();
-    for p in [&cfg.tls_cert, &cfg.tls_key, &cfg.tls_client_ca, &cfg.auth_tokens_file] {
+    for p in [
+        &cfg.tls_cert,
+        &cfg.tls_key,
+        &cfg.tls_client_ca,
+        &cfg.auth_tokens_file,
+    ] {
         assert!(
             rendered.iter().any(|r| Path::new(r) == p.as_path()),
             "{} is rendered by no template ({rendered:?})",
