@@ -48,6 +48,8 @@ pub enum AuthError {
     Revoked { name: String },
     /// {who} may not use namespace {namespace}
     Forbidden { who: String, namespace: String },
+    /// {who} may not {what}: it is node-wide, for the local socket, a client certificate or a token of every namespace
+    NodeWide { who: String, what: &'static str },
     /// the call reached a service without passing the gate (a bug: refused to be safe)
     NoCaller,
     /// {0}
@@ -69,6 +71,7 @@ impl AuthError {
             AuthError::UnknownToken | AuthError::TokensNotAccepted => "unknown_token",
             AuthError::Revoked { .. } => "revoked",
             AuthError::Forbidden { .. } => "namespace",
+            AuthError::NodeWide { .. } => "node_wide",
             _ => "internal",
         }
     }
@@ -133,6 +136,25 @@ impl Caller {
             Some(_) => Err(AuthError::Forbidden {
                 who: self.who(),
                 namespace: crate::text::one_line(namespace).into_owned(),
+            }),
+        };
+        if let Err(e) = &outcome {
+            refused(e, None);
+        }
+        outcome
+    }
+
+    /// Whether it may `what` the whole node (drain it): a token only if it
+    /// is for every namespace, since a drain stops them all (issue 17).
+    pub fn authorize_node(&self, what: &'static str) -> Result<(), AuthError> {
+        let Caller::Token { digest, tokens, .. } = self else {
+            return Ok(());
+        };
+        let outcome = match tokens.by_digest(digest) {
+            Some(k) if k.scope == tokens::Scope::All => Ok(()),
+            _ => Err(AuthError::NodeWide {
+                who: self.who(),
+                what,
             }),
         };
         if let Err(e) = &outcome {
