@@ -11,6 +11,7 @@ mod crash;
 mod delivery;
 mod drain;
 mod load;
+mod many_nodes;
 mod orphans;
 mod release;
 mod soak;
@@ -56,6 +57,10 @@ pub fn trials() -> Vec<Trial> {
             release::cancel_survives_sigkill,
         ),
         trial("durability::soak_mixed", soak::soak_mixed),
+        trial(
+            "durability::three_nodes_round_robin",
+            many_nodes::three_nodes_round_robin,
+        ),
         trial(
             "durability::health_follows_capacity",
             drain::health_follows_capacity,
