@@ -463,6 +463,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_token_of_every_namespace_may_act_on_the_node() {
+        let text = format!(
+            "{}{}",
+            entry("flow", "s1", r#"["a", "b"]"#),
+            entry("ops", "s2", r#"["*"]"#)
+        );
+        let mut gate = Gate::tcp(policy(&text, false));
+        let scoped = call(&mut gate, Some("Bearer s1")).unwrap();
+        let e = scoped.authorize_node("drain").unwrap_err();
+        assert!(e.to_string().contains("token flow may not drain"), "{e}");
+        assert_eq!(e.to_status().code(), tonic::Code::PermissionDenied);
+        let all = call(&mut gate, Some("Bearer s2")).unwrap();
+        assert!(all.authorize_node("drain").is_ok());
+        assert!(call(&mut Gate::local(), None)
+            .unwrap()
+            .authorize_node("drain")
+            .is_ok());
+    }
+
+    #[test]
     fn local_and_anonymous_callers_use_every_namespace() {
         let c = call(&mut Gate::local(), None).unwrap();
         assert!(matches!(c, Caller::Local));
