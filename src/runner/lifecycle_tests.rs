@@ -82,6 +82,7 @@ impl Node {
                 cfg.max_total_memory_mib,
                 cfg.max_total_pids,
             ),
+            readiness: Default::default(),
         });
         Node {
             _dir: dir,
