@@ -153,6 +153,11 @@ impl Disks {
     /// missing refuses to start with the reason instead of failing every
     /// action.
     pub async fn prepare(&self) -> Result<(), DiskError> {
+        // Made afresh at every start, so a change of the options or sizes
+        // applies. A probe mount left by a crash would be emptied, not
+        // removed, so it goes first.
+        unmount(&self.templates.join("probe"));
+        let _ = std::fs::remove_dir_all(&self.templates);
         let sizes: BTreeSet<u64> = self.size_mib.iter().copied().filter(|&m| m > 0).collect();
         let Some(&first) = sizes.iter().next() else {
             return Ok(());

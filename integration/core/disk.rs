@@ -21,7 +21,7 @@ pub async fn disk_limits_small_writes_work(t: Ctx) -> Result<()> {
         .push(&ImageSpec::with_script(
             "set -e\n\
              echo rootfs > /rootfs-note && echo tmp > /tmp/tmp-note && echo data > /direktiv-data/data-note\n\
-             cat /rootfs-note /tmp/tmp-note /direktiv-data/data-note /direktiv-data/data.in > /direktiv-data/data.out\n\
+             (cat /rootfs-note /tmp/tmp-note /direktiv-data/data-note /direktiv-data/data.in; echo) > /direktiv-data/data.out\n\
              for p in / /tmp /direktiv-data; do df -m \"$p\" | tail -n 1 | awk -v p=\"$p\" '{print \"df\", p, $2}' >> /direktiv-data/data.out; done\n",
         ))
         .await?;
@@ -130,6 +130,13 @@ pub async fn disk_limits_enospc_and_free_space_held(t: Ctx) -> Result<()> {
             "all three places together went past the limit: the third wrote {together} MiB"
         );
         let dropped = free_before.saturating_sub(lowest);
+        eprintln!(
+            "disk limit {LIMIT_MIB} MiB: wrote rootfs {} / tmp {} / data {} MiB before ENOSPC, all three together 200 + 200 + {together}; the state dir's free space dropped by {} MiB at most",
+            written("rootfs")? >> 20,
+            written("tmp")? >> 20,
+            written("data")? >> 20,
+            dropped >> 20
+        );
         ensure!(
             dropped <= (LIMIT_MIB + 16) << 20,
             "the state dir's free space dropped by {} MiB, more than the {LIMIT_MIB} MiB limit",
