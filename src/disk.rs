@@ -239,15 +239,23 @@ impl Disks {
             path: image.to_owned(),
             source,
         };
-        if let Some(parent) = image.parent() {
-            std::fs::create_dir_all(parent).map_err(err)?;
-        }
         // A crashed run's image of the same action is no use: start afresh.
         match std::fs::remove_file(image) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
             _ => {}
         }
-        copy_sparse(&self.template(mib), image, mib << 20).map_err(err)?;
+        // Another action's release may remove the namespace's (then empty)
+        // directory between this creating it and creating the image in it.
+        let mut tries = 0;
+        loop {
+            if let Some(parent) = image.parent() {
+                std::fs::create_dir_all(parent).map_err(err)?;
+            }
+            match copy_sparse(&self.template(mib), image, mib << 20) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                other => break other.map_err(err)?,
+            }
+        }
         run(
             "mount",
             &[
@@ -444,7 +452,7 @@ fn copy_sparse(from: &Path, to: &Path, len: u64) -> std::io::Result<()> {
         .mode(0o600)
         .open(to)?;
     dst.set_len(len)?;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 128 << 10];
     let mut pos: i64 = 0;
     loop {
         let start = match lseek(&src, pos, Whence::SeekData) {

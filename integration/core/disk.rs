@@ -46,7 +46,7 @@ pub async fn disk_limits_small_writes_work(t: Ctx) -> Result<()> {
                 .with_context(|| format!("size {size}: no df line for {place} in {out:?}"))?;
             // ext4's own metadata (inode tables, bitmaps) takes a little of the limit.
             ensure!(
-                total <= limit && total >= limit * 95 / 100,
+                (limit * 95 / 100..=limit).contains(&total),
                 "size {size}: {place} is on a filesystem of {total} MiB, not of the {limit} MiB limit"
             );
         }
@@ -119,7 +119,7 @@ pub async fn disk_limits_enospc_and_free_space_held(t: Ctx) -> Result<()> {
         for place in ["rootfs", "tmp", "data"] {
             let n = written(place)? >> 20;
             ensure!(
-                n <= LIMIT_MIB && n >= LIMIT_MIB * 9 / 10,
+                (LIMIT_MIB * 9 / 10..=LIMIT_MIB).contains(&n),
                 "{place}: wrote {n} MiB before ENOSPC; the limit is {LIMIT_MIB} MiB"
             );
         }
