@@ -31,7 +31,7 @@ BUILD_DIR ?= target/release
 # Debian packages the build, the daemon and the tests need.
 DEB_PACKAGES := containerd runc protobuf-compiler libprotobuf-dev busybox-static docker-registry \
                 apache2-utils containernetworking-plugins iptables iproute2 \
-                gcc libc6-dev openssl util-linux
+                gcc libc6-dev openssl util-linux e2fsprogs
 
 RUN_DIR := $(CURDIR)/.run
 SYSTEM_SOCK := /run/containerd/containerd.sock

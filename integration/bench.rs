@@ -27,7 +27,7 @@ const CONCURRENCY: usize = 16;
 const RSS_RUNNING: usize = 64;
 const NS: &str = "bench";
 
-/// `BENCH_PARTS=none,ctr` runs only those parts (none, ctr, runc, pershim, cni, rss);
+/// `BENCH_PARTS=none,ctr` runs only those parts (none, ctr, runc, pershim, cni, nodisk, rss);
 /// the others print as NaN. All by default. `BENCH_ISOLATED_ARGS` adds flags to the
 /// bench's own daemons (not to the CNI one, which is the harness's).
 fn part(name: &str) -> bool {
@@ -197,8 +197,15 @@ async fn bench(env: &'static Env) -> Result<()> {
         "per-action",
         &["--network", "none", "--shim-group", "none"],
     )?;
+    // The disk limit's cost (an ext4 image loop-mounted per action): `plain` without it.
+    let no_disk = private_isolated(
+        env,
+        "no-disk",
+        &["--network", "none", "--size-disk-mib", "0,0,0"],
+    )?;
     per_action.start(Duration::from_secs(60)).await?;
     plain.start(Duration::from_secs(60)).await?;
+    no_disk.start(Duration::from_secs(60)).await?;
     let result = async {
         let idle_rss = status_kib(&plain, "VmRSS:")?;
         let none = if part("none") {
@@ -259,29 +266,35 @@ async fn bench(env: &'static Env) -> Result<()> {
         } else {
             IsolatedRun::skipped()
         };
+        let nodisk = if part("nodisk") {
+            measure_isolated(env, &no_disk, &image.reference, "nodisk").await?
+        } else {
+            IsolatedRun::skipped()
+        };
         let peak_rss = if part("rss") { peak_rss(env, &plain).await? } else { 0 };
 
         println!();
-        println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated, a shim per action | isolated with CNI |");
-        println!("|---|---|---|---|---|---|---|");
-        for (name, i, c, r, g, n) in [
-            ("p50", none.seq.p50, ctr_seq.p50, runc_seq.p50, pershim.seq.p50, cni.seq.p50),
-            ("p90", none.seq.p90, ctr_seq.p90, runc_seq.p90, pershim.seq.p90, cni.seq.p90),
-            ("p99", none.seq.p99, ctr_seq.p99, runc_seq.p99, pershim.seq.p99, cni.seq.p99),
+        println!("| measure | isolated | ctr run --rm | runc run | isolated / ctr | isolated, a shim per action | isolated with CNI | isolated without disk limit |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for (name, i, c, r, g, n, d) in [
+            ("p50", none.seq.p50, ctr_seq.p50, runc_seq.p50, pershim.seq.p50, cni.seq.p50, nodisk.seq.p50),
+            ("p90", none.seq.p90, ctr_seq.p90, runc_seq.p90, pershim.seq.p90, cni.seq.p90, nodisk.seq.p90),
+            ("p99", none.seq.p99, ctr_seq.p99, runc_seq.p99, pershim.seq.p99, cni.seq.p99, nodisk.seq.p99),
         ] {
             println!(
-                "| warm no-op, {SEQUENTIAL} sequential, {name} ms | {i:.1} | {c:.1} | {r:.1} | {:.2} | {g:.1} | {n:.1} |",
+                "| warm no-op, {SEQUENTIAL} sequential, {name} ms | {i:.1} | {c:.1} | {r:.1} | {:.2} | {g:.1} | {n:.1} | {d:.1} |",
                 i / c
             );
         }
         println!(
-            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} |",
             none.tp,
             ctr_tp,
             runc_tp,
             none.tp / ctr_tp,
             pershim.tp,
-            cni.tp
+            cni.tp,
+            nodisk.tp
         );
         // ctr's own process is in the machine's total; isolated has no part in ctr's runs.
         let cell = |v: f64| if v.is_finite() { format!("{v:.1}") } else { "-".into() };
@@ -299,12 +312,13 @@ async fn bench(env: &'static Env) -> Result<()> {
         ] {
             let ctr = if name == "isolated" { f64::NAN } else { f(&ctr_cpu) };
             println!(
-                "| CPU ms per action at concurrency {CONCURRENCY}: {name} | {} | {} | - | {} | {} | {} |",
+                "| CPU ms per action at concurrency {CONCURRENCY}: {name} | {} | {} | - | {} | {} | {} | {} |",
                 cell(f(&none.cpu)),
                 cell(ctr),
                 ratio(f(&none.cpu), ctr),
                 cell(f(&pershim.cpu)),
-                cell(f(&cni.cpu))
+                cell(f(&cni.cpu)),
+                cell(f(&nodisk.cpu))
             );
         }
         println!();
@@ -322,6 +336,14 @@ async fn bench(env: &'static Env) -> Result<()> {
             "| RunIsolate accept p50 / p99 ms, at concurrency {CONCURRENCY}, isolated's own histogram (bucket bound) | ≤ {:.2} / ≤ {:.2} |",
             none.accept_server.0, none.accept_server.1
         );
+        println!(
+            "| disk limit per action (ext4 image copy, loop mount, umount), sequential p50 ms | {:.1} |",
+            none.seq.p50 - nodisk.seq.p50
+        );
+        println!(
+            "| disk limit per action at concurrency {CONCURRENCY}, machine CPU ms | {:.1} |",
+            none.cpu.total - nodisk.cpu.total
+        );
         println!("| RSS idle MiB | {:.1} |", idle_rss as f64 / 1024.0);
         println!("| RSS peak MiB ({RSS_RUNNING} actions running) | {:.1} |", peak_rss as f64 / 1024.0);
         Ok(())
@@ -329,6 +351,7 @@ async fn bench(env: &'static Env) -> Result<()> {
     .await;
     plain.stop(Duration::from_secs(20));
     per_action.stop(Duration::from_secs(20));
+    no_disk.stop(Duration::from_secs(20));
     result
 }
 

@@ -184,6 +184,8 @@ settings! {
     max_import_bytes: u64 = 4 << 30, "ISOLATED_MAX_IMPORT_BYTES", "4294967296";
     /// Memory limits in MiB of sizes 0,1,2 (swap included).
     size_memory_mib: Vec<u64> = vec![256, 512, 1024], "ISOLATED_SIZE_MEMORY_MIB", "256,512,1024", value_delimiter = ',';
+    /// Disk limits in MiB of sizes 0,1,2: what an action writes (rootfs, /tmp, /direktiv-data together) goes to a filesystem of its own of that size, past which writes fail with ENOSPC; 0: no limit (needs the overlayfs snapshotter, loop devices and e2fsprogs otherwise).
+    size_disk_mib: Vec<u64> = vec![1024, 2048, 4096], "ISOLATED_SIZE_DISK_MIB", "1024,2048,4096", value_delimiter = ',';
     /// CPU quotas in CPUs of sizes 0,1,2.
     size_cpus: Vec<f64> = vec![1.0, 1.0, 2.0], "ISOLATED_SIZE_CPUS", "1,1,2", value_delimiter = ',';
     /// containerd snapshotter for images and actions.
@@ -293,6 +295,18 @@ impl Config {
         };
         if self.size_memory_mib.len() != 3 || self.size_memory_mib.iter().any(|&m| m < 4) {
             return invalid("size_memory_mib", "needs three values of at least 4 MiB");
+        }
+        if self.size_disk_mib.len() != 3 || self.size_disk_mib.iter().any(|&m| m > 0 && m < 16) {
+            return invalid(
+                "size_disk_mib",
+                "needs three values, each 0 (no limit) or at least 16 MiB",
+            );
+        }
+        if self.size_disk_mib.iter().any(|&m| m > 0) && self.snapshotter != "overlayfs" {
+            return invalid(
+                "size_disk_mib",
+                "needs the overlayfs snapshotter (the limit puts its upper dir on the action's disk); 0,0,0 turns it off",
+            );
         }
         if self.size_cpus.len() != 3 || self.size_cpus.iter().any(|&c| c.is_nan() || c <= 0.0) {
             return invalid("size_cpus", "needs three positive values");
@@ -451,6 +465,31 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(cli, None).is_err());
+        let disk = |mib: Vec<u64>, snapshotter: &str| {
+            Config::load(
+                Options {
+                    size_disk_mib: Some(mib),
+                    snapshotter: Some(snapshotter.into()),
+                    ..Default::default()
+                },
+                None,
+            )
+        };
+        assert_eq!(
+            disk(vec![0, 64, 4096], "overlayfs").unwrap().size_disk_mib,
+            [0, 64, 4096]
+        );
+        assert!(disk(vec![1024, 2048], "overlayfs").is_err());
+        assert!(disk(vec![8, 2048, 4096], "overlayfs").is_err());
+        let e = disk(vec![1024, 2048, 4096], "native").unwrap_err();
+        assert!(e.to_string().contains("overlayfs"), "{e}");
+        assert!(disk(vec![0, 0, 0], "native").is_ok());
+        assert_eq!(
+            Config::load(Options::default(), None)
+                .unwrap()
+                .size_disk_mib,
+            [1024, 2048, 4096]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod containerd;
 pub mod control;
+pub mod disk;
 pub mod embedded;
 pub mod engine;
 pub mod error;

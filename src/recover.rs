@@ -115,8 +115,9 @@ pub async fn recover(
     Ok(found)
 }
 
-/// Removes containers, tasks, snapshots, networks and directories that
-/// carry isolated's marks but belong to no stored action. Returns how many
+/// Removes containers, tasks, snapshots, networks, disks (their mounts and
+/// images) and directories that carry isolated's marks but belong to no
+/// stored action. Returns how many
 /// actions' leftovers were removed.
 async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
     let engine = &*runner.engine;
@@ -182,6 +183,13 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
     if spooled > 0 {
         warn!(count = spooled, "removed spooled inputs of unknown actions");
     }
+    // Disk images (a crash between the image and its directory, or after
+    // the directory went).
+    for key in runner.disks.images() {
+        if !known.contains(&key) {
+            orphans.insert(key);
+        }
+    }
     // Networks (namespace, lease) whose action left nothing else behind.
     for key in runner.networks.attached() {
         if !known.contains(&key) {
@@ -206,6 +214,7 @@ async fn remove_orphan(runner: &Runner, cns: &str, id: &str) {
             dir: &dir,
         })
         .await;
+    runner.disks.release(cns, id, &dir);
     remove_dir(&dir);
     if let Some(ns_dir) = dir.parent() {
         let _ = std::fs::remove_dir(ns_dir);

@@ -1,9 +1,10 @@
 //! The core contract of isolated: what an action sees and what its report says
 //! (ISOLATE.md §4), request validation and its size bounds (§2, §8), images, registry
-//! credentials and the registry's answers (§6, §8), memory limits (§5). Every trial ends with the harness checking that nothing of its namespaces
-//! is left (§6).
+//! credentials and the registry's answers (§6, §8), memory limits (§5), disk limits (§8).
+//! Every trial ends with the harness checking that nothing of its namespaces is left (§6).
 
 mod action;
+mod disk;
 mod images;
 mod limits;
 mod registry_answers;
@@ -102,6 +103,18 @@ pub fn trials() -> Vec<Trial> {
             validation::duplicate_action_id_while_running,
         ),
         trial("core::memory_limit_by_size", limits::memory_limit_by_size),
+        trial(
+            "core::disk_limits_small_writes_work",
+            disk::disk_limits_small_writes_work,
+        ),
+        trial(
+            "core::disk_limits_enospc_and_free_space_held",
+            disk::disk_limits_enospc_and_free_space_held,
+        ),
+        trial(
+            "core::disk_limits_crash_leaves_nothing",
+            disk::disk_limits_crash_leaves_nothing,
+        ),
         // The probe is x86 code (`int 0x80`): elsewhere the trial says it did not run.
         trial(
             "core::thirty_two_bit_syscalls_are_refused",

@@ -1,7 +1,7 @@
 //! What a finished action must not leave behind (ISOLATE.md §6): containers, tasks and
-//! non-committed snapshots in its containerd namespace, its cgroup, its data directories
-//! and its network (namespace, attachment record, IPAM lease); and the removal of the
-//! per-namespace cgroup directories after a run.
+//! non-committed snapshots in its containerd namespace, its cgroup, its data directories,
+//! its disk (mount, loop device, image) and its network (namespace, attachment record,
+//! IPAM lease); and the removal of the per-namespace cgroup directories after a run.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,6 +98,7 @@ impl Env {
                 }
             }
         }
+        left.extend(disk_leftovers(state_dir, &cns));
         left.extend(network_leftovers(state_dir, &cns));
         Ok(left)
     }
@@ -127,6 +128,26 @@ impl Env {
 /// namespace has been idle for `shim_keep_secs` (the shim_keeper trials check that).
 pub fn is_keeper(id: &str) -> bool {
     id.starts_with(KEEPER_ID_PREFIX)
+}
+
+/// The actions' disks of containerd namespace `cns` under `state_dir` (ISOLATE.md §8):
+/// their mounts at the action directories, their images, and the loop devices backed by
+/// them (a device outlives its image's removal while anything still holds it).
+pub fn disk_leftovers(state_dir: &Path, cns: &str) -> Vec<String> {
+    let mut left: Vec<String> = super::mounts::mounts_under(&state_dir.join("actions").join(cns))
+        .into_iter()
+        .map(|m| format!("mount {}", m.display()))
+        .collect();
+    let images = state_dir.join("disks").join(cns);
+    if let Ok(entries) = std::fs::read_dir(&images) {
+        for e in entries.flatten() {
+            left.push(format!("disk image {}", e.path().display()));
+        }
+    }
+    for (dev, file) in super::mounts::loops_under(&images) {
+        left.push(format!("loop device {dev} ({})", file.display()));
+    }
+    left
 }
 
 /// The network state isolated keeps under `state_dir` for containerd namespace `cns`:

@@ -283,6 +283,9 @@ impl Env {
 /// Unmounts everything below `dir`, then removes it.
 fn remove_dir(dir: &Path) {
     let unmounted = mounts::unmount_under(dir);
+    for dev in mounts::detach_loops_under(dir) {
+        eprintln!("harness: detached {dev}");
+    }
     if !unmounted.is_empty() {
         eprintln!(
             "harness: unmounted {} leftover mount(s) under {}",

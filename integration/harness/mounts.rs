@@ -1,5 +1,7 @@
 //! Mounts the run leaves under its temp dir (containerd's overlay rootfs mounts, bind
-//! mounts of data dirs): finding them in /proc/self/mountinfo and detaching them.
+//! mounts of data dirs, actions' disks): finding them in /proc/self/mountinfo and
+//! detaching them; and loop devices whose backing file is there (an action's disk
+//! image), found in /sys/block and detached with `losetup -d`.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,52 @@ pub fn unmount_under(dir: &Path) -> Vec<PathBuf> {
             }
         }
         all.extend(found);
+    }
+    all
+}
+
+/// Loop devices whose backing file is at or below `dir` (deleted files too), as
+/// `(device, backing file)`.
+pub fn loops_under(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(file) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let file = file.trim_end_matches('\n');
+        let file = PathBuf::from(file.strip_suffix(" (deleted)").unwrap_or(file));
+        if file.starts_with(dir) {
+            found.push((format!("/dev/{name}"), file));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Detaches the loop devices backed by files at or below `dir` (after their mounts are
+/// gone, see `unmount_under`); returns what was attached.
+pub fn detach_loops_under(dir: &Path) -> Vec<String> {
+    let mut all = Vec::new();
+    for (dev, file) in loops_under(dir) {
+        let out = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .output();
+        if let Ok(o) = &out {
+            if !o.status.success() {
+                eprintln!(
+                    "harness: losetup -d {dev}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+        }
+        all.push(format!("loop device {dev} ({})", file.display()));
     }
     all
 }

@@ -309,6 +309,7 @@ fn private_dir(env: &Env, kind: &str) -> Result<PathBuf> {
 /// Unmounts what is left under `dir` and removes it.
 fn remove_private_dir(dir: &Path) {
     mounts::unmount_under(dir);
+    mounts::detach_loops_under(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             eprintln!("harness: could not remove {}: {e}", dir.display());

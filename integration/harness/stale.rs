@@ -103,6 +103,7 @@ pub fn remove_run(dir: &Path) -> Vec<String> {
     for m in mounts::unmount_under(dir) {
         found.push(format!("mount {}", m.display()));
     }
+    found.extend(mounts::detach_loops_under(dir));
     if let Err(e) = std::fs::remove_dir_all(dir) {
         found.push(format!("could not remove {}: {e}", dir.display()));
     }

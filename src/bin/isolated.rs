@@ -15,6 +15,7 @@ use direktiv_isolate::auth::{tls, Gate, TcpPolicy};
 use direktiv_isolate::config::{Config, LogFormat, Options, ShimGroup};
 use direktiv_isolate::containerd::{error_chain, Containerd};
 use direktiv_isolate::control::ControlService;
+use direktiv_isolate::disk::Disks;
 use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
 use direktiv_isolate::engine::{Engine, RuncRoot};
@@ -166,6 +167,8 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     // tokens file or certificate stops the start here, with its name.
     let policy = TcpPolicy::from_config(&cfg)?;
     let networks = Networks::new(&cfg)?;
+    let disks = Disks::new(&cfg);
+    disks.prepare().await?;
     let store = Store::open(&cfg.store_path())?;
     // Archives of imports cut short by a crash: no import outlives its call.
     let _ = std::fs::remove_dir_all(cfg.state_dir.join("imports"));
@@ -231,6 +234,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         template,
         reporter,
         networks,
+        disks,
         store,
         keepers,
         slots: tokio::sync::Semaphore::new(cfg.max_running),

@@ -1,8 +1,10 @@
-//! Making an action's task, up to "created, not started": its data
-//! directory with `data.in`, its snapshot, its user (from the image's own
-//! passwd and group, read without following links), its network, its
-//! spec, container and task, and its place in the namespace's shim. Owns
-//! nothing after the task exists.
+//! Making an action's task, up to "created, not started": its directory
+//! (on a filesystem of its own when its size has a disk limit,
+//! `crate::disk`) with `data/data.in`, its snapshot, its user (from the
+//! image's own passwd and group, read without following links), its
+//! network, its spec, container and task (its rootfs writing to the
+//! action's disk), and its place in the namespace's shim. Owns nothing
+//! after the task exists.
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ use tracing::{info_span, Instrument};
 use super::shim_keeper::ShimHold;
 use super::stdio::Stdio;
 use super::{collect, Action, RunError, Runner};
+use crate::disk;
 use crate::engine::{self, ops, Container, NewTask, Prepare};
 use crate::image::Image;
 use crate::spec::{self, SpecInput};
@@ -125,9 +128,18 @@ impl Runner {
                 path: a.dir.clone(),
                 source,
             })?;
+        // Last, after the user lookup read the image's files through the
+        // snapshot's own mounts: the rootfs's writes go to the action's disk.
+        let rootfs = match self.disks.limit_mib(size) {
+            0 => mounts,
+            _ => {
+                let (upper, work) = disk::upper_like_image(&a.dir, &mounts)?;
+                disk::rootfs_mounts(&mounts, &upper, &work)?
+            }
+        };
         let task = NewTask {
             container_id: a.id().to_string(),
-            rootfs: mounts,
+            rootfs,
             stdout: stdio.stdout.display().to_string(),
             stderr: stdio.stderr.display().to_string(),
         };
@@ -170,27 +182,42 @@ fn action_labels(a: &Action) -> std::collections::HashMap<String, String> {
     l
 }
 
-/// A fresh data directory holding exactly the request's bytes as data.in.
-pub(super) fn prepare_dir(a: &Action) -> Result<(), RunError> {
-    let data = a.data_dir();
-    let io = |source| RunError::DataDir {
-        path: data.clone(),
-        source,
-    };
-    if a.dir.exists() {
+impl Runner {
+    /// A fresh action directory, on a filesystem of the size's disk limit
+    /// when it has one, with a data directory holding exactly the
+    /// request's bytes as data.in.
+    pub(super) async fn prepare_dir(&self, a: &Action) -> Result<(), RunError> {
+        let data = a.data_dir();
+        let io = |source| RunError::DataDir {
+            path: data.clone(),
+            source,
+        };
         // Left by an earlier action of the same id that crashed: its
         // content must not leak into this one.
-        std::fs::remove_dir_all(&a.dir).map_err(io)?;
-    }
-    // Another action's cleanup may remove the namespace's (then empty)
-    // directory between this creating it and creating the action's in it.
-    if let Err(e) = std::fs::create_dir_all(&data) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            return Err(io(e));
+        self.disks.release(&a.cns, a.id(), &a.dir);
+        if a.dir.exists() {
+            std::fs::remove_dir_all(&a.dir).map_err(io)?;
         }
-        std::fs::create_dir_all(&data).map_err(io)?;
+        // Another action's cleanup may remove the namespace's (then empty)
+        // directory between this creating it and creating the action's in it.
+        if let Err(e) = std::fs::create_dir_all(&a.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(io(e));
+            }
+            std::fs::create_dir_all(&a.dir).map_err(io)?;
+        }
+        match self.disks.limit_mib(a.req.size.index()) {
+            0 => {}
+            mib => {
+                self.disks
+                    .create(&a.cns, a.id(), &a.dir, mib)
+                    .instrument(info_span!("disk"))
+                    .await?
+            }
+        }
+        std::fs::create_dir(&data).map_err(io)?;
+        a.write_input(&data.join("data.in"))
     }
-    a.write_input(&data.join("data.in"))
 }
 
 /// Reads a file of the image from the snapshot's mounts without mounting

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::disk::DiskError;
 use crate::engine::EngineError;
 use crate::image::ImageError;
 use crate::network::NetworkError;
@@ -31,6 +32,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     /// {0}
     Network(#[from] NetworkError),
+    /// {0}
+    Disk(#[from] DiskError),
 }
 
 impl RunError {
@@ -51,7 +54,11 @@ impl RunError {
             RunError::Image(ImageError::Internal { .. }) => ErrorCode::Internal,
             RunError::Image(_) => ErrorCode::Image,
             RunError::Spec(SpecError::NoCommand | SpecError::User { .. }) => ErrorCode::Image,
-            RunError::Spec(_) | RunError::Engine(_) | RunError::Store(_) => ErrorCode::Internal,
+            // The node's filesystem, loop devices or e2fsprogs failing:
+            // nothing the action did.
+            RunError::Spec(_) | RunError::Engine(_) | RunError::Store(_) | RunError::Disk(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }

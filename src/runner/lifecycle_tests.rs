@@ -46,6 +46,8 @@ fn config(dir: &std::path::Path, max_running: usize) -> Config {
         kill_grace_secs: Some(1),
         max_running: Some(max_running),
         bind: Some(String::new()),
+        // The fake's snapshots are no overlay to put on a disk.
+        size_disk_mib: Some(vec![0, 0, 0]),
         ..Default::default()
     };
     Config::load(o, None).unwrap()
@@ -74,6 +76,7 @@ impl Node {
             template: SpecTemplate::load(None, None).unwrap(),
             reporter: Reporter::new("none", 1 << 20, &FlowTls::default()).unwrap(),
             networks: Networks::new(&cfg).unwrap(),
+            disks: crate::disk::Disks::new(&cfg),
             store: Store::open(&cfg.store_path()).unwrap(),
             keepers: None,
             slots: tokio::sync::Semaphore::new(cfg.max_running),

@@ -40,6 +40,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::actions::{now_ms, Handle};
 use crate::config::Config;
+use crate::disk::Disks;
 use crate::engine::{Engine, EngineError, RuncRoot};
 use crate::image::ImageService;
 use crate::network::{NetTarget, Networks};
@@ -66,6 +67,8 @@ pub struct Runner {
     pub template: SpecTemplate,
     pub reporter: Reporter,
     pub networks: Networks,
+    /// Each action's filesystem of its size's disk limit.
+    pub disks: Disks,
     pub store: Store,
     /// Each namespace's shim keeper, when `shim_group = "namespace"`.
     pub keepers: Option<ShimKeepers>,
@@ -400,7 +403,7 @@ impl Runner {
 
     /// One try: pull, create, start, supervise, collect.
     async fn attempt(&self, a: &Action, record: &mut StoredAction) -> Result<Outcome, RunError> {
-        create::prepare_dir(a)?;
+        self.prepare_dir(a).await?;
         a.handle.set_state(ActionState::Pulling);
         // Pulling is shown, not stored: recovery treats it like accepted
         // (start again), so writing it would buy nothing.

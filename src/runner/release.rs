@@ -1,6 +1,8 @@
 //! Releasing what an action used (issue 12's "release on collect"): its
 //! task, container and snapshot (through `engine::ops`, the one removal),
-//! its network, data directory and spooled input, and its hold on the namespace's shim;
+//! its network, its disk (`crate::disk`: unmounted once the task's rootfs
+//! is, its image removed), data directory and spooled input, and its hold
+//! on the namespace's shim;
 //! every step tolerates what is gone, so it runs after any failure and
 //! again after a crash.
 
@@ -18,13 +20,15 @@ impl Runner {
         drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Removes the task, container, snapshot and directory of an action.
+    /// Removes the task, container, snapshot, disk and directory of an action.
     /// Each step tolerates what is already gone, so it can run after any
     /// failure and again after a crash.
     pub async fn cleanup(&self, a: &Action) {
         self.cleanup_containerd(a).await;
         self.networks.detach(&a.net()).await;
         crate::inputs::remove(&a.input);
+        // After the task's delete unmounted the overlay that writes to it.
+        self.disks.release(&a.cns, a.id(), &a.dir);
         if let Err(e) = std::fs::remove_dir_all(&a.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
