@@ -10,6 +10,7 @@ pub mod control;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod hostdir;
 pub mod image;
 pub mod listen;
 pub mod lock;

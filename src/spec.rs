@@ -24,6 +24,9 @@ pub const DATA_MOUNT: &str = "/direktiv-data";
 /// The annotation the runc v2 shim groups containers by.
 pub const SHIM_GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
+/// The sysctl that turns IPv6 off on the action's CNI interface.
+pub const DISABLE_IPV6_SYSCTL: &str = "net.ipv6.conf.eth0.disable_ipv6";
+
 /// CFS period: 100 ms, the kernel's and runc's default.
 const CPU_PERIOD: u64 = 100_000;
 
@@ -108,6 +111,46 @@ impl SpecTemplate {
             linux.set_seccomp(seccomp);
         }
         Ok(SpecTemplate { base: spec })
+    }
+
+    /// Replaces the base spec's capability set (bounding, effective,
+    /// permitted; inheritable and ambient stay empty) with `names`, e.g.
+    /// `CAP_NET_RAW` (the `CAP_` prefix and case are optional). Empty
+    /// keeps the base spec's.
+    pub fn with_capabilities(mut self, names: &[String]) -> Result<Self, SpecError> {
+        let names: Vec<&str> = names
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Ok(self);
+        }
+        let mut set = oci_spec::runtime::Capabilities::new();
+        for name in names {
+            let upper = name.to_ascii_uppercase();
+            let full = match upper.starts_with("CAP_") {
+                true => upper,
+                false => format!("CAP_{upper}"),
+            };
+            let cap: oci_spec::runtime::Capability =
+                serde_json::from_value(serde_json::Value::String(full)).map_err(|_| {
+                    SpecError::Parse {
+                        what: "setting capabilities".into(),
+                        reason: format!("{name:?} is not a Linux capability"),
+                    }
+                })?;
+            set.insert(cap);
+        }
+        let process = self.base.process_mut().get_or_insert_with(Default::default);
+        let mut caps = process.capabilities().clone().unwrap_or_default();
+        caps.set_bounding(Some(set.clone()));
+        caps.set_effective(Some(set.clone()));
+        caps.set_permitted(Some(set));
+        caps.set_inheritable(None);
+        caps.set_ambient(None);
+        process.set_capabilities(Some(caps));
+        Ok(self)
     }
 
     pub fn build(&self, input: &SpecInput) -> Result<Spec, SpecError> {
@@ -195,6 +238,15 @@ impl SpecTemplate {
                     ns.set_path(Some(path.clone()));
                 }
             }
+            // No IPv6 on the CNI interface (ISOLATE.md §8): its link-local
+            // address reached a daemon bound to [::] on the host (issue 13).
+            // Per interface, not `all`: `lo` keeps ::1, which `localhost`
+            // resolves to first for some runtimes. The port's bridge rules
+            // drop IPv6 frames as well (network::isolation).
+            linux
+                .sysctl_mut()
+                .get_or_insert_with(Default::default)
+                .insert(DISABLE_IPV6_SYSCTL.to_string(), "1".to_string());
         }
         let resources = linux
             .resources_mut()
@@ -531,10 +583,12 @@ mod tests {
                 .count(),
             1
         );
-        assert!(linux
-            .masked_paths()
-            .as_ref()
-            .is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
+        for masked in ["/proc/kcore", "/proc/interrupts"] {
+            assert!(linux
+                .masked_paths()
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|p| p == masked)));
+        }
         assert!(linux
             .readonly_paths()
             .as_ref()
@@ -574,6 +628,82 @@ mod tests {
             .find(|n| n.typ() == LinuxNamespaceType::Network)
             .unwrap();
         assert_eq!(net.path().as_deref(), Some(Path::new("/s/netns/ns/a")));
+        let sysctl = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .clone()
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            sysctl(&spec).get(DISABLE_IPV6_SYSCTL).map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            DISABLE_IPV6_SYSCTL,
+            format!("net.ipv6.conf.{}.disable_ipv6", crate::network::IFNAME)
+        );
+        // Without a CNI interface there is nothing to set (runc would fail
+        // on the missing key); ping still works in both.
+        let plain = template().build(&input(&img, None)).unwrap();
+        assert!(!sysctl(&plain).contains_key(DISABLE_IPV6_SYSCTL));
+        for s in [&spec, &plain] {
+            assert_eq!(
+                sysctl(s)
+                    .get("net.ipv4.ping_group_range")
+                    .map(String::as_str),
+                Some("0 2147483647")
+            );
+        }
+    }
+
+    #[test]
+    fn capabilities_are_the_reviewed_set_or_the_setting() {
+        use oci_spec::runtime::Capability as C;
+        let img = image(Some(vec!["x"]), None, vec![], None);
+        let caps = |t: &SpecTemplate| {
+            let spec = t.build(&input(&img, None)).unwrap();
+            let c = spec
+                .process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .clone()
+                .unwrap();
+            let eff = c.effective().clone().unwrap();
+            assert_eq!(c.bounding().as_ref(), Some(&eff));
+            assert_eq!(c.permitted().as_ref(), Some(&eff));
+            assert!(c.inheritable().as_ref().is_none_or(|s| s.is_empty()));
+            assert!(c.ambient().as_ref().is_none_or(|s| s.is_empty()));
+            eff
+        };
+        let default = caps(&template());
+        assert_eq!(default.len(), 10, "{default:?}");
+        for dropped in [
+            C::NetRaw,
+            C::Mknod,
+            C::Setfcap,
+            C::AuditWrite,
+            C::SysAdmin,
+            C::NetAdmin,
+        ] {
+            assert!(!default.contains(&dropped), "{dropped:?} in {default:?}");
+        }
+        for kept in [C::Chown, C::Setuid, C::NetBindService, C::Kill] {
+            assert!(default.contains(&kept), "{kept:?} missing");
+        }
+        let set = template()
+            .with_capabilities(&["CAP_NET_RAW".into(), "chown".into(), " ".into()])
+            .unwrap();
+        assert_eq!(caps(&set), [C::NetRaw, C::Chown].into_iter().collect());
+        assert_eq!(caps(&template().with_capabilities(&[]).unwrap()), default);
+        let e = template()
+            .with_capabilities(&["CAP_FLY".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("CAP_FLY") && e.contains("capabilit"), "{e}");
     }
 
     #[test]

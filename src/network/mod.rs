@@ -169,7 +169,11 @@ impl Networks {
                 bin_dir: cfg.cni_bin_dir.clone(),
                 timeout: Duration::from_secs(cfg.cni_timeout_secs.max(1)),
             },
-            isolation: Isolation::new(reachable_ports(cfg)),
+            // Checked when the config was loaded.
+            isolation: Isolation::new(
+                reachable_ports(cfg),
+                cfg.link_local_allowed().unwrap_or_default(),
+            ),
             dns_warned: AtomicBool::new(false),
         };
         if mode == Mode::Cni {
@@ -362,6 +366,17 @@ impl Networks {
             };
             if let Err(e) = cni::del(&plugins, &list, &params, record.result.as_ref()).await {
                 warn!(error = %e, "CNI DEL failed");
+            }
+            // The port's bridge rules go with the port.
+            let bridge = list.bridge();
+            if let (Some(b), Some(raw)) = (&bridge, &record.result) {
+                if let Ok(result) = CniResult::parse(raw) {
+                    let b = b.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        isolation::unguard_ports(Some(&b), &result)
+                    })
+                    .await;
+                }
             }
         }
         if let Err(e) = netns::remove(&record.netns) {
