@@ -73,10 +73,12 @@ async fn host_checks(t: &Ctx, data: &std::path::Path) -> Result<()> {
     );
     let mode = std::fs::metadata(t.env.state_dir())?.permissions().mode() & 0o7777;
     ensure!(mode == 0o700, "the state dir is {mode:o}, not 700");
+    // Through a shell: setpriv keeps its capabilities until its own exec, so the exec of
+    // the file itself must come from a process that has none.
     let as_nobody = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/bin/sh", "-c", "exec \"$0\" id -u"])
         .arg(&sh)
-        .args(["id", "-u"])
         .output()
         .context("run setpriv (util-linux)")?;
     ensure!(

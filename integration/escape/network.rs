@@ -192,8 +192,9 @@ async fn fetch(ip: IpAddr, port: u16) -> Result<String> {
         .unwrap_or(text))
 }
 
-/// A dummy interface of the trial's own holding two link-local addresses, each with a
-/// server; removed when dropped.
+/// An interface of the trial's own (a bridge without ports: this kernel may lack the
+/// dummy type) holding two link-local addresses, each with a server; removed when
+/// dropped.
 struct LinkLocal {
     name: String,
     open: HttpServer,
@@ -216,7 +217,7 @@ impl LinkLocal {
             );
             Ok(())
         };
-        ip(&["link", "add", &name, "type", "dummy"])?;
+        ip(&["link", "add", &name, "type", "bridge"])?;
         let made = async {
             for addr in [open, closed] {
                 ip(&["addr", "add", &format!("{addr}/32"), "dev", &name])?;
