@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::{default_caps_and, probe_image};
 use crate::core::expect_success;
-use crate::harness::cni::TestNet;
+use crate::harness::cni::{port_chain_exists, TestNet};
 use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
 use crate::network::reach::{Rendezvous, PROBE};
 use crate::network::{Daemon, HttpServer};
@@ -91,17 +91,11 @@ fi
         "the attacker saw:\n{output}"
     );
     daemon.assert_nothing_left(t.env, &t.ns).await?;
-    for port in ports {
-        let chain = format!("ISOLATED-{port}");
-        let listed = Command::new("ebtables")
-            .args(["-t", "nat", "-L", &chain])
-            .output()?;
-        ensure!(
-            !listed.status.success(),
-            "the chain {chain} outlived its port:\n{}",
-            String::from_utf8_lossy(&listed.stdout)
-        );
-    }
+    let kept: Vec<&String> = ports.iter().filter(|p| port_chain_exists(p)).collect();
+    ensure!(
+        kept.is_empty(),
+        "ebtables chains outlived their ports: {kept:?}"
+    );
     Ok(())
 }
 
