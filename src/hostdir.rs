@@ -329,6 +329,35 @@ mod tests {
         assert!(e.starts_with("cannot make the state dir"), "{e}");
     }
 
+    /// An immutable directory (chattr +i) cannot be chmod-ed even by root:
+    /// the error names the path and the cause. Skipped where chattr is
+    /// missing or the filesystem has no such flag.
+    #[test]
+    fn a_state_dir_that_cannot_be_fixed_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("state");
+        std::fs::create_dir(&s).unwrap();
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&s)
+                .status()
+                .is_ok_and(|st| st.success())
+        };
+        if !chattr("+i") {
+            eprintln!("chattr +i not available here; skipped");
+            return;
+        }
+        let e = secure_state_dir(&s).map_err(|e| e.to_string());
+        chattr("-i");
+        let e = e.unwrap_err();
+        assert!(
+            e.contains(&s.display().to_string()) && e.contains("not permitted"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn mountinfo_paths_are_unescaped() {
         assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");

@@ -333,7 +333,15 @@ impl Networks {
         // namespace and veth do not outlive a power loss anyway.
         record.write(record_path, false)?;
         if let Some(b) = bridge {
-            isolation::isolate_ports(b, &result)?;
+            // Off the async workers: the port's ebtables chain is a process
+            // run (ebtables-restore), tens of milliseconds on a busy node.
+            let (b, r) = (b.to_string(), result.clone());
+            tokio::task::spawn_blocking(move || isolation::isolate_ports(&b, &r))
+                .await
+                .map_err(|e| NetworkError::Isolation {
+                    bridge: bridge.unwrap_or_default().to_string(),
+                    reason: e.to_string(),
+                })??;
         }
         Ok(result)
     }
