@@ -24,9 +24,6 @@ pub const DATA_MOUNT: &str = "/direktiv-data";
 /// The annotation the runc v2 shim groups containers by.
 pub const SHIM_GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
-/// The sysctl that turns IPv6 off on the action's CNI interface.
-pub const DISABLE_IPV6_SYSCTL: &str = "net.ipv6.conf.eth0.disable_ipv6";
-
 /// CFS period: 100 ms, the kernel's and runc's default.
 const CPU_PERIOD: u64 = 100_000;
 
@@ -69,6 +66,8 @@ pub struct SpecInput<'a> {
     pub netns: Option<PathBuf>,
     /// Host files bind-mounted read-only at container paths (resolv.conf, hosts).
     pub files: Vec<(PathBuf, String)>,
+    /// Network namespace settings (`linux.sysctl`), added to the base spec's.
+    pub sysctl: Vec<(String, String)>,
     /// The runc v2 shim group: containers with the same group share one
     /// shim process instead of starting one each.
     pub shim_group: Option<String>,
@@ -238,15 +237,12 @@ impl SpecTemplate {
                     ns.set_path(Some(path.clone()));
                 }
             }
-            // No IPv6 on the CNI interface (ISOLATE.md §8): its link-local
-            // address reached a daemon bound to [::] on the host (issue 13).
-            // Per interface, not `all`: `lo` keeps ::1, which `localhost`
-            // resolves to first for some runtimes. The port's bridge rules
-            // drop IPv6 frames as well (network::isolation).
-            linux
-                .sysctl_mut()
-                .get_or_insert_with(Default::default)
-                .insert(DISABLE_IPV6_SYSCTL.to_string(), "1".to_string());
+        }
+        if !input.sysctl.is_empty() {
+            let sysctl = linux.sysctl_mut().get_or_insert_with(Default::default);
+            for (k, v) in &input.sysctl {
+                sysctl.insert(k.clone(), v.clone());
+            }
         }
         let resources = linux
             .resources_mut()
@@ -467,6 +463,7 @@ mod tests {
             cgroups_path: "/isolated/ns/a".into(),
             netns: None,
             files: vec![],
+            sysctl: vec![],
             shim_group: None,
         }
     }
@@ -603,6 +600,11 @@ mod tests {
         let mut inp = input(&img, None);
         inp.netns = Some(PathBuf::from("/s/netns/ns/a"));
         inp.files = vec![(PathBuf::from("/s/actions/ns/a/hosts"), "/etc/hosts".into())];
+        let off = (
+            "net.ipv6.conf.eth0.disable_ipv6".to_string(),
+            "1".to_string(),
+        );
+        inp.sysctl = vec![off.clone()];
         let spec = template().build(&inp).unwrap();
         let hosts = spec
             .mounts()
@@ -636,18 +638,11 @@ mod tests {
                 .clone()
                 .unwrap_or_default()
         };
-        assert_eq!(
-            sysctl(&spec).get(DISABLE_IPV6_SYSCTL).map(String::as_str),
-            Some("1")
-        );
-        assert_eq!(
-            DISABLE_IPV6_SYSCTL,
-            format!("net.ipv6.conf.{}.disable_ipv6", crate::network::IFNAME)
-        );
-        // Without a CNI interface there is nothing to set (runc would fail
-        // on the missing key); ping still works in both.
+        // The network's settings are added to the base spec's; ping works
+        // in both.
+        assert_eq!(sysctl(&spec).get(&off.0), Some(&off.1));
         let plain = template().build(&input(&img, None)).unwrap();
-        assert!(!sysctl(&plain).contains_key(DISABLE_IPV6_SYSCTL));
+        assert!(!sysctl(&plain).contains_key(&off.0));
         for s in [&spec, &plain] {
             assert_eq!(
                 sysctl(s)
