@@ -5,6 +5,7 @@ mod auth;
 mod core;
 mod durability;
 mod engine;
+mod escape;
 mod harness;
 mod harness_selftest;
 mod network;
@@ -34,6 +35,7 @@ fn main() -> ExitCode {
     trials.extend(reaper::trials());
     trials.extend(durability::trials());
     trials.extend(engine::trials());
+    trials.extend(escape::trials());
 
     let runs_something = !args.list
         && trials

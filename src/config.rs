@@ -202,6 +202,8 @@ settings! {
     base_spec: PathBuf = PathBuf::new(), "ISOLATED_BASE_SPEC", "(built in)";
     /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
     seccomp_profile: PathBuf = PathBuf::new(), "ISOLATED_SECCOMP_PROFILE", "(built in)";
+    /// Capabilities of an action's process (comma separated, e.g. CAP_CHOWN,CAP_KILL), replacing the base spec's set; empty: the base spec's (no CAP_NET_RAW, see runtime-spec/README.md).
+    capabilities: Vec<String> = Vec::new(), "ISOLATED_CAPABILITIES", "(base spec's)", value_delimiter = ',';
     /// Network of each action: cni (its own namespace on a CNI network) or none (loopback only).
     network: NetworkMode = NetworkMode::Cni, "ISOLATED_NETWORK", "cni", value_parser = clap::builder::EnumValueParser::<NetworkMode>::new();
     /// Directory of the CNI plugin binaries.
@@ -212,6 +214,8 @@ settings! {
     cni_timeout_secs: u64 = 30, "ISOLATED_CNI_TIMEOUT_SECS", "30";
     /// DNS servers for actions (comma separated); empty: the host's resolv.conf.
     dns_servers: Vec<String> = Vec::new(), "ISOLATED_DNS_SERVERS", "(host's)", value_delimiter = ',';
+    /// Link-local IPv4 addresses or CIDRs (169.254.0.0/16, comma separated) actions may reach, e.g. a cloud metadata service; empty: none.
+    allowed_link_local: Vec<String> = Vec::new(), "ISOLATED_ALLOWED_LINK_LOCAL", "(none)", value_delimiter = ',';
     /// Log every phase span when it closes, with its duration (for finding where time goes).
     log_span_times: bool = false, "ISOLATED_LOG_SPAN_TIMES", "false", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new();
     /// Log format: text or json.
@@ -345,6 +349,9 @@ impl Config {
                 "and flow_client_key are set together or not at all",
             );
         }
+        if let Err(reason) = self.link_local_allowed() {
+            return invalid("allowed_link_local", &reason);
+        }
         let flow_tls = set(&self.flow_ca) || set(&self.flow_client_cert);
         if flow_tls && !self.flow_endpoint.trim().starts_with("https://") {
             return invalid(
@@ -365,6 +372,34 @@ impl Config {
         b.parse()
             .map(Some)
             .map_err(|e| format!("{b:?} is not host:port: {e}"))
+    }
+
+    /// `allowed_link_local` as CIDRs (`a.b.c.d/n`); each must lie inside
+    /// 169.254.0.0/16, the only range its rules open.
+    pub fn link_local_allowed(&self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        for entry in self.allowed_link_local.iter().map(|e| e.trim()) {
+            if entry.is_empty() {
+                continue;
+            }
+            let bad = |why: &str| format!("{entry:?} {why}");
+            let (addr, len) = match entry.split_once('/') {
+                Some((a, l)) => (
+                    a,
+                    l.parse::<u8>()
+                        .map_err(|_| bad("has no valid prefix length"))?,
+                ),
+                None => (entry, 32),
+            };
+            let ip: std::net::Ipv4Addr = addr
+                .parse()
+                .map_err(|_| bad("is not an IPv4 address or CIDR"))?;
+            if !ip.is_link_local() || !(16..=32).contains(&len) {
+                return Err(bad("is not inside 169.254.0.0/16"));
+            }
+            out.push(format!("{ip}/{len}"));
+        }
+        Ok(out)
     }
 
     pub fn limits(&self) -> Limits {
@@ -546,6 +581,22 @@ mod tests {
                 SETTINGS.iter().any(|s| s.key == key),
                 "README documents {key}, which is no setting"
             );
+        }
+    }
+
+    #[test]
+    fn allowed_link_local_takes_link_local_ranges_only() {
+        let mut c = Config::load(Options::default(), None).unwrap();
+        assert_eq!(c.link_local_allowed().unwrap(), Vec::<String>::new());
+        c.allowed_link_local = vec!["169.254.169.254".into(), " 169.254.0.0/16".into()];
+        assert_eq!(
+            c.link_local_allowed().unwrap(),
+            vec!["169.254.169.254/32", "169.254.0.0/16"]
+        );
+        for bad in ["10.0.0.1", "169.254.0.0/8", "fe80::1", "169.254.1.1/x"] {
+            c.allowed_link_local = vec![bad.into()];
+            let e = c.link_local_allowed().unwrap_err();
+            assert!(e.contains(bad), "{e}");
         }
     }
 

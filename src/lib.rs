@@ -11,6 +11,7 @@ pub mod disk;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+pub mod hostdir;
 pub mod image;
 pub mod inputs;
 pub mod listen;

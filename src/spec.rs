@@ -66,6 +66,8 @@ pub struct SpecInput<'a> {
     pub netns: Option<PathBuf>,
     /// Host files bind-mounted read-only at container paths (resolv.conf, hosts).
     pub files: Vec<(PathBuf, String)>,
+    /// Network namespace settings (`linux.sysctl`), added to the base spec's.
+    pub sysctl: Vec<(String, String)>,
     /// The runc v2 shim group: containers with the same group share one
     /// shim process instead of starting one each.
     pub shim_group: Option<String>,
@@ -119,6 +121,46 @@ impl SpecTemplate {
             linux.set_seccomp(seccomp);
         }
         Ok(SpecTemplate { base: spec })
+    }
+
+    /// Replaces the base spec's capability set (bounding, effective,
+    /// permitted; inheritable and ambient stay empty) with `names`, e.g.
+    /// `CAP_NET_RAW` (the `CAP_` prefix and case are optional). Empty
+    /// keeps the base spec's.
+    pub fn with_capabilities(mut self, names: &[String]) -> Result<Self, SpecError> {
+        let names: Vec<&str> = names
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Ok(self);
+        }
+        let mut set = oci_spec::runtime::Capabilities::new();
+        for name in names {
+            let upper = name.to_ascii_uppercase();
+            let full = match upper.starts_with("CAP_") {
+                true => upper,
+                false => format!("CAP_{upper}"),
+            };
+            let cap: oci_spec::runtime::Capability =
+                serde_json::from_value(serde_json::Value::String(full)).map_err(|_| {
+                    SpecError::Parse {
+                        what: "setting capabilities".into(),
+                        reason: format!("{name:?} is not a Linux capability"),
+                    }
+                })?;
+            set.insert(cap);
+        }
+        let process = self.base.process_mut().get_or_insert_with(Default::default);
+        let mut caps = process.capabilities().clone().unwrap_or_default();
+        caps.set_bounding(Some(set.clone()));
+        caps.set_effective(Some(set.clone()));
+        caps.set_permitted(Some(set));
+        caps.set_inheritable(None);
+        caps.set_ambient(None);
+        process.set_capabilities(Some(caps));
+        Ok(self)
     }
 
     pub fn build(&self, input: &SpecInput) -> Result<Spec, SpecError> {
@@ -205,6 +247,12 @@ impl SpecTemplate {
                 if ns.typ() == LinuxNamespaceType::Network {
                     ns.set_path(Some(path.clone()));
                 }
+            }
+        }
+        if !input.sysctl.is_empty() {
+            let sysctl = linux.sysctl_mut().get_or_insert_with(Default::default);
+            for (k, v) in &input.sysctl {
+                sysctl.insert(k.clone(), v.clone());
             }
         }
         let resources = linux
@@ -426,6 +474,7 @@ mod tests {
             cgroups_path: "/isolated/ns/a".into(),
             netns: None,
             files: vec![],
+            sysctl: vec![],
             shim_group: None,
         }
     }
@@ -542,10 +591,12 @@ mod tests {
                 .count(),
             1
         );
-        assert!(linux
-            .masked_paths()
-            .as_ref()
-            .is_some_and(|m| m.iter().any(|p| p == "/proc/kcore")));
+        for masked in ["/proc/kcore", "/proc/interrupts"] {
+            assert!(linux
+                .masked_paths()
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|p| p == masked)));
+        }
         assert!(linux
             .readonly_paths()
             .as_ref()
@@ -560,6 +611,11 @@ mod tests {
         let mut inp = input(&img, None);
         inp.netns = Some(PathBuf::from("/s/netns/ns/a"));
         inp.files = vec![(PathBuf::from("/s/actions/ns/a/hosts"), "/etc/hosts".into())];
+        let off = (
+            "net.ipv6.conf.eth0.disable_ipv6".to_string(),
+            "1".to_string(),
+        );
+        inp.sysctl = vec![off.clone()];
         let spec = template().build(&inp).unwrap();
         let hosts = spec
             .mounts()
@@ -585,6 +641,75 @@ mod tests {
             .find(|n| n.typ() == LinuxNamespaceType::Network)
             .unwrap();
         assert_eq!(net.path().as_deref(), Some(Path::new("/s/netns/ns/a")));
+        let sysctl = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .clone()
+                .unwrap_or_default()
+        };
+        // The network's settings are added to the base spec's; ping works
+        // in both.
+        assert_eq!(sysctl(&spec).get(&off.0), Some(&off.1));
+        let plain = template().build(&input(&img, None)).unwrap();
+        assert!(!sysctl(&plain).contains_key(&off.0));
+        for s in [&spec, &plain] {
+            assert_eq!(
+                sysctl(s)
+                    .get("net.ipv4.ping_group_range")
+                    .map(String::as_str),
+                Some("0 2147483647")
+            );
+        }
+    }
+
+    #[test]
+    fn capabilities_are_the_reviewed_set_or_the_setting() {
+        use oci_spec::runtime::Capability as C;
+        let img = image(Some(vec!["x"]), None, vec![], None);
+        let caps = |t: &SpecTemplate| {
+            let spec = t.build(&input(&img, None)).unwrap();
+            let c = spec
+                .process()
+                .as_ref()
+                .unwrap()
+                .capabilities()
+                .clone()
+                .unwrap();
+            let eff = c.effective().clone().unwrap();
+            assert_eq!(c.bounding().as_ref(), Some(&eff));
+            assert_eq!(c.permitted().as_ref(), Some(&eff));
+            assert!(c.inheritable().as_ref().is_none_or(|s| s.is_empty()));
+            assert!(c.ambient().as_ref().is_none_or(|s| s.is_empty()));
+            eff
+        };
+        let default = caps(&template());
+        assert_eq!(default.len(), 10, "{default:?}");
+        for dropped in [
+            C::NetRaw,
+            C::Mknod,
+            C::Setfcap,
+            C::AuditWrite,
+            C::SysAdmin,
+            C::NetAdmin,
+        ] {
+            assert!(!default.contains(&dropped), "{dropped:?} in {default:?}");
+        }
+        for kept in [C::Chown, C::Setuid, C::NetBindService, C::Kill] {
+            assert!(default.contains(&kept), "{kept:?} missing");
+        }
+        let set = template()
+            .with_capabilities(&["CAP_NET_RAW".into(), "chown".into(), " ".into()])
+            .unwrap();
+        assert_eq!(caps(&set), [C::NetRaw, C::Chown].into_iter().collect());
+        assert_eq!(caps(&template().with_capabilities(&[]).unwrap()), default);
+        let e = template()
+            .with_capabilities(&["CAP_FLY".into()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("CAP_FLY") && e.contains("capabilit"), "{e}");
     }
 
     #[test]

@@ -4,10 +4,10 @@
 
 use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 
 use super::expect_success;
-use crate::harness::{Ctx, ImageSpec, FIRST_PULL};
+use crate::harness::{gcc, Ctx, ImageSpec, FIRST_PULL};
 
 /// A static x86_64 program that writes one line with a 64-bit syscall, then asks for its
 /// pid through the 32-bit entry and prints what came back.
@@ -25,22 +25,15 @@ int main(void) {
 "#;
 
 pub async fn thirty_two_bit_syscalls_are_refused(t: Ctx) -> Result<()> {
-    let dir = t.env.dir().join("probe32");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("probe.c"), PROBE)?;
-    let out = Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(dir.join("probe"))
-        .arg(dir.join("probe.c"))
-        .output()
-        .context("run gcc (Makefile deps installs it)")?;
-    ensure!(
-        out.status.success(),
-        "gcc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let probe = gcc::static_binary(t.env.dir(), "probe32", PROBE)?;
+    let path = t
+        .env
+        .dir()
+        .join(format!("probe32-{:08x}", rand::random::<u32>()));
+    std::fs::write(&path, &probe)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     // Outside a container the probe's 32-bit call works, so the test can tell.
-    let host = Command::new(dir.join("probe")).output()?;
+    let host = Command::new(&path).output()?;
     ensure!(
         String::from_utf8_lossy(&host.stdout).contains("32-bit getpid returned"),
         "the probe's 32-bit syscall does not work on this host (no IA32 emulation?): {:?}",
@@ -51,7 +44,7 @@ pub async fn thirty_two_bit_syscalls_are_refused(t: Ctx) -> Result<()> {
             &ImageSpec::with_script(
                 "/bin/probe32 > /direktiv-data/data.out; echo \"exit $?\" >> /direktiv-data/data.out",
             )
-            .file("bin/probe32", std::fs::read(dir.join("probe"))?, 0o755),
+            .file("bin/probe32", probe, 0o755),
         )
         .await?;
     let report = t

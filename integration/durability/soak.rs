@@ -234,8 +234,10 @@ async fn soak(t: &Ctx, net: &TestNet) -> Result<()> {
             .leases;
         ensure!(leases.is_empty(), "{label}: leases left: {leases:?}");
         let mounts = crate::harness::mounts::mounts_under(&d.state_dir);
-        let netns_dir = d.state_dir.join("netns");
-        let stray: Vec<_> = mounts.iter().filter(|m| **m != netns_dir).collect();
+        // The daemon's own while it runs: the namespaces' dir and the actions' nosuid,nodev
+        // mount.
+        let own = [d.state_dir.join("netns"), d.state_dir.join("actions")];
+        let stray: Vec<_> = mounts.iter().filter(|m| !own.contains(m)).collect();
         ensure!(stray.is_empty(), "{label}: mounts left: {stray:?}");
         let leases_dir = d.state_dir.join("cni/ipam");
         let ip_leases = ip_lease_files(&leases_dir);

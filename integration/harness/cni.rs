@@ -357,6 +357,15 @@ pub fn remove_recorded(run_dir: &Path) -> Vec<String> {
 }
 
 /// Deletes `bridge` (if it exists) and every rule of isolated's chains that names it.
+/// Whether isolated's ebtables chain of bridge port `port` exists (`ISOLATED-<port>`, made
+/// with the port, removed with it).
+pub fn port_chain_exists(port: &str) -> bool {
+    Command::new("ebtables")
+        .args(["-t", "nat", "-L", &format!("ISOLATED-{port}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn remove_bridge(bridge: &str) -> Vec<String> {
     let mut failed = Vec::new();
     if Path::new("/sys/class/net").join(bridge).exists() {
@@ -368,6 +377,7 @@ fn remove_bridge(bridge: &str) -> Vec<String> {
         ("filter", "ISOLATED-FORWARD"),
         ("filter", "ISOLATED-INPUT"),
         ("nat", "ISOLATED-POSTROUTING"),
+        ("raw", "ISOLATED-PREROUTING"),
     ] {
         let Ok(out) = Command::new("iptables")
             .args(["-w", "10", "-t", table, "-S", chain])

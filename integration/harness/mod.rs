@@ -13,6 +13,7 @@ pub mod cni;
 pub mod containerd;
 pub mod env;
 pub mod flow;
+pub mod gcc;
 pub mod image;
 pub mod isolated;
 pub mod mounts;

@@ -12,7 +12,7 @@ use direktiv_isolate::network::{NetTarget, Networks};
 use super::{inet_of, pinned_namespaces, Daemon};
 use crate::core::expect_success;
 use crate::harness::cleanup::network_leftovers;
-use crate::harness::cni::TestNet;
+use crate::harness::cni::{port_chain_exists, TestNet};
 use crate::harness::process::free_port;
 use crate::harness::{stale, Ctx, ImageSpec, ACTION, FIRST_PULL};
 
@@ -299,7 +299,9 @@ pub async fn released_after_a_crash(t: Ctx) -> Result<()> {
     let deadline = Instant::now() + FIRST_PULL;
     loop {
         let text = std::fs::read_to_string(&record).unwrap_or_default();
-        if text.contains("\"result\"") {
+        // Attached, and its port guarded (the chain comes right after ADD's result).
+        let ports = net.ports();
+        if text.contains("\"result\"") && ports.len() == 1 && port_chain_exists(&ports[0]) {
             break;
         }
         ensure!(
@@ -310,13 +312,25 @@ pub async fn released_after_a_crash(t: Ctx) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     daemon.isolated.kill();
+    let ports = net.ports();
     ensure!(
-        net.ports().len() == 1,
-        "the network did not outlive the crash: ports {:?}",
-        net.ports()
+        ports.len() == 1 && port_chain_exists(&ports[0]),
+        "the network (and its port's ebtables chain) did not outlive the crash: ports {ports:?}"
     );
 
     daemon.isolated.start(Duration::from_secs(60)).await?;
+    // The actions' nosuid,nodev mount outlived the crash; the restart uses it as it is.
+    let actions = daemon.state_dir.join("actions").canonicalize()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounted_at = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == actions.to_str())
+        .count();
+    ensure!(
+        mounted_at == 1,
+        "{} is mounted {mounted_at} times after a restart",
+        actions.display()
+    );
     let report = t
         .env
         .flow
@@ -328,6 +342,11 @@ pub async fn released_after_a_crash(t: Ctx) -> Result<()> {
     ensure!(net.contains(ip), "{ip} is outside {}", net.subnet());
     daemon.assert_nothing_left(t.env, &t.ns).await?;
     ensure!(net.ports().is_empty(), "veths left: {:?}", net.ports());
+    ensure!(
+        !port_chain_exists(&ports[0]),
+        "the ebtables chain of {} outlived its port",
+        ports[0]
+    );
     let leases = leases(&daemon.state_dir);
     ensure!(leases.is_empty(), "IPAM leases left: {leases:?}");
     drop(daemon);

@@ -9,7 +9,7 @@
 
 mod config;
 mod lifecycle;
-mod reach;
+pub(crate) mod reach;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -13,7 +13,7 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::core::{echo_spec, expect_success};
 use crate::harness::{Ctx, FIRST_PULL};
 
-fn metrics_addr(t: &Ctx) -> Result<SocketAddr> {
+pub fn metrics_addr(t: &Ctx) -> Result<SocketAddr> {
     let args = &t.env.isolated.config().extra_args;
     let pos = args
         .iter()

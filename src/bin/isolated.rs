@@ -19,6 +19,7 @@ use direktiv_isolate::disk::Disks;
 use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
 use direktiv_isolate::engine::{Engine, RuncRoot};
+use direktiv_isolate::hostdir;
 use direktiv_isolate::image::ImageService;
 use direktiv_isolate::listen::{self, LocalSocket};
 use direktiv_isolate::lock::StateLock;
@@ -145,9 +146,16 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let template = SpecTemplate::load(
         non_empty(&cfg.base_spec).as_deref(),
         non_empty(&cfg.seccomp_profile).as_deref(),
-    )?;
+    )?
+    .with_capabilities(&cfg.capabilities)?;
+    // Root only, whoever made it, and nothing an action writes honours
+    // setuid or device nodes on the host (ISOLATE.md §8, issue 13).
+    hostdir::secure_state_dir(&cfg.state_dir)?;
     std::fs::create_dir_all(cfg.actions_dir())
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
+    if hostdir::mount_actions_dir(&cfg.actions_dir())? {
+        info!(dir = %cfg.actions_dir().display(), "mounted the actions' directory nosuid,nodev");
+    }
     // Nothing runs yet, so no action is creating one of these right now.
     remove_empty_dirs(&cfg.actions_dir());
     // The embedded containerd replaces the configured address.
@@ -392,6 +400,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         // directory under actions/ (issue 14: `make clean` failed on it).
         runner.networks.release_dir();
         remove_empty_dirs(&cfg.actions_dir());
+        if let Err(e) = hostdir::unmount_actions_dir(&cfg.actions_dir()) {
+            warn!(error = %e, "the actions' directory stays mounted");
+        }
     }
     stop_metrics.cancel();
     if let Some(e) = embedded {

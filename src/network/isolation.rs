@@ -31,6 +31,37 @@
 //!   (gRPC, metrics): one on loopback is out of the actions' reach anyway,
 //!   and a rule per port would pile up as ports change across restarts.
 //!
+//!   Link-local addresses (169.254.0.0/16: cloud metadata services, a
+//!   host's link-local listeners) are dropped before routing, in the raw
+//!   table, so neither INPUT nor FORWARD ever sees them; the operator's
+//!   `allowed_link_local` ranges are accepted above that drop:
+//!
+//!   ```text
+//!   ISOLATED-PREROUTING (raw table)
+//!                     -i BR -d ALLOWED             ACCEPT  inserted first
+//!                     -i BR -d 169.254.0.0/16      DROP    no metadata service
+//!   ```
+//!
+//! - Per port, in the bridge family (ebtables, `nat` PREROUTING, before the
+//!   bridge learns the source MAC): a chain `ISOLATED-<veth>` that lets
+//!   through only frames with the action's own MAC carrying ARP or IPv4 with
+//!   its own address, and drops everything else (other MACs, ARP for
+//!   another address, IPv6, VLAN tags). Issue 13: with CAP_NET_RAW an action
+//!   sent gratuitous ARP for another's address and received its packets;
+//!   with these rules even an image given CAP_NET_RAW cannot. Made with the
+//!   port, removed with it ([`unguard_ports`], also from the attachment
+//!   record after a crash). ebtables-nft comes with Debian's iptables
+//!   package (12 and 13) and talks nf_tables, so nodes without the legacy
+//!   tools need nothing more.
+//!
+//! IPv6: actions get none. The spec turns it off on `eth0`
+//! (`net.ipv6.conf.eth0.disable_ipv6`), the port's chain drops IPv6 frames
+//! whatever the action does, and a CNI result that gives the action an
+//! IPv6 address is refused (fails closed): none of the rules above has an
+//! IPv6 counterpart, and the host's link-local (fe80::/10) listeners would
+//! be in reach. An IPv4-only network with IPv6 off is one rule set to keep
+//! right instead of two.
+//!
 //! The bridge also stops taking IPv6 router advertisements and redirects
 //! (an action must not be able to change the host's routes), and gets a
 //! fixed MAC address (see [`pin_mac`]).
@@ -49,6 +80,12 @@ use super::NetworkError;
 pub const FORWARD_CHAIN: &str = "ISOLATED-FORWARD";
 pub const INPUT_CHAIN: &str = "ISOLATED-INPUT";
 pub const POSTROUTING_CHAIN: &str = "ISOLATED-POSTROUTING";
+pub const PREROUTING_CHAIN: &str = "ISOLATED-PREROUTING";
+/// The prefix of each port's ebtables chain (`ISOLATED-<veth>`, at most 24
+/// of ebtables' 31 characters).
+pub const PORT_CHAIN_PREFIX: &str = "ISOLATED-";
+/// IPv4 link-local: cloud metadata (169.254.169.254) and friends.
+pub const LINK_LOCAL: &str = "169.254.0.0/16";
 
 /// How long installed rules are trusted before they are checked again (an
 /// operator's `iptables -F` must not leave actions unisolated for long).
@@ -57,35 +94,50 @@ const RECHECK: Duration = Duration::from_secs(60);
 /// Seconds iptables waits for the xtables lock another program holds.
 const XTABLES_WAIT: &str = "10";
 
-/// One rule: its table, chain and match/target arguments.
+/// One rule: its table, chain and match/target arguments; `first` ones
+/// are inserted at the top of the chain instead of appended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub table: &'static str,
     pub chain: &'static str,
     pub args: Vec<String>,
+    pub first: bool,
 }
 
 fn rule(chain: &'static str, args: &[&str], comment: &str, target: &str) -> Rule {
     let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     v.extend(["-m", "comment", "--comment", comment, "-j", target].map(String::from));
-    let table = if chain == POSTROUTING_CHAIN {
-        "nat"
-    } else {
-        "filter"
+    let table = match chain {
+        POSTROUTING_CHAIN => "nat",
+        PREROUTING_CHAIN => "raw",
+        _ => "filter",
     };
     Rule {
         table,
         chain,
         args: v,
+        first: false,
     }
 }
 
 /// The rules of one bridge (see the module doc). `ports` are isolated's
 /// own listening ports; `masquerade` the subnets whose outbound NAT
-/// isolated does.
-pub fn bridge_rules(bridge: &str, ports: &[u16], masquerade: &[String]) -> Vec<Rule> {
+/// isolated does; `link_local` the ranges of 169.254.0.0/16 actions may
+/// reach (`allowed_link_local`).
+pub fn bridge_rules(
+    bridge: &str,
+    ports: &[u16],
+    masquerade: &[String],
+    link_local: &[String],
+) -> Vec<Rule> {
     let b = bridge;
     let mut rules = vec![
+        rule(
+            PREROUTING_CHAIN,
+            &["-i", b, "-d", LINK_LOCAL],
+            "isolated: actions do not reach link-local addresses",
+            "DROP",
+        ),
         rule(
             FORWARD_CHAIN,
             &["-i", b, "-o", b],
@@ -127,6 +179,20 @@ pub fn bridge_rules(bridge: &str, ports: &[u16], masquerade: &[String]) -> Vec<R
             "DROP",
         ));
     }
+    for allowed in link_local {
+        // Above the drop, whenever it was added: an operator's range
+        // added later must still come first. One removed from the setting
+        // stays open until removed by hand, as a stale port rule does.
+        rules.push(Rule {
+            first: true,
+            ..rule(
+                PREROUTING_CHAIN,
+                &["-i", b, "-d", allowed],
+                "isolated: allowed_link_local",
+                "ACCEPT",
+            )
+        });
+    }
     for subnet in masquerade {
         rules.push(rule(
             POSTROUTING_CHAIN,
@@ -139,25 +205,29 @@ pub fn bridge_rules(bridge: &str, ports: &[u16], masquerade: &[String]) -> Vec<R
 }
 
 /// The jumps into isolated's chains: (table, built-in chain, chain).
-pub fn jumps() -> [(&'static str, &'static str, &'static str); 3] {
+pub fn jumps() -> [(&'static str, &'static str, &'static str); 4] {
     [
         ("filter", "FORWARD", FORWARD_CHAIN),
         ("filter", "INPUT", INPUT_CHAIN),
         ("nat", "POSTROUTING", POSTROUTING_CHAIN),
+        ("raw", "PREROUTING", PREROUTING_CHAIN),
     ]
 }
 
 /// Enforces the rules above; remembers which bridges are done.
 pub struct Isolation {
     ports: Vec<u16>,
+    link_local: Vec<String>,
     installed: Mutex<HashMap<String, Instant>>,
 }
 
 impl Isolation {
-    /// `ports`: isolated's listening ports that actions could reach.
-    pub fn new(ports: Vec<u16>) -> Self {
+    /// `ports`: isolated's listening ports that actions could reach;
+    /// `link_local`: the link-local ranges they may reach.
+    pub fn new(ports: Vec<u16>, link_local: Vec<String>) -> Self {
         Isolation {
             ports,
+            link_local,
             installed: Mutex::new(HashMap::new()),
         }
     }
@@ -171,7 +241,7 @@ impl Isolation {
     ) -> Result<(), NetworkError> {
         let key = format!("{bridge} {}", masquerade.join(" "));
         let mut installed = self.installed.lock().await;
-        let rules = bridge_rules(bridge, &self.ports, masquerade);
+        let rules = bridge_rules(bridge, &self.ports, masquerade, &self.link_local);
         let b = bridge.to_string();
         match installed.get(&key) {
             Some(t) if t.elapsed() < RECHECK => return Ok(()),
@@ -251,7 +321,11 @@ fn install(rules: &[Rule]) -> Result<(), String> {
             .status
             .success()
         {
-            iptables_ok(r.table, &[&["-A", r.chain][..], &args].concat())?;
+            let add: &[&str] = match r.first {
+                true => &["-I", r.chain, "1"],
+                false => &["-A", r.chain],
+            };
+            iptables_ok(r.table, &[add, &args].concat())?;
         }
     }
     Ok(())
@@ -289,6 +363,23 @@ pub fn isolate_ports(bridge: &str, result: &CniResult) -> Result<(), NetworkErro
             "the bridge plugin's result names no host-side interface".into(),
         ));
     }
+    let v6: Vec<String> = result
+        .container_ips()
+        .iter()
+        .filter(|ip| ip.is_ipv6())
+        .map(|ip| ip.to_string())
+        .collect();
+    if !v6.is_empty() {
+        return Err(fail(format!(
+            "the network gives the action IPv6 addresses ({}); isolated keeps actions \
+             apart over IPv4 only: give the bridge IPv4 ranges",
+            v6.join(", ")
+        )));
+    }
+    let guard = PortGuard::of(result).map_err(fail)?;
+    for port in &ports {
+        guard.install(port).map_err(fail)?;
+    }
     for port in ports {
         let flag = Path::new("/sys/class/net")
             .join(port)
@@ -313,6 +404,137 @@ pub fn isolate_ports(bridge: &str, result: &CniResult) -> Result<(), NetworkErro
         }
     }
     Ok(())
+}
+
+/// What an action's port may send: its interface's MAC, ARP and IPv4 from
+/// its own addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortGuard {
+    mac: String,
+    ipv4: Vec<String>,
+}
+
+impl PortGuard {
+    /// From the ADD result: the container interface's MAC and addresses.
+    pub fn of(result: &CniResult) -> Result<PortGuard, String> {
+        let mac = result
+            .interfaces
+            .iter()
+            .find(|i| !i.sandbox.is_empty() && i.name == super::IFNAME)
+            .or_else(|| result.interfaces.iter().find(|i| !i.sandbox.is_empty()))
+            .map(|i| i.mac.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let valid = mac.split(':').count() == 6
+            && mac
+                .split(':')
+                .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok());
+        if !valid {
+            return Err(format!(
+                "the result names no MAC address of the action's interface ({mac:?})"
+            ));
+        }
+        let ipv4: Vec<String> = result
+            .container_ips()
+            .iter()
+            .filter(|ip| ip.is_ipv4())
+            .map(|ip| ip.to_string())
+            .collect();
+        if ipv4.is_empty() {
+            return Err("the result gives the action no IPv4 address".into());
+        }
+        Ok(PortGuard { mac, ipv4 })
+    }
+
+    /// The ebtables-restore input that makes `port`'s chain and its jump.
+    pub fn restore_input(&self, port: &str) -> String {
+        let chain = port_chain(port);
+        let mac = &self.mac;
+        let mut out = format!(
+            "*nat\n:{chain} DROP\n\
+             -A {chain} -s ! {mac} -j DROP\n\
+             -A {chain} -p ARP --arp-mac-src ! {mac} -j DROP\n"
+        );
+        for ip in &self.ipv4 {
+            out.push_str(&format!("-A {chain} -p ARP --arp-ip-src {ip} -j RETURN\n"));
+            out.push_str(&format!("-A {chain} -p IPv4 --ip-src {ip} -j RETURN\n"));
+        }
+        out.push_str(&format!("-A PREROUTING -i {port} -j {chain}\nCOMMIT\n"));
+        out
+    }
+
+    /// Installs `port`'s chain (replacing a leftover of the same name).
+    fn install(&self, port: &str) -> Result<(), String> {
+        let input = self.restore_input(port);
+        if ebtables_restore(&input).is_err() {
+            remove_port_chain(port);
+            ebtables_restore(&input)?;
+        }
+        Ok(())
+    }
+}
+
+/// The ebtables chain of a port.
+pub fn port_chain(port: &str) -> String {
+    format!("{PORT_CHAIN_PREFIX}{port}")
+}
+
+fn ebtables_restore(input: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ebtables-restore")
+        .arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ebtables-restore: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("cannot write to ebtables-restore: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("ebtables-restore: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ebtables-restore failed: {}",
+            crate::text::one_line(String::from_utf8_lossy(&out.stderr).trim())
+        ))
+    }
+}
+
+/// Removes a port's chain and jump, whichever of them exist.
+fn remove_port_chain(port: &str) {
+    let chain = port_chain(port);
+    let input =
+        format!("*nat\n-D PREROUTING -i {port} -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n");
+    if ebtables_restore(&input).is_ok() {
+        return;
+    }
+    // One of the three was gone already: each on its own.
+    for args in [
+        vec!["-D", "PREROUTING", "-i", port, "-j", &chain],
+        vec!["-F", &chain],
+        vec!["-X", &chain],
+    ] {
+        let _ = Command::new("ebtables")
+            .args(["-t", "nat"])
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Removes the chains of the host-side ports named in an ADD result (at
+/// release, also from a record after a crash). Bridges themselves are not
+/// ports.
+pub fn unguard_ports(bridge: Option<&str>, result: &CniResult) {
+    for port in result.host_interfaces().filter(|n| Some(*n) != bridge) {
+        remove_port_chain(port);
+    }
 }
 
 /// Fixes the bridge's MAC address unless someone already did. A bridge
@@ -360,7 +582,7 @@ mod tests {
 
     #[test]
     fn rules_name_the_bridge_and_the_port() {
-        let rules = bridge_rules("isolated0", &[8888], &["10.213.0.0/16".into()]);
+        let rules = bridge_rules("isolated0", &[8888], &["10.213.0.0/16".into()], &[]);
         let text: Vec<String> = rules
             .iter()
             .map(|r| format!("{} {}", r.chain, r.args.join(" ")))
@@ -368,6 +590,7 @@ mod tests {
         assert_eq!(
             text,
             vec![
+                "ISOLATED-PREROUTING -i isolated0 -d 169.254.0.0/16 -m comment --comment isolated: actions do not reach link-local addresses -j DROP",
                 "ISOLATED-FORWARD -i isolated0 -o isolated0 -m comment --comment isolated: actions do not reach each other -j DROP",
                 "ISOLATED-FORWARD -i isolated0 ! -o isolated0 -m comment --comment isolated: actions reach the outside -j ACCEPT",
                 "ISOLATED-FORWARD -o isolated0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment isolated: replies reach actions -j ACCEPT",
@@ -376,9 +599,65 @@ mod tests {
                 "ISOLATED-POSTROUTING -s 10.213.0.0/16 ! -o isolated0 -m comment --comment isolated: actions reach the outside as the host -j MASQUERADE",
             ]
         );
-        assert_eq!(rules[5].table, "nat");
-        assert!(rules[..5].iter().all(|r| r.table == "filter"));
-        assert_eq!(bridge_rules("b", &[], &[]).len(), 4);
+        assert_eq!(rules[0].table, "raw");
+        assert_eq!(rules[6].table, "nat");
+        assert!(rules[1..6].iter().all(|r| r.table == "filter"));
+        assert!(rules.iter().all(|r| !r.first));
+        assert_eq!(bridge_rules("b", &[], &[], &[]).len(), 5);
+        let open = bridge_rules("b", &[], &[], &["169.254.169.254/32".into()]);
+        let accept = open.iter().find(|r| r.first).unwrap();
+        assert_eq!(
+            (accept.table, accept.chain, accept.args.join(" ")),
+            (
+                "raw",
+                PREROUTING_CHAIN,
+                "-i b -d 169.254.169.254/32 -m comment --comment isolated: allowed_link_local -j ACCEPT".to_string()
+            )
+        );
+    }
+
+    fn bridge_result(extra_ip: Option<&str>) -> CniResult {
+        let mut ips = vec![serde_json::json!({"interface": 2, "address": "10.213.0.7/16"})];
+        if let Some(ip) = extra_ip {
+            ips.push(serde_json::json!({"interface": 2, "address": ip}));
+        }
+        CniResult::parse(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": "isolated0", "mac": "aa:bb:cc:dd:ee:01"},
+                {"name": "veth1234abcd", "mac": "aa:bb:cc:dd:ee:02"},
+                {"name": "eth0", "mac": "AA:BB:CC:DD:EE:03", "sandbox": "/s/netns/x"}
+            ],
+            "ips": ips,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_port_sends_its_own_mac_and_address_only() {
+        let g = PortGuard::of(&bridge_result(None)).unwrap();
+        assert_eq!(
+            g.restore_input("veth1234abcd"),
+            "*nat\n:ISOLATED-veth1234abcd DROP\n\
+             -A ISOLATED-veth1234abcd -s ! aa:bb:cc:dd:ee:03 -j DROP\n\
+             -A ISOLATED-veth1234abcd -p ARP --arp-mac-src ! aa:bb:cc:dd:ee:03 -j DROP\n\
+             -A ISOLATED-veth1234abcd -p ARP --arp-ip-src 10.213.0.7 -j RETURN\n\
+             -A ISOLATED-veth1234abcd -p IPv4 --ip-src 10.213.0.7 -j RETURN\n\
+             -A PREROUTING -i veth1234abcd -j ISOLATED-veth1234abcd\nCOMMIT\n"
+        );
+        // ebtables' chain names are at most 31 characters; veths 15.
+        assert!(port_chain("veth1234567890a").len() <= 31);
+        let mut no_mac = bridge_result(None);
+        no_mac.interfaces[2].mac.clear();
+        assert!(PortGuard::of(&no_mac).unwrap_err().contains("no MAC"));
+    }
+
+    #[test]
+    fn ipv6_addresses_fail_closed() {
+        let e = isolate_ports("isolated0", &bridge_result(Some("fd00::7/64")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv6") && e.contains("fd00::7"), "{e}");
     }
 
     #[test]

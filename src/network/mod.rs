@@ -81,6 +81,8 @@ pub struct Attachment {
     pub netns: Option<PathBuf>,
     /// Host files bind-mounted read-only at the given container paths.
     pub files: Vec<(PathBuf, String)>,
+    /// Settings of the namespace the runtime applies (OCI `linux.sysctl`).
+    pub sysctl: Vec<(String, String)>,
 }
 
 /// Which action a network belongs to.
@@ -169,7 +171,11 @@ impl Networks {
                 bin_dir: cfg.cni_bin_dir.clone(),
                 timeout: Duration::from_secs(cfg.cni_timeout_secs.max(1)),
             },
-            isolation: Isolation::new(reachable_ports(cfg)),
+            // Checked when the config was loaded.
+            isolation: Isolation::new(
+                reachable_ports(cfg),
+                cfg.link_local_allowed().unwrap_or_default(),
+            ),
             dns_warned: AtomicBool::new(false),
         };
         if mode == Mode::Cni {
@@ -244,6 +250,7 @@ impl Networks {
             Mode::None => Ok(Attachment {
                 netns: None,
                 files: self.write_files(t, &[], None)?,
+                sysctl: Vec::new(),
             }),
             Mode::Cni => self.attach_cni(t).await,
         }
@@ -298,6 +305,7 @@ impl Networks {
         Ok(Attachment {
             netns: Some(record.netns.clone()),
             files,
+            sysctl: ipv6_off(),
         })
     }
 
@@ -329,7 +337,15 @@ impl Networks {
         // namespace and veth do not outlive a power loss anyway.
         record.write(record_path, false)?;
         if let Some(b) = bridge {
-            isolation::isolate_ports(b, &result)?;
+            // Off the async workers: the port's ebtables chain is a process
+            // run (ebtables-restore), tens of milliseconds on a busy node.
+            let (b, r) = (b.to_string(), result.clone());
+            tokio::task::spawn_blocking(move || isolation::isolate_ports(&b, &r))
+                .await
+                .map_err(|e| NetworkError::Isolation {
+                    bridge: bridge.unwrap_or_default().to_string(),
+                    reason: e.to_string(),
+                })??;
         }
         Ok(result)
     }
@@ -362,6 +378,17 @@ impl Networks {
             };
             if let Err(e) = cni::del(&plugins, &list, &params, record.result.as_ref()).await {
                 warn!(error = %e, "CNI DEL failed");
+            }
+            // The port's bridge rules go with the port.
+            let bridge = list.bridge();
+            if let (Some(b), Some(raw)) = (&bridge, &record.result) {
+                if let Ok(result) = CniResult::parse(raw) {
+                    let b = b.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        isolation::unguard_ports(Some(&b), &result)
+                    })
+                    .await;
+                }
             }
         }
         if let Err(e) = netns::remove(&record.netns) {
@@ -485,6 +512,19 @@ impl Networks {
     }
 }
 
+/// No IPv6 on the action's interface (ISOLATE.md §8): its link-local
+/// address reached a daemon bound to [::] on the host (issue 13). Per
+/// interface, not `all`: `lo` keeps ::1, which `localhost` resolves to
+/// first for some runtimes. The port's bridge rules drop IPv6 frames as
+/// well ([`isolation`]). Nothing to turn off on a kernel without IPv6
+/// (`ipv6.disable=1`), where runc would fail on the missing key.
+fn ipv6_off() -> Vec<(String, String)> {
+    match Path::new("/proc/sys/net/ipv6").is_dir() {
+        true => vec![(format!("net.ipv6.conf.{IFNAME}.disable_ipv6"), "1".into())],
+        false => Vec::new(),
+    }
+}
+
 /// isolated's own listening ports that an action could reach: those not
 /// bound to loopback.
 fn reachable_ports(cfg: &Config) -> Vec<u16> {
@@ -537,6 +577,22 @@ mod tests {
         assert_eq!(reachable_ports(&cfg), vec![8888, 9464]);
         cfg.metrics_bind = String::new();
         assert_eq!(reachable_ports(&cfg), vec![8888]);
+    }
+
+    #[test]
+    fn ipv6_goes_off_on_the_action_interface_only() {
+        let off = ipv6_off();
+        if Path::new("/proc/sys/net/ipv6").is_dir() {
+            assert_eq!(
+                off,
+                vec![(
+                    "net.ipv6.conf.eth0.disable_ipv6".to_string(),
+                    "1".to_string()
+                )]
+            );
+        } else {
+            assert!(off.is_empty());
+        }
     }
 
     #[test]

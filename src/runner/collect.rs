@@ -2,11 +2,11 @@
 //! files the action left in its data directory, and its output streams.
 //!
 //! Every file here was written by untrusted code, so nothing is followed:
-//! a symlink, a FIFO or a directory where a result file should be is
-//! reported as an I/O error instead of being opened.
+//! a symlink, a FIFO, a device, a socket or a directory where a result file
+//! should be is reported as an I/O error naming it, and never opened for
+//! reading ([`crate::hostdir::open_regular`]).
 
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -59,22 +59,12 @@ pub async fn collect(
 /// Reads `dir/name` if it is a regular file of at most `max` bytes.
 /// `Ok(None)` when absent; `Err` says why it cannot be used.
 pub fn read_result_file(dir: &Path, name: &str, max: usize) -> Result<Option<Vec<u8>>, String> {
-    let path = dir.join(name);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
-        .open(&path);
-    let file = match file {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot open {name}: {e}")),
+    let Some(file) = crate::hostdir::open_regular(dir, name)? else {
+        return Ok(None);
     };
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot stat {name}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{name} is not a regular file"));
-    }
     if meta.len() > max as u64 {
         return Err(format!(
             "{name} is {} bytes, above the limit of {max} bytes",

@@ -106,6 +106,7 @@ impl Runner {
             shim_group,
             netns: net.netns,
             files: net.files,
+            sysctl: net.sysctl,
         };
         let spec = self.template.build(&input)?;
         let container = Container {

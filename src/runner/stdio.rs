@@ -179,7 +179,9 @@ impl Tail {
     fn flush_line(&mut self) {
         if !self.line.is_empty() {
             let line = String::from_utf8_lossy(&self.line);
-            debug!(stream = self.name, line = %line.trim_end(), "action output");
+            // Escaped: a carriage return or an escape sequence in what the
+            // action prints must not forge or rewrite log lines (issue 13).
+            debug!(stream = self.name, line = %crate::text::one_line(line.trim_end()), "action output");
             self.line.clear();
         }
     }
