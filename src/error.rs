@@ -9,6 +9,7 @@ use tonic::Status;
 use crate::auth::AuthError;
 use std::path::PathBuf;
 
+use crate::engine::EngineError;
 use crate::image::import::ImportError;
 use crate::request::ValidationError;
 use crate::store::StoreError;
@@ -46,6 +47,23 @@ pub enum Error {
     ImportTooLarge(u64),
     /// cannot spool the archive under {dir}: {reason}
     Spool { dir: PathBuf, reason: String },
+    /// the report of action {action_id} in namespace {namespace} is not undeliverable (the action is {state}, or a retry or drop of it is under way)
+    NotUndeliverable {
+        namespace: String,
+        action_id: String,
+        state: &'static str,
+    },
+    /// the command on the report of action {action_id} in namespace {namespace} was not carried out: the daemon is stopping
+    CommandLost {
+        namespace: String,
+        action_id: String,
+    },
+    /// no image {name} in namespace {namespace}
+    NoImage { namespace: String, name: String },
+    /// image name {name:?} is not a valid reference: {reason}
+    ImageName { name: String, reason: String },
+    /// {0}
+    Engine(#[from] EngineError),
 }
 
 impl From<Error> for Status {
@@ -60,7 +78,15 @@ impl From<Error> for Status {
             Error::AlreadyExists { .. } => Status::already_exists(msg),
             Error::Busy(_) | Error::ImportTooLarge(_) => Status::resource_exhausted(msg),
             Error::NotFound { .. } => Status::not_found(msg),
-            Error::Finished { .. } => Status::failed_precondition(msg),
+            Error::Finished { .. } | Error::NotUndeliverable { .. } => {
+                Status::failed_precondition(msg)
+            }
+            Error::CommandLost { .. } => Status::unavailable(msg),
+            Error::NoImage { .. } => Status::not_found(msg),
+            Error::ImageName { .. } => Status::invalid_argument(msg),
+            Error::Engine(EngineError::NotFound { .. }) => Status::not_found(msg),
+            Error::Engine(EngineError::Unavailable { .. }) => Status::unavailable(msg),
+            Error::Engine(_) => Status::internal(msg),
             // Not durable, so not done: the caller may try again.
             Error::Store(_) => Status::unavailable(msg),
             Error::EmptyImport => Status::invalid_argument(msg),
@@ -105,5 +131,19 @@ mod tests {
         assert_eq!(s.message(), "token a may not use namespace b");
         let s: Status = Error::Auth(AuthError::UnknownToken).into();
         assert_eq!(s.code(), Code::Unauthenticated);
+        let s: Status = Error::NotUndeliverable {
+            namespace: "n".into(),
+            action_id: "a".into(),
+            state: "running",
+        }
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("the action is running"), "{s}");
+        let s: Status = Error::NoImage {
+            namespace: "n".into(),
+            name: "docker.io/library/x:latest".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::NotFound);
     }
 }

@@ -1,7 +1,8 @@
 //! Start-up recovery: everything the store says was accepted is finished
 //! (re-attached if its task still runs, restarted if it never started, its
 //! report re-delivered if it was not acknowledged), and everything isolated
-//! created that belongs to no stored action is removed.
+//! created that belongs to no stored action is removed. The history of
+//! reported actions is put back first, so the control API shows them.
 //!
 //! Runs once, before the server accepts new work.
 
@@ -27,6 +28,8 @@ pub struct Recovered {
     pub restarted: usize,
     pub resumed: usize,
     pub redelivered: usize,
+    /// Undeliverable reports, waiting again for an operator.
+    pub parked: usize,
     pub orphans_removed: usize,
 }
 
@@ -34,6 +37,7 @@ pub async fn recover(
     runner: &Arc<Runner>,
     actions: &Arc<Actions>,
 ) -> Result<Recovered, StoreError> {
+    actions.restore(runner.store.load_history()?);
     let records = runner.store.load_all()?;
     let mut found = Recovered::default();
     let mut plans = Vec::new();
@@ -60,10 +64,17 @@ pub async fn recover(
                 continue;
             }
         };
+        // Its original acceptance, not this restart's: a re-attached
+        // action must not show accepted after started (issue 14).
+        handle.set_accepted_at(record.accepted_at_ms);
         let start = match record.state() {
             ActionState::Finished => match record.report.clone() {
                 Some(report) => {
-                    found.redelivered += 1;
+                    if record.undeliverable {
+                        found.parked += 1;
+                    } else {
+                        found.redelivered += 1;
+                    }
                     Start::Deliver(report)
                 }
                 None => {

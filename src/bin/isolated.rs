@@ -236,6 +236,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         actions: actions.clone(),
         store: runner.store.clone(),
         images: runner.images.clone(),
+        engine: runner.engine.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),
         max_import_bytes: cfg.max_import_bytes,
