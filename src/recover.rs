@@ -17,6 +17,7 @@ use crate::config::Limits;
 use crate::engine::{ops, LABEL_ACTION_ID};
 use crate::network::NetTarget;
 use crate::proto::control::ActionState;
+use crate::report::Outcome;
 use crate::request::ActionRequest;
 use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
 use crate::runner::{Action, Runner, Start};
@@ -93,6 +94,21 @@ pub async fn recover(
                 Start::Fresh
             }
         };
+        // Shown as it is before the server answers a call: a re-attached
+        // action as running since its start, a stored report as finished,
+        // a parked one as undeliverable with the engine's last answer.
+        match &start {
+            Start::Resume { deadline_ms } => {
+                handle.set_running(deadline_ms - req.timeout.as_millis() as i64)
+            }
+            Start::Deliver(report) => {
+                handle.finished(&Outcome::from_wire(report));
+                if record.undeliverable {
+                    handle.parked(&record.last_refusal_code, &record.last_refusal_message);
+                }
+            }
+            Start::Fresh => {}
+        }
         // A cancel acknowledged before the crash is carried out now.
         if !record.cancel_reason.is_empty() && !matches!(start, Start::Deliver(_)) {
             info!(key = %record.key(), "carrying out a cancel stored before the restart");

@@ -174,7 +174,7 @@ impl Runner {
             let mut released = false;
             let report = match start {
                 Start::Deliver(report) => {
-                    action.handle.finished(&Outcome::from_wire(&report));
+                    // Shown as finished (or parked) by recovery already.
                     // Released before the crash, or not: either way nothing
                     // of the action may wait for the flow engine.
                     self.release(&action).await;
