@@ -4,7 +4,8 @@
 #                     BIND=, METRICS_BIND=, FLOW_ENDPOINT= and isolated's environment honoured
 #   make clean        .run (unmounting what is left under it) and cargo's target
 #   make demo-image   the quick start's demo action as an OCI archive under .run/
-#   make test-quick   install what is missing, then fmt, clippy, unit and integration tests
+#   make test-quick   install what is missing, then fmt, clippy, unit, deploy and integration tests
+#   make test-deploy  deploy/'s Kubernetes and Nomad manifests, checked offline (Debian's kubectl)
 #   make test-matrix  the integration suite's core, limits and durability trials against
 #                     Debian 13's containerd 1.7 and Debian unstable's 2.x (node/matrix.sh)
 #   make test-node    the real-node tier: Debian 12 and 13 guests under QEMU, systemd and
@@ -39,7 +40,7 @@ SYSTEM_SOCK := /run/containerd/containerd.sock
 # then make run's defaults (socket only, isolated's metrics port, no flow engine).
 given = $(if $(filter-out undefined default,$(origin $(1))),$(2)='$($(1))')
 
-.PHONY: all build deps node-deps run demo-image test test-quick test-matrix test-node \
+.PHONY: all build deps node-deps run demo-image test test-quick test-deploy test-matrix test-node \
         fmt-check clippy unit integration bench soak clean install install-files uninstall
 
 all: build
@@ -84,7 +85,13 @@ NODE_BUILD_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release
 
 test: test-quick test-matrix test-node
 
-test-quick: deps fmt-check clippy unit integration
+test-quick: deps fmt-check clippy unit test-deploy integration
+
+# The deployments under deploy/ checked offline by Debian's kubectl (fetched as a .deb
+# with a private apt under .cache/deploy, never installed) and isolated's own config
+# parser; no cluster is needed (integration/deploy.rs).
+test-deploy: deps
+	ISOLATED_TEST_KUBECTL=$$(bash deploy/fetch-kubectl.sh .cache/deploy) $(CARGO) test --test deploy
 
 # Other containerd builds, fetched as .debs with a private apt under .cache/matrix
 # (never installed), each running the host suite's core, reaper and durability trials.

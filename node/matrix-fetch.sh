@@ -9,29 +9,12 @@
 set -euo pipefail
 mkdir -p "$1"; cache=$(cd "$1" && pwd); shift
 here=$(cd "$(dirname "$0")" && pwd)
-. "$here/mirror.sh"
-mirror=$(debian_mirror)
-
+. "$here/private-apt.sh"
 
 for suite in "$@"; do
   apt_dir=$cache/apt-$suite
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/etc" "$apt_dir/debs"
-  printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
-    "$mirror" "$suite" > "$apt_dir/etc/sources.list"
-  # Every path apt would read or write is private: the system's sources, lists, cache and
-  # preferences are never seen nor changed. Status is /dev/null so that the system's
-  # installed packages do not steer which version is chosen.
-  opts=(-o Dir::Etc::SourceList="$apt_dir/etc/sources.list" -o Dir::Etc::SourceParts=/dev/null
-        -o Dir::State::Lists="$apt_dir/lists" -o Dir::State::Status=/dev/null
-        -o Dir::Cache="$apt_dir/cache" -o Debug::NoLocking=1
-        -o Acquire::Languages=none)
-  # The lists are refreshed at most once a day: a matrix run should not depend on the
-  # archive answering every time, and a suite's containerd changes seldom.
-  stamp=$apt_dir/lists/.updated
-  if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440)" ]; then
-    apt-get "${opts[@]}" -qq update >&2
-    touch "$stamp"
-  fi
+  private_apt "$apt_dir" "$suite"
+  opts=("${apt_opts[@]}")
   version=$(apt-cache "${opts[@]}" show containerd | sed -n 's/^Version: //p' | head -1)
   [ -n "$version" ] || { echo "matrix-fetch: no containerd in $suite" >&2; exit 1; }
   out=$cache/containerd-$suite-$version

@@ -46,6 +46,9 @@ struct Entry {
     cancel: CancellationToken,
     cancel_reason: Arc<Mutex<Option<String>>>,
     logs: Arc<Logs>,
+    /// Left accepted, unstarted, for the next start by a draining node
+    /// (issue 17): shown as accepted, not waited for by a stop.
+    left: bool,
     command: Arc<Commands>,
 }
 
@@ -191,6 +194,7 @@ impl Actions {
             cancel_reason: Arc::default(),
             logs: Arc::default(),
             command: Arc::default(),
+            left: false,
         };
         let handle = Handle {
             actions: self.clone(),
@@ -224,6 +228,7 @@ impl Actions {
                     cancel_reason: Arc::default(),
                     logs: Arc::default(),
                     command: Arc::default(),
+                    left: false,
                 },
             );
             t.reported.push_back(key);
@@ -265,12 +270,13 @@ impl Actions {
         Ok(answer)
     }
 
-    /// Actions accepted and not yet reported.
+    /// Actions accepted and not yet reported, but for those a draining
+    /// node left for its next start.
     pub fn in_flight(&self) -> usize {
         self.lock()
             .entries
             .values()
-            .filter(|e| in_flight(&e.info.borrow()))
+            .filter(|e| !e.left && in_flight(&e.info.borrow()))
             .count()
     }
 
@@ -508,6 +514,15 @@ impl Handle {
         let mut t = self.actions.lock();
         t.entries.remove(&self.key);
         drop(t);
+        self.actions.drained.notify_waiters();
+    }
+
+    /// A draining node left the action accepted and unstarted: the store
+    /// has it for the next start, and a stop no longer waits for it.
+    pub fn left_for_restart(&self) {
+        if let Some(e) = self.actions.lock().entries.get_mut(&self.key) {
+            e.left = true;
+        }
         self.actions.drained.notify_waiters();
     }
 

@@ -25,10 +25,13 @@ use crate::error::Error;
 use crate::image::ImageService;
 use crate::proto::control::isolate_control_server::IsolateControl;
 use crate::proto::control::{
-    ActionInfo, ActionRef, ActionState, CancelIsolateRequest, ImageInfo, ImportImageRequest,
-    ImportImageResponse, IsolateLogsResponse, ListImagesRequest, ListImagesResponse,
-    ListIsolatesRequest, ListIsolatesResponse, RemoveImageRequest,
+    ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
+    DrainRequest, ImageInfo, ImportImageRequest, ImportImageResponse, IsolateLogsResponse,
+    ListImagesRequest, ListImagesResponse, ListIsolatesRequest, ListIsolatesResponse,
+    RemoveImageRequest,
 };
+use crate::readiness::Capacity;
+use crate::runner::Runner;
 
 pub struct ControlService {
     pub actions: Arc<Actions>,
@@ -50,6 +53,28 @@ pub struct ControlService {
     /// flight, and a watch lasts as long as its action (issue 14: Ctrl-C
     /// with `isolatectl run` following an action took 42 s, not 10).
     pub stopping: CancellationToken,
+    /// Its counts and readiness, for capacity and drain (issue 17).
+    pub runner: Arc<Runner>,
+}
+
+fn capacity_response(c: &Capacity, image_cached: bool) -> CapacityResponse {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    CapacityResponse {
+        serving: c.not_serving.is_none(),
+        not_serving_reason: c
+            .not_serving
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        draining: c.not_serving == Some(crate::readiness::NotServing::Draining),
+        running: n(c.running),
+        max_running: n(c.max_running),
+        queued: n(c.queued),
+        max_queued: n(c.max_queued),
+        free_running: n(c.free_running()),
+        free_queue: n(c.free_queue()),
+        image_cached,
+    }
 }
 
 /// What a follower is told when the daemon stops under it.
@@ -109,6 +134,48 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl IsolateControl for ControlService {
+    async fn node_capacity(
+        &self,
+        req: Request<CapacityRequest>,
+    ) -> Result<Response<CapacityResponse>, Status> {
+        let image_cached = match (&req.get_ref().namespace, &req.get_ref().image) {
+            (_, image) if image.is_empty() => false,
+            (ns, image) => {
+                allowed(&req, ns)?;
+                let reference = crate::request::parse_reference(image).map_err(Error::from)?;
+                let cns = format!(
+                    "{}{}",
+                    self.namespace_prefix,
+                    crate::request::containerd_name(ns)
+                );
+                self.images.is_cached(&cns, &reference)
+            }
+        };
+        let c = self.runner.readiness.capacity(&self.runner);
+        Ok(Response::new(capacity_response(&c, image_cached)))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<DrainRequest>,
+    ) -> Result<Response<CapacityResponse>, Status> {
+        let caller = Caller::of(&req).map_err(Error::from)?;
+        caller.authorize_node("drain").map_err(Error::from)?;
+        self.runner
+            .readiness
+            .drain(&format!("asked by {}", caller.who()));
+        if req.get_ref().wait {
+            // Every running slot back: none runs, and none will start.
+            let all = u32::try_from(self.runner.cfg.max_running).unwrap_or(u32::MAX);
+            tokio::select! {
+                permits = self.runner.slots.acquire_many(all) => drop(permits),
+                _ = self.stopping.cancelled() => return Err(Status::unavailable(STOPPING)),
+            }
+        }
+        let c = self.runner.readiness.capacity(&self.runner);
+        Ok(Response::new(capacity_response(&c, false)))
+    }
+
     async fn cancel_isolate(
         &self,
         req: Request<CancelIsolateRequest>,

@@ -64,6 +64,8 @@ pub enum Error {
     ImageName { name: String, reason: String },
     /// {0}
     Engine(#[from] EngineError),
+    /// this node is draining and accepts no action; send it to another node
+    Draining,
 }
 
 impl From<Error> for Status {
@@ -73,7 +75,9 @@ impl From<Error> for Status {
             Error::Validation(_) => Status::invalid_argument(msg),
             // A known caller outside its namespaces; everything else about
             // credentials is UNAUTHENTICATED (ISOLATE.md §9).
-            Error::Auth(AuthError::Forbidden { .. }) => Status::permission_denied(msg),
+            Error::Auth(AuthError::Forbidden { .. } | AuthError::NodeWide { .. }) => {
+                Status::permission_denied(msg)
+            }
             Error::Auth(_) => Status::unauthenticated(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
             Error::Busy(_) | Error::ImportTooLarge(_) => Status::resource_exhausted(msg),
@@ -89,6 +93,8 @@ impl From<Error> for Status {
             Error::Engine(_) => Status::internal(msg),
             // Not durable, so not done: the caller may try again.
             Error::Store(_) => Status::unavailable(msg),
+            // UNAVAILABLE is what a gRPC client retries elsewhere (issue 17).
+            Error::Draining => Status::unavailable(msg),
             Error::EmptyImport => Status::invalid_argument(msg),
             // The archive's faults are the caller's; containerd's are ours.
             Error::Import(
@@ -122,6 +128,13 @@ mod tests {
         .into();
         assert_eq!(s.code(), Code::AlreadyExists);
         assert_eq!(Status::from(Error::Busy(3)).code(), Code::ResourceExhausted);
+        assert_eq!(Status::from(Error::Draining).code(), Code::Unavailable);
+        let s: Status = Error::Auth(AuthError::NodeWide {
+            who: "token a".into(),
+            what: "drain",
+        })
+        .into();
+        assert_eq!(s.code(), Code::PermissionDenied);
         let s: Status = Error::Auth(AuthError::Forbidden {
             who: "token a".into(),
             namespace: "b".into(),

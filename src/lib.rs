@@ -16,6 +16,7 @@ pub mod lock;
 pub mod metrics;
 pub mod network;
 pub mod proto;
+pub mod readiness;
 pub mod reaper;
 pub mod recover;
 pub mod report;

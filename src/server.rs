@@ -52,6 +52,11 @@ impl DirektivIsolate for IsolateService {
             &self.limits,
         )
         .map_err(Error::from)?;
+        // A draining node takes nothing new (issue 17); checked after the
+        // caller and the request, so a refusal says what is wrong first.
+        if self.runner.readiness.is_draining() {
+            return Err(Error::Draining.into());
+        }
         let handle = self.actions.claim(&req)?;
         let place = match self.runner.queued.reserve(self.max_queued) {
             Ok(place) => place,

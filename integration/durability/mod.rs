@@ -9,7 +9,9 @@
 mod containerd_restart;
 mod crash;
 mod delivery;
+mod drain;
 mod load;
+mod many_nodes;
 mod orphans;
 mod release;
 mod soak;
@@ -63,6 +65,18 @@ pub fn trials() -> Vec<Trial> {
             release::cancel_survives_sigkill,
         ),
         trial("durability::soak_mixed", soak::soak_mixed),
+        trial(
+            "durability::three_nodes_round_robin",
+            many_nodes::three_nodes_round_robin,
+        ),
+        trial(
+            "durability::health_follows_capacity",
+            drain::health_follows_capacity,
+        ),
+        trial(
+            "durability::drain_keeps_queued_work_for_the_restart",
+            drain::drain_keeps_queued_work_for_the_restart,
+        ),
         trial(
             "durability::containerd_restart_while_running",
             containerd_restart::containerd_restart_while_running,

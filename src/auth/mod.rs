@@ -48,6 +48,8 @@ pub enum AuthError {
     Revoked { name: String },
     /// {who} may not use namespace {namespace}
     Forbidden { who: String, namespace: String },
+    /// {who} may not {what}: it is node-wide, for the local socket, a client certificate or a token of every namespace
+    NodeWide { who: String, what: &'static str },
     /// the call reached a service without passing the gate (a bug: refused to be safe)
     NoCaller,
     /// {0}
@@ -69,6 +71,7 @@ impl AuthError {
             AuthError::UnknownToken | AuthError::TokensNotAccepted => "unknown_token",
             AuthError::Revoked { .. } => "revoked",
             AuthError::Forbidden { .. } => "namespace",
+            AuthError::NodeWide { .. } => "node_wide",
             _ => "internal",
         }
     }
@@ -133,6 +136,25 @@ impl Caller {
             Some(_) => Err(AuthError::Forbidden {
                 who: self.who(),
                 namespace: crate::text::one_line(namespace).into_owned(),
+            }),
+        };
+        if let Err(e) = &outcome {
+            refused(e, None);
+        }
+        outcome
+    }
+
+    /// Whether it may `what` the whole node (drain it): a token only if it
+    /// is for every namespace, since a drain stops them all (issue 17).
+    pub fn authorize_node(&self, what: &'static str) -> Result<(), AuthError> {
+        let Caller::Token { digest, tokens, .. } = self else {
+            return Ok(());
+        };
+        let outcome = match tokens.by_digest(digest) {
+            Some(k) if k.scope == tokens::Scope::All => Ok(()),
+            _ => Err(AuthError::NodeWide {
+                who: self.who(),
+                what,
             }),
         };
         if let Err(e) = &outcome {
@@ -438,6 +460,26 @@ mod tests {
         assert!(!e.to_string().contains("s1"), "no secret in {e}");
         assert_eq!(e.to_status().code(), tonic::Code::PermissionDenied);
         assert!(c.sees("a") && !c.sees("b"));
+    }
+
+    #[test]
+    fn only_a_token_of_every_namespace_may_act_on_the_node() {
+        let text = format!(
+            "{}{}",
+            entry("flow", "s1", r#"["a", "b"]"#),
+            entry("ops", "s2", r#"["*"]"#)
+        );
+        let mut gate = Gate::tcp(policy(&text, false));
+        let scoped = call(&mut gate, Some("Bearer s1")).unwrap();
+        let e = scoped.authorize_node("drain").unwrap_err();
+        assert!(e.to_string().contains("token flow may not drain"), "{e}");
+        assert_eq!(e.to_status().code(), tonic::Code::PermissionDenied);
+        let all = call(&mut gate, Some("Bearer s2")).unwrap();
+        assert!(all.authorize_node("drain").is_ok());
+        assert!(call(&mut Gate::local(), None)
+            .unwrap()
+            .authorize_node("drain")
+            .is_ok());
     }
 
     #[test]

@@ -22,14 +22,18 @@ use direktiv_isolate::auth::{tls, tokens};
 use direktiv_isolate::client::{self, Authed, Bearer, ClientError, Target};
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{
-    ActionInfo, ActionRef, ActionState, CancelIsolateRequest, ImageInfo, ImportImageRequest,
-    ListImagesRequest, ListIsolatesRequest, RemoveImageRequest,
+    ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
+    DrainRequest, ImageInfo, ImportImageRequest, ListImagesRequest, ListIsolatesRequest,
+    RemoveImageRequest,
 };
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
 use direktiv_isolate::text::one_line;
 use serde_json::{json, Value};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// Inputs and outputs may be 32 MiB each (ISOLATE.md §2, §4), plus room.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -124,6 +128,23 @@ enum Cmd {
     /// Images of a namespace.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Whether the node takes work (gRPC health of isolate.DirektivIsolate): exit 0 when SERVING, 1 when not (a readiness probe).
+    Health,
+    /// What the node can take now: free running and queue places, and whether an image is cached in a namespace.
+    Capacity {
+        /// With --image: the namespace to look in.
+        #[arg(long, short, requires = "image")]
+        namespace: Option<String>,
+        /// Whether this image is cached in --namespace.
+        #[arg(long, requires = "namespace")]
+        image: Option<String>,
+    },
+    /// Stop the node taking work: running actions finish, queued ones stay for its next start (node-wide).
+    Drain {
+        /// Return once no action runs.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Bearer tokens for isolated's auth_tokens_file.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -342,6 +363,7 @@ fn main() -> std::process::ExitCode {
 struct Clients {
     control: IsolateControlClient<Authed>,
     isolate: DirektivIsolateClient<Authed>,
+    health: HealthClient<Authed>,
 }
 
 /// The local socket unless --addr is given; over TCP, TLS with --ca,
@@ -394,9 +416,10 @@ async fn connect(cli: &ConnArgs) -> Outcome<Clients> {
         control: IsolateControlClient::with_interceptor(channel.clone(), bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
-        isolate: DirektivIsolateClient::with_interceptor(channel, bearer)
+        isolate: DirektivIsolateClient::with_interceptor(channel.clone(), bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
+        health: HealthClient::with_interceptor(channel, bearer),
     })
 }
 
@@ -624,6 +647,69 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
                     removed.name, removed.digest
                 );
             }
+            Ok(0)
+        }
+        Cmd::Health => {
+            let mut c = connect(&cli.conn).await?;
+            let status = c
+                .health
+                .check(HealthCheckRequest {
+                    service: "isolate.DirektivIsolate".into(),
+                })
+                .await
+                .map_err(|s| call_failed("cannot ask the node's health", s))?
+                .into_inner()
+                .status();
+            let serving = status == ServingStatus::Serving;
+            // Why not, when the caller may ask (health itself needs no credentials).
+            let why = match serving {
+                true => None,
+                false => c
+                    .control
+                    .node_capacity(CapacityRequest::default())
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().not_serving_reason),
+            };
+            if json {
+                print_json(&json!({ "status": status.as_str_name(), "reason": why }));
+            } else {
+                match why {
+                    Some(why) if !why.is_empty() => println!("{}: {why}", status.as_str_name()),
+                    _ => println!("{}", status.as_str_name()),
+                }
+            }
+            Ok(if serving { 0 } else { 1 })
+        }
+        Cmd::Capacity { namespace, image } => {
+            let mut c = connect(&cli.conn).await?;
+            let cap = c
+                .control
+                .node_capacity(CapacityRequest {
+                    namespace: namespace.clone().unwrap_or_default(),
+                    image: image.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| call_failed("cannot ask the node's capacity", s))?
+                .into_inner();
+            print_capacity(&cap, image.as_deref().zip(namespace.as_deref()), json);
+            Ok(0)
+        }
+        Cmd::Drain { wait } => {
+            let mut c = connect(&cli.conn).await?;
+            let cap = c
+                .control
+                .drain(DrainRequest { wait })
+                .await
+                .map_err(|s| call_failed("cannot drain the node", s))?
+                .into_inner();
+            if !json {
+                println!(
+                    "draining: accepting nothing more; {} running, {} queued for the next start",
+                    cap.running, cap.queued
+                );
+            }
+            print_capacity(&cap, None, json);
             Ok(0)
         }
         Cmd::Image(ImageCmd::Import { file, namespace }) => {
@@ -970,6 +1056,43 @@ fn info_json(i: &ActionInfo) -> Value {
         }
     }
     v
+}
+
+fn print_capacity(c: &CapacityResponse, image: Option<(&str, &str)>, json: bool) {
+    if json {
+        let mut v = json!({
+            "serving": c.serving,
+            "notServingReason": c.not_serving_reason,
+            "draining": c.draining,
+            "running": c.running,
+            "maxRunning": c.max_running,
+            "queued": c.queued,
+            "maxQueued": c.max_queued,
+            "freeRunning": c.free_running,
+            "freeQueue": c.free_queue,
+        });
+        if image.is_some() {
+            v["imageCached"] = json!(c.image_cached);
+        }
+        print_json(&v);
+        return;
+    }
+    match c.serving {
+        true => println!("serving"),
+        false => println!("not serving: {}", c.not_serving_reason),
+    }
+    println!(
+        "running {}/{} ({} free), queued {}/{} ({} free)",
+        c.running, c.max_running, c.free_running, c.queued, c.max_queued, c.free_queue
+    );
+    if let Some((image, ns)) = image {
+        let cached = if c.image_cached {
+            "cached"
+        } else {
+            "not cached"
+        };
+        println!("image {image} in namespace {ns}: {cached}");
+    }
 }
 
 fn print_json(v: &Value) {

@@ -225,6 +225,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         keepers,
         slots: tokio::sync::Semaphore::new(cfg.max_running),
         queued: Default::default(),
+        readiness: Default::default(),
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)
@@ -241,6 +242,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         import_dir: cfg.state_dir.join("imports"),
         max_import_bytes: cfg.max_import_bytes,
         stopping: stop.clone(),
+        runner: runner.clone(),
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();
     if let Some(bind) = metrics::parse_bind(&cfg.metrics_bind)? {
@@ -254,6 +256,12 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     health
         .set_serving::<IsolateControlServer<ControlService>>()
         .await;
+    // NOT_SERVING while the node cannot take work (issue 17).
+    tokio::spawn(runner.readiness.clone().keep_health(
+        runner.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
     let isolate = Arc::new(IsolateService {
         runner: runner.clone(),
         actions: actions.clone(),
@@ -329,6 +337,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         _ = stop.cancelled() => None,
     };
     let stopping_since = tokio::time::Instant::now();
+    // Queued actions stay accepted for the next start instead of starting
+    // now, in a grace period that may not let them finish (issue 17).
+    runner.readiness.drain("isolated is stopping");
     // One listener failing stops the other.
     stop.cancel();
     match listener_ended {

@@ -228,6 +228,17 @@ impl ImageService {
         self.remember(&(ns.to_string(), reference.whole()), Arc::new(image));
     }
 
+    /// Whether `reference` was resolved in containerd namespace `ns` and is
+    /// held here: what a balancer asks to prefer a node that has the image
+    /// (issue 17). Memory only; the registry's answer at run time still
+    /// decides whether it runs.
+    pub fn is_cached(&self, ns: &str, reference: &Reference) -> bool {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(ns.to_string(), reference.whole()))
+    }
+
     /// Drops a cached image, so that the next `ensure` resolves it afresh
     /// (after an import replaced its record).
     pub fn forget(&self, ns: &str, name: &str) {

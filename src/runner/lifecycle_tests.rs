@@ -78,6 +78,7 @@ impl Node {
             keepers: None,
             slots: tokio::sync::Semaphore::new(cfg.max_running),
             queued: Default::default(),
+            readiness: Default::default(),
         });
         Node {
             _dir: dir,

@@ -75,6 +75,9 @@ pub struct Runner {
     pub slots: tokio::sync::Semaphore,
     /// Actions waiting for a permit.
     pub queued: queue::Queue,
+    /// Whether the node takes work; once it drains, queued actions are left
+    /// accepted for the next start (issue 17).
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 /// One action in the runner's hands.
@@ -185,7 +188,18 @@ impl Runner {
                     let started = Instant::now();
                     let outcome = match start {
                         Start::Resume { deadline_ms } => self.resume(&action, deadline_ms).await,
-                        _ => self.run_fresh(&action, &mut record).await,
+                        _ => match self.run_fresh(&action, &mut record).await {
+                            Some(outcome) => outcome,
+                            None => {
+                                // Draining: never started, so nothing of it
+                                // exists but its accepted record, which the
+                                // next start runs (at most once: it was never
+                                // started here, and no other node has it).
+                                info!("draining: left queued, accepted, for the next start");
+                                action.handle.left_for_restart();
+                                return;
+                            }
+                        },
                     };
                     let outcome = self.within_report_limit(&action, outcome);
                     action.handle.finished(&outcome);
@@ -297,8 +311,9 @@ impl Runner {
 
     /// A new action: waits for a slot, then runs it. While containerd is
     /// unreachable before the task started, it waits and tries again rather
-    /// than report a failure that is nobody's fault.
-    async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Outcome {
+    /// than report a failure that is nobody's fault. `None` when the node
+    /// drains before the action had a slot: it stays accepted, unstarted.
+    async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Option<Outcome> {
         // The queue place was taken when the action was accepted; it is
         // given back once a slot is had, or the action is cancelled while it
         // waits (or was before a restart: `biased`, so that wins).
@@ -306,19 +321,28 @@ impl Runner {
             biased;
             _ = a.handle.cancel.cancelled() => {
                 a.leave_queue();
-                return Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason());
+                return Some(Outcome::failed(ErrorCode::Cancelled, a.handle.cancel_reason()));
+            }
+            _ = self.readiness.draining().cancelled() => {
+                a.leave_queue();
+                return None;
             }
             p = self.slots.acquire() => p,
         };
         a.leave_queue();
         let _permit = match permit {
             Ok(p) => p,
-            Err(_) => return Outcome::failed(ErrorCode::Internal, "isolated is shutting down"),
+            Err(_) => {
+                return Some(Outcome::failed(
+                    ErrorCode::Internal,
+                    "isolated is shutting down",
+                ))
+            }
         };
         let give_up = Instant::now() + CONTAINERD_WAIT;
         loop {
             match self.attempt(a, record).await {
-                Ok(outcome) => return outcome,
+                Ok(outcome) => return Some(outcome),
                 Err(e)
                     if e.containerd_unavailable()
                         && record.state() != ActionState::Running
@@ -334,12 +358,12 @@ impl Runner {
                     exit_code,
                     ..
                 })) => {
-                    return Outcome::failed(
+                    return Some(Outcome::failed(
                         ErrorCode::Exit,
                         format!("action exited with code {exit_code}: {path}: {reason}"),
-                    )
+                    ))
                 }
-                Err(e) => return Outcome::failed(e.code(), e.to_string()),
+                Err(e) => return Some(Outcome::failed(e.code(), e.to_string())),
             }
         }
     }
