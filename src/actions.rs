@@ -1,12 +1,14 @@
 //! The table of actions this daemon knows: each one's state as the control
 //! API shows it, its cancel switch, its live output tails, and who may be
-//! watching it. A (namespace, actionId) pair is taken from acceptance until
-//! its report is acknowledged; reported actions stay visible for a while
-//! (the newest [`KEEP_REPORTED`], holding at most [`KEEP_REPORTED_BYTES`]
-//! of outputs and log tails together) so an operator can still look at
-//! them.
+//! watching it, and the operator's retry or drop of a report the flow
+//! engine would not take (undeliverable, parked). A (namespace, actionId)
+//! pair is taken from acceptance until its report is acknowledged or
+//! dropped; reported actions stay visible for a while (the newest
+//! [`KEEP_REPORTED`], holding at most [`KEEP_REPORTED_BYTES`] of outputs
+//! and log tails together) so an operator can still look at them.
 //!
-//! In memory only: what must survive a restart is the store's.
+//! In memory only: what must survive a restart is the store's (the history
+//! of reported actions among it, put back here by [`Actions::restore`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -56,6 +58,32 @@ struct Entry {
     /// Left accepted, unstarted, for the next start by a draining node
     /// (issue 17): shown as accepted, not waited for by a stop.
     left: bool,
+    command: Arc<Commands>,
+}
+
+/// What an operator asks of an undeliverable report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportCommandKind {
+    /// Deliver it again now, with a fresh give-up clock.
+    Retry,
+    /// Remove it for good.
+    Drop,
+}
+
+/// A command for the runner holding the parked report, answered with the
+/// action as it is once the command is carried out (durably).
+pub struct ReportCommand {
+    pub kind: ReportCommandKind,
+    pub done: tokio::sync::oneshot::Sender<ActionInfo>,
+}
+
+/// The one pending command of an entry and the runner's wake-up.
+#[derive(Default)]
+struct Commands {
+    pending: Mutex<Option<ReportCommand>>,
+    /// `notify_one` keeps a permit, so a command sent before the runner
+    /// waits is not lost.
+    ready: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -116,6 +144,20 @@ pub struct Handle {
     pub cancel: CancellationToken,
     cancel_reason: Arc<Mutex<Option<String>>>,
     pub logs: Arc<Logs>,
+    command: Arc<Commands>,
+}
+
+/// A state as operators read it (isolatectl, error messages).
+pub fn state_name(s: ActionState) -> &'static str {
+    match s {
+        ActionState::Unspecified => "unknown",
+        ActionState::Accepted => "accepted",
+        ActionState::Pulling => "pulling",
+        ActionState::Running => "running",
+        ActionState::Finished => "finished",
+        ActionState::Reported => "reported",
+        ActionState::Undeliverable => "undeliverable",
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -125,8 +167,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn in_flight(info: &ActionInfo) -> bool {
+/// Whether the pair is taken: until the report is acknowledged or dropped.
+fn taken(info: &ActionInfo) -> bool {
     info.state() != ActionState::Reported
+}
+
+/// Whether the action still needs this process: a parked report waits in
+/// the store for an operator, not for a graceful stop.
+fn in_flight(info: &ActionInfo) -> bool {
+    !matches!(
+        info.state(),
+        ActionState::Reported | ActionState::Undeliverable
+    )
 }
 
 impl Actions {
@@ -139,7 +191,7 @@ impl Actions {
         let key = (req.namespace.clone(), req.action_id.clone());
         let mut t = self.lock();
         if let Some(e) = t.entries.get(&key) {
-            if in_flight(&e.info.borrow()) {
+            if taken(&e.info.borrow()) {
                 return Err(Error::AlreadyExists {
                     namespace: req.namespace.clone(),
                     action_id: req.action_id.clone(),
@@ -164,6 +216,7 @@ impl Actions {
             cancel: CancellationToken::new(),
             cancel_reason: Arc::default(),
             logs: Arc::default(),
+            command: Arc::default(),
             left: false,
         };
         let handle = Handle {
@@ -172,9 +225,84 @@ impl Actions {
             cancel: entry.cancel.clone(),
             cancel_reason: entry.cancel_reason.clone(),
             logs: entry.logs.clone(),
+            command: entry.command.clone(),
         };
         t.entries.insert(key, entry);
         Ok(handle)
+    }
+
+    /// Puts the stored history (oldest first) back at start-up, before
+    /// recovery claims the stored actions: an action of the store whose id
+    /// the history has too (run again) replaces its entry.
+    pub fn restore(&self, history: Vec<ActionInfo>) {
+        let mut t = self.lock();
+        for mut info in history {
+            info.state = ActionState::Reported as i32;
+            let key = (info.namespace.clone(), info.action_id.clone());
+            // An id run twice: the newer (later) entry wins.
+            if t.entries.contains_key(&key) {
+                let mut freed = 0;
+                t.reported.retain(|(k, bytes)| {
+                    let keep = k != &key;
+                    if !keep {
+                        freed += bytes;
+                    }
+                    keep
+                });
+                t.reported_bytes -= freed;
+            }
+            let bytes = info.output.len();
+            t.entries.insert(
+                key.clone(),
+                Entry {
+                    info: watch::Sender::new(info),
+                    cancel: CancellationToken::new(),
+                    cancel_reason: Arc::default(),
+                    logs: Arc::default(),
+                    command: Arc::default(),
+                    left: false,
+                },
+            );
+            t.reported.push_back((key, bytes));
+            t.reported_bytes += bytes;
+        }
+        while t.reported.len() > KEEP_REPORTED || t.reported_bytes > KEEP_REPORTED_BYTES {
+            let Some((old, bytes)) = t.reported.pop_front() else {
+                break;
+            };
+            t.reported_bytes -= bytes;
+            t.entries.remove(&old);
+        }
+    }
+
+    /// Hands an operator's command to the runner holding the action's
+    /// undeliverable report; the answer comes once it is carried out. Only
+    /// a parked report takes one, and one at a time.
+    pub fn report_command(
+        &self,
+        namespace: &str,
+        action_id: &str,
+        kind: ReportCommandKind,
+    ) -> Result<tokio::sync::oneshot::Receiver<ActionInfo>, Error> {
+        let t = self.lock();
+        let key = (namespace.to_string(), action_id.to_string());
+        let e = t.entries.get(&key).ok_or_else(|| Error::NotFound {
+            namespace: namespace.into(),
+            action_id: action_id.into(),
+        })?;
+        let state = e.info.borrow().state();
+        let mut pending = e.command.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if state != ActionState::Undeliverable || pending.is_some() {
+            return Err(Error::NotUndeliverable {
+                namespace: namespace.into(),
+                action_id: action_id.into(),
+                state: state_name(state),
+            });
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        *pending = Some(ReportCommand { kind, done });
+        e.command.ready.notify_one();
+        Ok(answer)
     }
 
     /// Actions accepted and not yet reported, but for those a draining
@@ -285,6 +413,82 @@ impl Handle {
         self.actions.update(&self.key, |i| i.state = state as i32);
     }
 
+    /// The containerd namespace it runs in, for the control API.
+    pub fn set_containerd_namespace(&self, cns: &str) {
+        self.actions
+            .update(&self.key, |i| i.containerd_namespace = cns.to_string());
+    }
+
+    /// When it was first accepted (a recovered action keeps its stored
+    /// time, not the restart's: issue 14, accepted showed after started).
+    pub fn set_accepted_at(&self, accepted_at_ms: i64) {
+        if accepted_at_ms > 0 {
+            self.actions
+                .update(&self.key, |i| i.accepted_at_ms = accepted_at_ms);
+        }
+    }
+
+    /// The action as the control API shows it now.
+    pub fn info(&self) -> ActionInfo {
+        self.actions
+            .get(&self.key.0, &self.key.1)
+            .unwrap_or_default()
+    }
+
+    /// The flow engine refused the report with `code` and `message`.
+    pub fn refused(&self, code: &str, message: &str) {
+        self.actions.update(&self.key, |i| {
+            i.report_last_code = code.to_string();
+            i.report_last_message = message.to_string();
+        });
+    }
+
+    /// The report is parked (undeliverable) with the flow engine's last
+    /// answer; a graceful stop no longer waits for it.
+    pub fn parked(&self, code: &str, message: &str) {
+        self.actions.update(&self.key, |i| {
+            i.state = ActionState::Undeliverable as i32;
+            i.report_last_code = code.to_string();
+            i.report_last_message = message.to_string();
+        });
+        self.actions.drained.notify_waiters();
+    }
+
+    /// An operator retried the parked report: it is being delivered again.
+    pub fn unparked(&self) {
+        self.actions
+            .update(&self.key, |i| i.state = ActionState::Finished as i32);
+    }
+
+    /// Waits for an operator's command on the parked report.
+    pub async fn next_command(&self) -> ReportCommand {
+        loop {
+            let taken = self
+                .command
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(c) = taken {
+                return c;
+            }
+            self.command.ready.notified().await;
+        }
+    }
+
+    /// The action as it is once done with: reported now, or its report
+    /// dropped now (`dropped`), for the history and [`Handle::retired`].
+    pub fn final_info(&self, dropped: bool) -> ActionInfo {
+        let mut info = self.info();
+        info.state = ActionState::Reported as i32;
+        if dropped {
+            info.dropped_at_ms = now_ms();
+        } else {
+            info.reported_at_ms = now_ms();
+        }
+        info
+    }
+
     /// Running since `started_at_ms`, the time its deadline counts from.
     pub fn set_running(&self, started_at_ms: i64) {
         self.actions.update(&self.key, |i| {
@@ -360,10 +564,13 @@ impl Handle {
     /// The report was acknowledged and the action cleaned up: the pair is
     /// free again, and the entry is kept for a while for operators.
     pub fn reported(&self) {
-        self.actions.update(&self.key, |i| {
-            i.state = ActionState::Reported as i32;
-            i.reported_at_ms = now_ms();
-        });
+        self.retired(self.final_info(false));
+    }
+
+    /// The action is done with, shown as `info` ([`Handle::final_info`]):
+    /// the pair is free again, and the entry is kept for a while.
+    pub fn retired(&self, info: ActionInfo) {
+        self.actions.update(&self.key, |i| *i = info);
         let mut t = self.actions.lock();
         let held = |m: &Mutex<Vec<u8>>| m.lock().unwrap_or_else(|p| p.into_inner()).len();
         let bytes = t.entries.get(&self.key).map_or(0, |e| {
@@ -440,6 +647,75 @@ mod tests {
         assert_eq!(a.list(Some("n"), Some(ActionState::Reported)).len(), 1);
         // Reported: the id may be used again.
         a.claim(&req("n", "x")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_a_parked_report_takes_a_command() {
+        let a = Arc::new(Actions::default());
+        let h = a.claim(&req("n", "x")).unwrap();
+        h.finished(&Outcome::Output(vec![]));
+        let refused = a.report_command("n", "x", ReportCommandKind::Retry);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::NotUndeliverable {
+                    state: "finished",
+                    ..
+                })
+            ),
+            "a report still being delivered"
+        );
+        assert!(matches!(
+            a.report_command("n", "nope", ReportCommandKind::Drop),
+            Err(Error::NotFound { .. })
+        ));
+        h.parked("FailedPrecondition", "instance ended");
+        // Parked: no longer in flight (a stop does not wait), but the pair is taken.
+        assert_eq!(a.in_flight(), 0);
+        assert!(matches!(
+            a.claim(&req("n", "x")),
+            Err(Error::AlreadyExists { .. })
+        ));
+        let info = a.get("n", "x").unwrap();
+        assert_eq!(info.state(), ActionState::Undeliverable);
+        assert_eq!(info.report_last_code, "FailedPrecondition");
+        // Sent before the runner waits: kept, and only one at a time.
+        let answer = a.report_command("n", "x", ReportCommandKind::Drop).unwrap();
+        assert!(a
+            .report_command("n", "x", ReportCommandKind::Retry)
+            .is_err());
+        let command = h.next_command().await;
+        assert_eq!(command.kind, ReportCommandKind::Drop);
+        let done = h.final_info(true);
+        assert!(done.dropped_at_ms > 0 && done.reported_at_ms == 0);
+        h.retired(done.clone());
+        command.done.send(done).unwrap();
+        assert_eq!(answer.await.unwrap().state(), ActionState::Reported);
+        a.claim(&req("n", "x")).unwrap();
+    }
+
+    #[test]
+    fn restored_history_is_listed_and_its_ids_free() {
+        let a = Arc::new(Actions::default());
+        let old = |id: &str| ActionInfo {
+            namespace: "n".into(),
+            action_id: id.into(),
+            state: ActionState::Reported as i32,
+            accepted_at_ms: 5,
+            output: b"kept".to_vec(),
+            ..Default::default()
+        };
+        a.restore(vec![old("h1"), old("h2")]);
+        assert_eq!(a.list(Some("n"), Some(ActionState::Reported)).len(), 2);
+        assert_eq!(a.get("n", "h1").unwrap().output, b"kept");
+        assert_eq!(a.in_flight(), 0);
+        // Run again (recovery claims a stored action of that id): it replaces it.
+        let h = a.claim(&req("n", "h1")).unwrap();
+        h.set_accepted_at(3);
+        assert_eq!(a.get("n", "h1").unwrap().accepted_at_ms, 3);
+        assert_eq!(a.get("n", "h1").unwrap().state(), ActionState::Accepted);
+        h.set_accepted_at(0);
+        assert_eq!(a.get("n", "h1").unwrap().accepted_at_ms, 3, "0 is unknown");
     }
 
     #[test]

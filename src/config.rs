@@ -180,6 +180,8 @@ settings! {
     max_output_bytes: usize = 32 << 20, "ISOLATED_MAX_OUTPUT_BYTES", "33554432";
     /// Largest report sent to the flow engine, in bytes (the encoded request; Direktiv's gRPC server takes 4 MiB); a larger output is reported as an io error naming both sizes.
     max_report_bytes: usize = 4 << 20, "ISOLATED_MAX_REPORT_BYTES", "4194304";
+    /// Seconds a report the flow engine refuses permanently (any code but UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) is retried, from its first such answer; then it is parked as undeliverable until isolatectl report retry or drop.
+    report_give_up_secs: u64 = 3600, "ISOLATED_REPORT_GIVE_UP_SECS", "3600";
     /// Largest image archive an import takes, in bytes, and the most all imports in progress spool under the state dir together (beyond it: RESOURCE_EXHAUSTED).
     max_import_bytes: u64 = 4 << 30, "ISOLATED_MAX_IMPORT_BYTES", "4294967296";
     /// Memory limits in MiB of sizes 0,1,2 (swap included).
@@ -415,6 +417,10 @@ impl Config {
 
     pub fn kill_grace(&self) -> Duration {
         Duration::from_secs(self.kill_grace_secs)
+    }
+
+    pub fn report_give_up(&self) -> Duration {
+        Duration::from_secs(self.report_give_up_secs)
     }
 
     pub fn tag_ttl(&self) -> Duration {

@@ -1,7 +1,8 @@
 //! The control service (`isolated.control.v1.IsolateControl`), served on
 //! the same port as `DirektivIsolate`: get, list, watch, logs and cancel of
-//! actions, and image import. A thin layer over [`Actions`] and the image
-//! service; it decides nothing itself but what a caller may see: a token
+//! actions, retry and drop of undeliverable reports, and image import, list
+//! and removal. A thin layer over [`Actions`], the image service and the
+//! engine; it decides nothing itself but what a caller may see: a token
 //! scoped to some namespaces sees only those (`auth::Caller`). A watch
 //! ends when the daemon starts to stop ([`ControlService::stopping`]), so a
 //! follower never holds a graceful stop open.
@@ -17,15 +18,17 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::actions::Actions;
+use crate::actions::{Actions, ReportCommandKind};
 use crate::auth::Caller;
+use crate::engine::{ops, Engine, LABEL_IMAGE_SOURCE};
 use crate::error::Error;
 use crate::image::ImageService;
 use crate::proto::control::isolate_control_server::IsolateControl;
 use crate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
-    DrainRequest, ImportImageRequest, ImportImageResponse, IsolateLogsResponse,
-    ListIsolatesRequest, ListIsolatesResponse,
+    DrainRequest, ImageInfo, ImportImageRequest, ImportImageResponse, IsolateLogsResponse,
+    ListImagesRequest, ListImagesResponse, ListIsolatesRequest, ListIsolatesResponse,
+    RemoveImageRequest,
 };
 use crate::readiness::Capacity;
 use crate::runner::Runner;
@@ -35,6 +38,9 @@ pub struct ControlService {
     /// Where a cancel is made durable before it is acknowledged.
     pub store: crate::store::Store,
     pub images: Arc<ImageService>,
+    /// For listing and removing images (every containerd call goes
+    /// through the engine).
+    pub engine: Arc<dyn Engine>,
     pub namespace_prefix: String,
     /// Where an archive being imported is spooled: it must be read out of
     /// order (index.json may come last), and a stream cannot be.
@@ -92,6 +98,40 @@ fn not_found(r: &ActionRef) -> Status {
 }
 
 type InfoStream = Pin<Box<dyn Stream<Item = Result<ActionInfo, Status>> + Send>>;
+
+impl ControlService {
+    /// The containerd namespace of Direktiv namespace `ns`, once it is
+    /// known to be one.
+    fn cns(&self, ns: &str) -> Result<String, Error> {
+        crate::request::validate_namespace(ns)?;
+        Ok(format!(
+            "{}{}",
+            self.namespace_prefix,
+            crate::request::containerd_name(ns)
+        ))
+    }
+
+    /// Hands an operator's retry or drop to the runner holding the parked
+    /// report, and answers once it is done (durably).
+    async fn report_command(
+        &self,
+        req: Request<ActionRef>,
+        kind: ReportCommandKind,
+    ) -> Result<Response<ActionInfo>, Status> {
+        let caller = allowed(&req, &req.get_ref().namespace)?;
+        let r = req.into_inner();
+        let answer = self
+            .actions
+            .report_command(&r.namespace, &r.action_id, kind)?;
+        tracing::info!(namespace = %r.namespace, action_id = %r.action_id, command = ?kind,
+                       caller = %caller.who(), "undeliverable report: operator's command");
+        let info = answer.await.map_err(|_| Error::CommandLost {
+            namespace: r.namespace.clone(),
+            action_id: r.action_id.clone(),
+        })?;
+        Ok(Response::new(info))
+    }
+}
 
 #[tonic::async_trait]
 impl IsolateControl for ControlService {
@@ -230,6 +270,95 @@ impl IsolateControl for ControlService {
         Ok(Response::new(IsolateLogsResponse { stdout, stderr }))
     }
 
+    async fn retry_report(&self, req: Request<ActionRef>) -> Result<Response<ActionInfo>, Status> {
+        self.report_command(req, ReportCommandKind::Retry).await
+    }
+
+    async fn drop_report(&self, req: Request<ActionRef>) -> Result<Response<ActionInfo>, Status> {
+        self.report_command(req, ReportCommandKind::Drop).await
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        allowed(&req, &req.get_ref().namespace)?;
+        let cns = self.cns(&req.get_ref().namespace)?;
+        let records = self.engine.images(&cns).await.map_err(Error::from)?;
+        let mut images = Vec::with_capacity(records.len());
+        for r in records {
+            let size = ops::image_size(&*self.engine, &cns, &r.digest)
+                .await
+                .map_err(Error::from)?;
+            images.push(ImageInfo {
+                source: r
+                    .labels
+                    .get(LABEL_IMAGE_SOURCE)
+                    .cloned()
+                    .unwrap_or_default(),
+                name: r.name,
+                digest: r.digest,
+                // At least the target itself, should the store lack it.
+                size: size.max(r.size),
+                updated_at_ms: r.updated_at_ms,
+            });
+        }
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListImagesResponse {
+            containerd_namespace: cns,
+            images,
+        }))
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<RemoveImageRequest>,
+    ) -> Result<Response<ImageInfo>, Status> {
+        let caller = allowed(&req, &req.get_ref().namespace)?;
+        let r = req.into_inner();
+        let cns = self.cns(&r.namespace)?;
+        // As listed, or as an action names it (busybox is
+        // docker.io/library/busybox:latest).
+        let records = self.engine.images(&cns).await.map_err(Error::from)?;
+        let record = match records.iter().find(|i| i.name == r.name) {
+            Some(found) => Some(found),
+            None => {
+                let whole = crate::request::parse_reference(&r.name)
+                    .map_err(|e| Error::ImageName {
+                        name: r.name.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .whole();
+                records.iter().find(|i| i.name == whole)
+            }
+        };
+        let no_image = || Error::NoImage {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        };
+        let record = record.ok_or_else(no_image)?.clone();
+        match self.engine.delete_image(&cns, &record.name).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Err(no_image().into()),
+            Err(e) => return Err(Error::from(e).into()),
+        }
+        // The next action resolves it afresh rather than run what was removed.
+        self.images.forget(&cns, &record.name);
+        tracing::info!(namespace = %r.namespace, image = %record.name, digest = %record.digest,
+                       caller = %caller.who(), "image removed");
+        Ok(Response::new(ImageInfo {
+            source: record
+                .labels
+                .get(LABEL_IMAGE_SOURCE)
+                .cloned()
+                .unwrap_or_default(),
+            name: record.name,
+            digest: record.digest,
+            size: record.size,
+            updated_at_ms: record.updated_at_ms,
+        }))
+    }
+
     async fn import_image(
         &self,
         req: Request<Streaming<ImportImageRequest>>,
@@ -268,11 +397,7 @@ impl IsolateControl for ControlService {
         }
         file.flush().await.map_err(spool_err)?;
         drop(file);
-        let cns = format!(
-            "{}{}",
-            self.namespace_prefix,
-            crate::request::containerd_name(&namespace)
-        );
+        let cns = self.cns(&namespace)?;
         tracing::info!(namespace = %namespace, bytes = received, caller = %caller.who(), "importing an image archive");
         // Detached: a caller that goes away (Ctrl-C in isolatectl) drops this
         // handler, and the import would stop between its lease and the

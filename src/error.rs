@@ -9,6 +9,7 @@ use tonic::Status;
 use crate::auth::AuthError;
 use std::path::PathBuf;
 
+use crate::engine::EngineError;
 use crate::image::import::ImportError;
 use crate::request::ValidationError;
 use crate::store::StoreError;
@@ -50,6 +51,23 @@ pub enum Error {
     ImportSpoolFull { held: u64, limit: u64 },
     /// cannot spool the archive under {dir}: {reason}
     Spool { dir: PathBuf, reason: String },
+    /// the report of action {action_id} in namespace {namespace} is not undeliverable (the action is {state}, or a retry or drop of it is under way)
+    NotUndeliverable {
+        namespace: String,
+        action_id: String,
+        state: &'static str,
+    },
+    /// the command on the report of action {action_id} in namespace {namespace} was not carried out: the daemon is stopping
+    CommandLost {
+        namespace: String,
+        action_id: String,
+    },
+    /// no image {name} in namespace {namespace}
+    NoImage { namespace: String, name: String },
+    /// image name {name:?} is not a valid reference: {reason}
+    ImageName { name: String, reason: String },
+    /// {0}
+    Engine(#[from] EngineError),
     /// this node is draining and accepts no action; send it to another node
     Draining,
 }
@@ -70,7 +88,15 @@ impl From<Error> for Status {
                 Status::resource_exhausted(msg)
             }
             Error::NotFound { .. } => Status::not_found(msg),
-            Error::Finished { .. } => Status::failed_precondition(msg),
+            Error::Finished { .. } | Error::NotUndeliverable { .. } => {
+                Status::failed_precondition(msg)
+            }
+            Error::CommandLost { .. } => Status::unavailable(msg),
+            Error::NoImage { .. } => Status::not_found(msg),
+            Error::ImageName { .. } => Status::invalid_argument(msg),
+            Error::Engine(EngineError::NotFound { .. }) => Status::not_found(msg),
+            Error::Engine(EngineError::Unavailable { .. }) => Status::unavailable(msg),
+            Error::Engine(_) => Status::internal(msg),
             // Not durable, so not done: the caller may try again.
             Error::Store(_) | Error::Input(_) => Status::unavailable(msg),
             // UNAVAILABLE is what a gRPC client retries elsewhere (issue 17).
@@ -124,5 +150,19 @@ mod tests {
         assert_eq!(s.message(), "token a may not use namespace b");
         let s: Status = Error::Auth(AuthError::UnknownToken).into();
         assert_eq!(s.code(), Code::Unauthenticated);
+        let s: Status = Error::NotUndeliverable {
+            namespace: "n".into(),
+            action_id: "a".into(),
+            state: "running",
+        }
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("the action is running"), "{s}");
+        let s: Status = Error::NoImage {
+            namespace: "n".into(),
+            name: "docker.io/library/x:latest".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::NotFound);
     }
 }

@@ -1,7 +1,8 @@
 //! Start-up recovery: everything the store says was accepted is finished
 //! (re-attached if its task still runs, restarted if it never started, its
 //! report re-delivered if it was not acknowledged), and everything isolated
-//! created that belongs to no stored action is removed.
+//! created that belongs to no stored action is removed. The history of
+//! reported actions is put back first, so the control API shows them.
 //!
 //! Runs once, before the server accepts new work.
 
@@ -16,6 +17,7 @@ use crate::config::Limits;
 use crate::engine::{ops, LABEL_ACTION_ID};
 use crate::network::NetTarget;
 use crate::proto::control::ActionState;
+use crate::report::Outcome;
 use crate::request::ActionRequest;
 use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
 use crate::runner::{Action, Runner, Start};
@@ -27,6 +29,8 @@ pub struct Recovered {
     pub restarted: usize,
     pub resumed: usize,
     pub redelivered: usize,
+    /// Undeliverable reports, waiting again for an operator.
+    pub parked: usize,
     pub orphans_removed: usize,
 }
 
@@ -34,6 +38,7 @@ pub async fn recover(
     runner: &Arc<Runner>,
     actions: &Arc<Actions>,
 ) -> Result<Recovered, StoreError> {
+    actions.restore(runner.store.load_history()?);
     let records = runner.store.load_all()?;
     let mut found = Recovered::default();
     let mut plans = Vec::new();
@@ -62,10 +67,17 @@ pub async fn recover(
                 continue;
             }
         };
+        // Its original acceptance, not this restart's: a re-attached
+        // action must not show accepted after started (issue 14).
+        handle.set_accepted_at(record.accepted_at_ms);
         let start = match record.state() {
             ActionState::Finished => match record.report.clone() {
                 Some(report) => {
-                    found.redelivered += 1;
+                    if record.undeliverable {
+                        found.parked += 1;
+                    } else {
+                        found.redelivered += 1;
+                    }
                     Start::Deliver(report)
                 }
                 None => {
@@ -84,6 +96,21 @@ pub async fn recover(
                 Start::Fresh
             }
         };
+        // Shown as it is before the server answers a call: a re-attached
+        // action as running since its start, a stored report as finished,
+        // a parked one as undeliverable with the engine's last answer.
+        match &start {
+            Start::Resume { deadline_ms } => {
+                handle.set_running(deadline_ms - req.timeout.as_millis() as i64)
+            }
+            Start::Deliver(report) => {
+                handle.finished(&Outcome::from_wire(report));
+                if record.undeliverable {
+                    handle.parked(&record.last_refusal_code, &record.last_refusal_message);
+                }
+            }
+            Start::Fresh => {}
+        }
         // A cancel acknowledged before the crash is carried out now.
         if !record.cancel_reason.is_empty() && !matches!(start, Start::Deliver(_)) {
             info!(key = %record.key(), "carrying out a cancel stored before the restart");

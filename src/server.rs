@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, Instrument};
 
-use crate::actions::{now_ms, Actions};
+use crate::actions::Actions;
 use crate::auth::Caller;
 use crate::config::Limits;
 use crate::error::Error;
@@ -80,7 +80,8 @@ impl DirektivIsolate for IsolateService {
         let record = StoredAction {
             request: Some(wire),
             state: ActionState::Accepted as i32,
-            accepted_at_ms: now_ms(),
+            // The time the control API shows, so a restart shows the same.
+            accepted_at_ms: handle.info().accepted_at_ms,
             ..Default::default()
         };
         if let Err(e) = self.runner.store.put(&record, Sync::Durable).await {

@@ -5,8 +5,14 @@
 //! (and fsync'd) before `RunIsolate` answers OK, moved through the action's
 //! states, carrying a cancel once one is asked for and the report once the
 //! action finished (the outbox), and deleted once the flow engine
-//! acknowledged that report. Records are
-//! protobuf, reusing the wire messages, so the format is versionable.
+//! acknowledged that report (or an operator dropped it). A report the flow
+//! engine refused past `report_give_up_secs` stays as it is, marked
+//! undeliverable (parked), until an operator retries or drops it. Records
+//! are protobuf, reusing the wire messages, so the format is versionable.
+//!
+//! Beside the actions, the recent-results history (issue 14): the newest
+//! [`HISTORY_KEEP`] reported actions as the control API showed them, so
+//! `isolatectl ls`/`get` show finished actions after a restart.
 //!
 //! The file gives its space back (issue 13): redb reuses freed pages but
 //! never shrinks the file by itself, so a burst of large reports once left
@@ -21,11 +27,24 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::proto::control::ActionState;
+use crate::proto::control::{ActionInfo, ActionState};
 use crate::proto::flow::ReportActionResultsRequest;
 use crate::proto::isolate::RunIsolateRequest;
 
 const ACTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("actions");
+/// Reported actions (`ActionInfo`), keyed `<reported ms, 16 digits>/<key>`
+/// so the oldest comes first.
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+
+/// How many reported actions the history keeps: as many as the control
+/// API shows from memory (`actions::KEEP_REPORTED`), so a restart shows
+/// what the node showed before it. With outputs capped at
+/// [`HISTORY_OUTPUT_MAX`] that is at most 64 MiB of store, typically far
+/// less (a report of a few KiB).
+pub const HISTORY_KEEP: usize = crate::actions::KEEP_REPORTED;
+/// Largest output a history record keeps (larger ones are marked
+/// `output_dropped`): outputs may be 32 MiB, the history is for looking at.
+pub const HISTORY_OUTPUT_MAX: usize = 64 << 10;
 
 /// Why the store failed. Every variant is an I/O failure of the state
 /// directory; callers treat them alike.
@@ -63,6 +82,19 @@ pub struct StoredAction {
     /// The report, once finished: the outbox entry.
     #[prost(message, optional, tag = "7")]
     pub report: Option<ReportActionResultsRequest>,
+    /// The flow engine refused the report past `report_give_up_secs`: it
+    /// is parked, not sent again until an operator retries it.
+    #[prost(bool, tag = "8")]
+    pub undeliverable: bool,
+    /// When the flow engine first refused the report permanently (Unix
+    /// ms), what the give-up clock counts from; 0 while it has not.
+    #[prost(int64, tag = "9")]
+    pub first_refused_at_ms: i64,
+    /// The flow engine's last refusal: gRPC code name and message (one line).
+    #[prost(string, tag = "10")]
+    pub last_refusal_code: String,
+    #[prost(string, tag = "11")]
+    pub last_refusal_message: String,
 }
 
 impl StoredAction {
@@ -98,6 +130,14 @@ enum Op {
     /// transaction that reads it: the runner's own writes of the record
     /// queue in the same writer, so neither undoes the other.
     Cancel(String, String),
+    /// Removes the record and adds its history entry, in one transaction
+    /// (a crash between the two would lose the entry or deliver twice),
+    /// then trims the history to [`HISTORY_KEEP`].
+    Retire {
+        key: String,
+        history_key: String,
+        info: Vec<u8>,
+    },
 }
 
 struct Job {
@@ -153,6 +193,8 @@ impl Store {
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         txn.open_table(ACTIONS)
             .map_err(|e| open_err(e.to_string()))?;
+        txn.open_table(HISTORY)
+            .map_err(|e| open_err(e.to_string()))?;
         txn.commit().map_err(|e| open_err(e.to_string()))?;
         let db = Arc::new(RwLock::new(db));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
@@ -200,6 +242,43 @@ impl Store {
             Sync::Durable,
         )
         .await
+    }
+
+    /// The action is done with (reported, or its report dropped): its
+    /// record goes, `info` (as the control API shows it now) joins the
+    /// history, an output above [`HISTORY_OUTPUT_MAX`] left out.
+    pub async fn retire(&self, info: &ActionInfo, sync: Sync) -> Result<(), StoreError> {
+        let key = key(&info.namespace, &info.action_id);
+        let mut info = info.clone();
+        if info.output.len() > HISTORY_OUTPUT_MAX {
+            info.output = Vec::new();
+            info.output_dropped = true;
+        }
+        let at = info.reported_at_ms.max(info.dropped_at_ms).max(0);
+        let op = Op::Retire {
+            history_key: format!("{at:016}/{key}"),
+            key,
+            info: prost::Message::encode_to_vec(&info),
+        };
+        self.submit(op, sync).await
+    }
+
+    /// The history, oldest first. A record that does not decode is skipped:
+    /// the history is for looking at, and one bad entry must not stop a
+    /// start.
+    pub fn load_history(&self) -> Result<Vec<ActionInfo>, StoreError> {
+        let r = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
+        let db = self.inner.db.read().unwrap_or_else(|p| p.into_inner());
+        let txn = db.begin_read().map_err(|e| r(&e))?;
+        let table = txn.open_table(HISTORY).map_err(|e| r(&e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| r(&e))? {
+            let (_, v) = row.map_err(|e| r(&e))?;
+            if let Ok(info) = <ActionInfo as prost::Message>::decode(v.value()) {
+                out.push(info);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn remove_key(&self, key: &str, sync: Sync) -> Result<(), StoreError> {
@@ -367,10 +446,29 @@ fn commit(db: &Database, batch: &[Job], durable: bool) -> Result<(), StoreError>
     }
     {
         let mut table = txn.open_table(ACTIONS).map_err(|e| w(&e))?;
+        let mut history = txn.open_table(HISTORY).map_err(|e| w(&e))?;
         for job in batch {
             match &job.op {
                 Op::Put(k, v) => table.insert(k.as_str(), v.as_slice()).map(|_| ()),
                 Op::Remove(k) => table.remove(k.as_str()).map(|_| ()),
+                Op::Retire {
+                    key,
+                    history_key,
+                    info,
+                } => {
+                    table.remove(key.as_str()).map_err(|e| w(&e))?;
+                    history
+                        .insert(history_key.as_str(), info.as_slice())
+                        .map_err(|e| w(&e))?;
+                    use redb::ReadableTableMetadata;
+                    let len = history.len().map_err(|e| w(&e))? as usize;
+                    for _ in HISTORY_KEEP..len {
+                        if history.pop_first().map_err(|e| w(&e))?.is_none() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                }
                 Op::Cancel(k, reason) => {
                     let current = table
                         .get(k.as_str())
@@ -494,6 +592,77 @@ mod tests {
             .map(StoredAction::key)
             .collect();
         assert_eq!(keys, ["n/keep", "n/more"]);
+    }
+
+    #[tokio::test]
+    async fn retired_actions_join_the_bounded_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let info = |id: &str, at: i64, output: Vec<u8>| ActionInfo {
+            namespace: "n".into(),
+            action_id: id.into(),
+            state: ActionState::Reported as i32,
+            reported_at_ms: at,
+            output,
+            ..Default::default()
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&rec("n", "a", ActionState::Finished), Sync::Durable)
+                .await
+                .unwrap();
+            s.retire(&info("a", 10, b"out".to_vec()), Sync::Durable)
+                .await
+                .unwrap();
+            s.retire(
+                &info("big", 11, vec![b'x'; HISTORY_OUTPUT_MAX + 1]),
+                Sync::Lazy,
+            )
+            .await
+            .unwrap();
+            assert!(
+                s.load_all().unwrap().is_empty(),
+                "the record left the outbox"
+            );
+        }
+        let s = Store::open(&path).unwrap();
+        let history = s.load_history().unwrap();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0].action_id, "a");
+        assert_eq!(history[0].output, b"out");
+        assert!(history[1].output.is_empty() && history[1].output_dropped);
+        // Bounded: the oldest go first.
+        for i in 0..HISTORY_KEEP as i64 {
+            s.retire(&info(&format!("h{i}"), 100 + i, vec![]), Sync::Lazy)
+                .await
+                .unwrap();
+        }
+        let history = s.load_history().unwrap();
+        assert_eq!(history.len(), HISTORY_KEEP);
+        assert_eq!(history[0].action_id, "h0");
+        assert_eq!(
+            history[HISTORY_KEEP - 1].action_id,
+            format!("h{}", HISTORY_KEEP - 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn parked_reports_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            let mut r = rec("n", "p", ActionState::Finished);
+            r.undeliverable = true;
+            r.first_refused_at_ms = 42;
+            r.last_refusal_code = "FailedPrecondition".into();
+            r.last_refusal_message = "instance ended".into();
+            s.put(&r, Sync::Durable).await.unwrap();
+        }
+        let all = Store::open(&path).unwrap().load_all().unwrap();
+        assert!(all[0].undeliverable);
+        assert_eq!(all[0].first_refused_at_ms, 42);
+        assert_eq!(all[0].last_refusal_code, "FailedPrecondition");
     }
 
     #[tokio::test]

@@ -33,7 +33,8 @@ pub async fn sigkill_while_running(t: Ctx) -> Result<()> {
         req.data = Some(sleep_input(600, &overdue));
         req.timeout = Some(2);
         p.accept(req).await?;
-        p.wait_state(&t.ns, &work, ActionState::Running, FIRST_PULL)
+        let work_before = p
+            .wait_state(&t.ns, &work, ActionState::Running, FIRST_PULL)
             .await?;
         let overdue_info = p
             .wait_state(&t.ns, &overdue, ActionState::Running, FIRST_PULL)
@@ -59,6 +60,19 @@ pub async fn sigkill_while_running(t: Ctx) -> Result<()> {
 
         let restarted_ms = now_ms();
         p.start_again().await?;
+        // Re-attached, it keeps its original acceptance: never accepted after it started
+        // (issue 14).
+        let work_after = p.get(&t.ns, &work).await?;
+        ensure!(
+            work_after.accepted_at_ms == work_before.accepted_at_ms
+                && work_after.accepted_at_ms <= work_after.started_at_ms
+                && work_after.started_at_ms == work_before.started_at_ms,
+            "after the restart {work} shows accepted at {} and started at {} (before: {} and {})",
+            work_after.accepted_at_ms,
+            work_after.started_at_ms,
+            work_before.accepted_at_ms,
+            work_before.started_at_ms
+        );
         let report = t.env.flow.wait_report(&overdue, ACTION).await?;
         let took_ms = now_ms() - restarted_ms;
         let message = expect_error(&report, CODE_TIMEOUT)

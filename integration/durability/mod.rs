@@ -52,6 +52,14 @@ pub fn trials() -> Vec<Trial> {
             delivery::stored_report_survives_sigkill,
         ),
         trial(
+            "durability::refused_report_is_parked_then_retried_or_dropped",
+            delivery::refused_report_is_parked_then_retried_or_dropped,
+        ),
+        trial(
+            "durability::transient_refusal_is_retried_past_the_give_up_time",
+            delivery::transient_refusal_is_retried_past_the_give_up_time,
+        ),
+        trial(
             "durability::flow_down_releases_everything",
             release::flow_down_releases_everything,
         ),

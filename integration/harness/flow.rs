@@ -1,6 +1,6 @@
 //! The flow engine's side of the result callback: a real tonic server implementing
-//! `flow.DirektivFlow` that records every report, can refuse them for a while, and lets
-//! tests wait for a given action's report.
+//! `flow.DirektivFlow` that records every report, can refuse them for a while (all, or one
+//! action's with a chosen gRPC code), and lets tests wait for a given action's report.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -15,14 +15,19 @@ use tonic::{Request, Response, Status};
 /// Outputs may be up to 32 MiB (ISOLATE.md §4); leave room for the envelope.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// What the receiver says when it refuses a report with a code other than UNAVAILABLE:
+/// two lines, as an engine's message may be, to see them shown on one.
+pub const REFUSAL: &str = "instance has ended\nstep moved on (refused by the test)";
+
 #[derive(Default)]
 struct State {
     accepted: Vec<ReportActionResultsRequest>,
     refused: Vec<ReportActionResultsRequest>,
     unavailable_until: Option<Instant>,
     unavailable: bool,
-    /// Action ids whose reports are refused, whatever the global switch says.
-    refused_actions: std::collections::HashSet<String>,
+    /// Action ids whose reports are refused, with the code they are answered with,
+    /// whatever the global switch says.
+    refused_actions: std::collections::HashMap<String, tonic::Code>,
 }
 
 #[derive(Clone)]
@@ -48,13 +53,15 @@ impl DirektivFlow for Service {
         let report = request.into_inner();
         let refuse = {
             let mut st = self.state.lock().unwrap();
-            let refuse = st.unavailable
-                || st.unavailable_until.is_some_and(|t| Instant::now() < t)
-                || report
-                    .action_id
-                    .as_ref()
-                    .is_some_and(|id| st.refused_actions.contains(id));
-            if refuse {
+            let refuse = report
+                .action_id
+                .as_ref()
+                .and_then(|id| st.refused_actions.get(id).copied())
+                .or_else(|| {
+                    (st.unavailable || st.unavailable_until.is_some_and(|t| Instant::now() < t))
+                        .then_some(tonic::Code::Unavailable)
+                });
+            if refuse.is_some() {
                 st.refused.push(report);
             } else {
                 st.accepted.push(report);
@@ -62,12 +69,13 @@ impl DirektivFlow for Service {
             refuse
         };
         self.changed.send_modify(|n| *n += 1);
-        if refuse {
-            return Err(Status::unavailable(
+        match refuse {
+            Some(tonic::Code::Unavailable) => Err(Status::unavailable(
                 "flow receiver is switched off by the test",
-            ));
+            )),
+            Some(code) => Err(Status::new(code, REFUSAL)),
+            None => Ok(Response::new(())),
         }
-        Ok(Response::new(()))
     }
 }
 
@@ -218,7 +226,7 @@ impl FlowReceiver {
         self.reports(action_id).len()
     }
 
-    /// How many reports for `action_id` were answered UNAVAILABLE.
+    /// How many reports for `action_id` were refused.
     pub fn refused_count(&self, action_id: &str) -> usize {
         let st = self.state.lock().unwrap();
         st.refused
@@ -230,11 +238,20 @@ impl FlowReceiver {
     /// Answers reports of `action_id` with UNAVAILABLE until switched back. Unlike the
     /// global switches this leaves the trials running in parallel alone.
     pub fn refuse_action(&self, action_id: &str, on: bool) {
+        self.refuse_action_with(action_id, on.then_some(tonic::Code::Unavailable));
+    }
+
+    /// Answers reports of `action_id` with `code` (and [`REFUSAL`]) until called with
+    /// None.
+    pub fn refuse_action_with(&self, action_id: &str, code: Option<tonic::Code>) {
         let mut st = self.state.lock().unwrap();
-        if on {
-            st.refused_actions.insert(action_id.to_string());
-        } else {
-            st.refused_actions.remove(action_id);
+        match code {
+            Some(code) => {
+                st.refused_actions.insert(action_id.to_string(), code);
+            }
+            None => {
+                st.refused_actions.remove(action_id);
+            }
         }
     }
 

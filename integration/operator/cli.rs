@@ -324,10 +324,13 @@ pub async fn image_import_then_run_offline(t: Ctx) -> Result<()> {
         ACTION,
     )
     .await?;
+    // Said as what it most often is, a typo or the wrong namespace (issue 14).
+    let says = format!("no image {name} in namespace {other}, and its registry did not answer");
     ensure!(
         out.status.code() == Some(1)
-            && String::from_utf8_lossy(&out.stderr).contains("au.com.direktiv.error.image"),
-        "another namespace ran an image imported elsewhere: {}",
+            && String::from_utf8_lossy(&out.stderr).contains("au.com.direktiv.error.image")
+            && String::from_utf8_lossy(&out.stderr).contains(&says),
+        "another namespace ran an image imported elsewhere, or did not say {says:?}: {}",
         shown(&out)
     );
 

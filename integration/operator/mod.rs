@@ -3,6 +3,7 @@
 
 mod cli;
 mod embedded;
+mod images;
 mod install;
 mod make_run;
 pub mod metrics;
@@ -27,6 +28,10 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "operator::image_import_then_run_offline",
             cli::image_import_then_run_offline,
+        ),
+        trial(
+            "operator::image_ls_rm_and_history_after_a_restart",
+            images::image_ls_rm_and_history_after_a_restart,
         ),
         trial(
             "operator::quick_start_demo_image",

@@ -1,6 +1,7 @@
 //! `isolatectl`: the operator's command line for one `isolated` node. Runs
 //! an action and prints its result, lists, shows, cancels actions and their
-//! logs, and imports images from OCI archives, all through the node's
+//! logs, retries or drops reports the flow engine would not take, and
+//! imports, lists and removes a namespace's images, all through the node's
 //! control service and `RunIsolate`: over the local socket by default, or
 //! over TCP with a bearer token and/or TLS (`direktiv_isolate::client`).
 //! Also makes new bearer tokens (`token new`), without any daemon.
@@ -16,15 +17,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use direktiv_isolate::actions::state_name;
 use direktiv_isolate::auth::{tls, tokens};
 use direktiv_isolate::client::{self, Authed, Bearer, ClientError, Target};
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
-    DrainRequest, ImportImageRequest, ListIsolatesRequest,
+    DrainRequest, ImageInfo, ImportImageRequest, ListImagesRequest, ListIsolatesRequest,
+    RemoveImageRequest,
 };
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
+use direktiv_isolate::text::one_line;
 use serde_json::{json, Value};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -97,7 +101,7 @@ struct ConnArgs {
 enum Cmd {
     /// Run an action, follow it to its end, print its output (or its error).
     Run(RunArgs),
-    /// List the actions the node knows (running, and recently reported).
+    /// List the actions the node knows (running, undeliverable, and recently reported).
     Ls {
         /// Only this namespace.
         #[arg(long, short)]
@@ -118,6 +122,9 @@ enum Cmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Reports the flow engine refused for longer than report_give_up_secs (undeliverable).
+    #[command(subcommand)]
+    Report(ReportCmd),
     /// Images of a namespace.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -157,6 +164,34 @@ enum ImageCmd {
         /// The Direktiv namespace that gets the images.
         #[arg(long, short, default_value = "default")]
         namespace: String,
+    },
+    /// List the images of a namespace: name, digest, size, imported or pulled.
+    Ls {
+        /// The Direktiv namespace.
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+    },
+    /// Remove an image from a namespace (its content goes once nothing uses it).
+    Rm {
+        /// The image, as `image ls` shows it or as an action names it.
+        name: String,
+        /// The Direktiv namespace.
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Deliver an undeliverable report again now, with a fresh give-up clock.
+    Retry(ActionArgs),
+    /// Remove an undeliverable report for good: the flow engine never gets it.
+    Drop {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -227,6 +262,7 @@ enum StateArg {
     Running,
     Finished,
     Reported,
+    Undeliverable,
 }
 
 impl From<StateArg> for ActionState {
@@ -237,6 +273,7 @@ impl From<StateArg> for ActionState {
             StateArg::Running => ActionState::Running,
             StateArg::Finished => ActionState::Finished,
             StateArg::Reported => ActionState::Reported,
+            StateArg::Undeliverable => ActionState::Undeliverable,
         }
     }
 }
@@ -521,6 +558,93 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
                     info.action_id,
                     info.namespace,
                     state_name(info.state())
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Report(ReportCmd::Retry(a)) => {
+            let mut c = connect(&cli.conn).await?;
+            let info = c
+                .control
+                .retry_report(a.to_ref())
+                .await
+                .map_err(|s| call_failed("cannot retry the report", s))?
+                .into_inner();
+            if json {
+                print_json(&info_json(&info));
+            } else {
+                println!(
+                    "delivering the report of {} in {} again",
+                    info.action_id, info.namespace
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Report(ReportCmd::Drop { action, yes }) => {
+            let mut c = connect(&cli.conn).await?;
+            if !yes {
+                let info = c
+                    .control
+                    .get_isolate(action.to_ref())
+                    .await
+                    .map_err(|s| call_failed("cannot get the action", s))?
+                    .into_inner();
+                confirm_drop(&info)?;
+            }
+            let info = c
+                .control
+                .drop_report(action.to_ref())
+                .await
+                .map_err(|s| call_failed("cannot drop the report", s))?
+                .into_inner();
+            if json {
+                print_json(&info_json(&info));
+            } else {
+                println!(
+                    "dropped the report of {} in {}",
+                    info.action_id, info.namespace
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Ls { namespace }) => {
+            let mut c = connect(&cli.conn).await?;
+            let res = c
+                .control
+                .list_images(ListImagesRequest {
+                    namespace: namespace.clone(),
+                })
+                .await
+                .map_err(|s| call_failed("cannot list the images", s))?
+                .into_inner();
+            if json {
+                print_json(&json!({
+                    "namespace": namespace,
+                    "containerd_namespace": res.containerd_namespace,
+                    "images": res.images.iter().map(image_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                print_images(&res.images);
+            }
+            Ok(0)
+        }
+        Cmd::Image(ImageCmd::Rm { name, namespace }) => {
+            let mut c = connect(&cli.conn).await?;
+            let removed = c
+                .control
+                .remove_image(RemoveImageRequest {
+                    namespace: namespace.clone(),
+                    name,
+                })
+                .await
+                .map_err(|s| call_failed("cannot remove the image", s))?
+                .into_inner();
+            if json {
+                print_json(&image_json(&removed));
+            } else {
+                println!(
+                    "removed {} ({}) from {namespace}",
+                    removed.name, removed.digest
                 );
             }
             Ok(0)
@@ -879,17 +1003,6 @@ fn human_bytes(n: usize) -> String {
     }
 }
 
-fn state_name(s: ActionState) -> &'static str {
-    match s {
-        ActionState::Unspecified => "unknown",
-        ActionState::Accepted => "accepted",
-        ActionState::Pulling => "pulling",
-        ActionState::Running => "running",
-        ActionState::Finished => "finished",
-        ActionState::Reported => "reported",
-    }
-}
-
 fn time_of(ms: i64) -> Option<String> {
     (ms > 0).then(|| {
         let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
@@ -912,8 +1025,22 @@ fn info_json(i: &ActionInfo) -> Value {
         "finished_at": time_of(i.finished_at_ms),
         "reported_at": time_of(i.reported_at_ms),
         "report_attempts": i.report_attempts,
+        "containerd_namespace": i.containerd_namespace,
     });
-    if matches!(i.state(), ActionState::Finished | ActionState::Reported) {
+    if !i.report_last_code.is_empty() {
+        v["report_last_code"] = json!(i.report_last_code);
+        v["report_last_message"] = json!(i.report_last_message);
+    }
+    if i.dropped_at_ms > 0 {
+        v["dropped_at"] = json!(time_of(i.dropped_at_ms));
+    }
+    if i.output_dropped {
+        v["output_dropped"] = json!(true);
+    }
+    if matches!(
+        i.state(),
+        ActionState::Finished | ActionState::Reported | ActionState::Undeliverable
+    ) {
         if i.error_code.is_empty() {
             // Outputs are any bytes: text when they are text.
             match std::str::from_utf8(&i.output) {
@@ -987,48 +1114,155 @@ fn age(ms: i64) -> String {
 }
 
 fn result_of(i: &ActionInfo) -> String {
+    let done = matches!(
+        i.state(),
+        ActionState::Finished | ActionState::Reported | ActionState::Undeliverable
+    );
     match i.state() {
-        ActionState::Finished | ActionState::Reported if i.error_code.is_empty() => "ok".into(),
-        ActionState::Finished | ActionState::Reported => i.error_code.clone(),
-        _ => "-".into(),
+        _ if !done => "-".into(),
+        _ if i.error_code.is_empty() => "ok".into(),
+        _ => i.error_code.clone(),
     }
 }
 
-fn print_table(list: &[ActionInfo]) {
-    let rows: Vec<[String; 6]> = list
-        .iter()
-        .map(|i| {
-            [
-                i.namespace.clone(),
-                i.action_id.clone(),
-                state_name(i.state()).to_string(),
-                age(i.accepted_at_ms),
-                result_of(i),
-                i.image.clone(),
-            ]
-        })
-        .collect();
-    let header = ["NAMESPACE", "ACTION", "STATE", "AGE", "RESULT", "IMAGE"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
+/// The namespace, with the containerd namespace it maps to when the name
+/// had to be escaped there (`my--ns (direktiv.my-Dns)`). Escaping keeps the
+/// length, so the containerd name ends with the Direktiv one exactly when
+/// it was not escaped.
+fn namespace_of(i: &ActionInfo) -> String {
+    if i.containerd_namespace.is_empty() || i.containerd_namespace.ends_with(&i.namespace) {
+        i.namespace.clone()
+    } else {
+        format!("{} ({})", i.namespace, i.containerd_namespace)
+    }
+}
+
+/// The flow engine's last refusal of the report, one line.
+fn last_answer(i: &ActionInfo) -> String {
+    if i.report_last_code.is_empty() {
+        return String::new();
+    }
+    one_line(&format!(
+        "{}: {}",
+        i.report_last_code, i.report_last_message
+    ))
+    .into_owned()
+}
+
+/// Rows under a header, columns padded to their widest cell.
+fn print_columns(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let mut out = std::io::stdout().lock();
-    for r in std::iter::once(&header).chain(&rows) {
+    for r in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = r
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
 }
 
+fn print_table(list: &[ActionInfo]) {
+    // The flow engine's last answer only when a report was refused, so the
+    // usual listing stays narrow.
+    let answers = list.iter().any(|i| !i.report_last_code.is_empty());
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            let mut row = vec![
+                namespace_of(i),
+                i.action_id.clone(),
+                state_name(i.state()).to_string(),
+                age(i.accepted_at_ms),
+                result_of(i),
+                i.image.clone(),
+            ];
+            if answers {
+                row.push(last_answer(i));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec!["NAMESPACE", "ACTION", "STATE", "AGE", "RESULT", "IMAGE"];
+    if answers {
+        header.push("FLOW ENGINE'S LAST ANSWER");
+    }
+    print_columns(&header, &rows);
+}
+
+fn image_json(i: &ImageInfo) -> Value {
+    json!({
+        "name": i.name,
+        "digest": i.digest,
+        "size": i.size,
+        "source": (!i.source.is_empty()).then_some(&i.source),
+        "updated_at": time_of(i.updated_at_ms),
+    })
+}
+
+fn print_images(images: &[ImageInfo]) {
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.digest.clone(),
+                human_bytes(i.size as usize),
+                if i.source.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.source.clone()
+                },
+            ]
+        })
+        .collect();
+    print_columns(&["NAME", "DIGEST", "SIZE", "SOURCE"], &rows);
+}
+
+/// Asks on the terminal before a report is dropped for good; without a
+/// terminal to ask on, refuses (a script says --yes).
+fn confirm_drop(info: &ActionInfo) -> Outcome<()> {
+    let what = format!(
+        "the report of action {} in namespace {}",
+        info.action_id, info.namespace
+    );
+    if info.state() != ActionState::Undeliverable {
+        return Err(failed(format!(
+            "{what} is not undeliverable (the action is {})",
+            state_name(info.state())
+        )));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(usage(format!(
+            "not dropping {what} without confirmation: stdin is not a terminal (pass --yes)"
+        )));
+    }
+    eprint!(
+        "Drop {what} for good? The flow engine will never get it. Its last answer: {}\n[y/N] ",
+        last_answer(info)
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| usage(format!("cannot read the answer: {e}")))?;
+    match line.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(failed(format!("not dropped: {what} stays undeliverable"))),
+    }
+}
+
 fn print_info(i: &ActionInfo) {
     let mut lines = vec![
         ("namespace", i.namespace.clone()),
+        ("containerd ns", i.containerd_namespace.clone()),
         ("action", i.action_id.clone()),
         ("instance", i.instance_id.clone()),
         ("step", i.step.to_string()),
@@ -1042,16 +1276,22 @@ fn print_info(i: &ActionInfo) {
         ("started", i.started_at_ms),
         ("finished", i.finished_at_ms),
         ("reported", i.reported_at_ms),
+        ("dropped", i.dropped_at_ms),
     ] {
         if let Some(t) = time_of(ms) {
             lines.push((k, t));
         }
     }
     lines.push(("report attempts", i.report_attempts.to_string()));
+    if !i.report_last_code.is_empty() {
+        lines.push(("last answer", last_answer(i)));
+    }
     lines.push(("result", result_of(i)));
     if !i.error_code.is_empty() {
         lines.push(("error", i.error_message.clone()));
-    } else if matches!(i.state(), ActionState::Finished | ActionState::Reported) {
+    } else if i.output_dropped {
+        lines.push(("output", "(not kept: above 64 KiB)".to_string()));
+    } else if result_of(i) == "ok" {
         lines.push(("output", String::from_utf8_lossy(&i.output).into_owned()));
     }
     for (k, v) in lines {

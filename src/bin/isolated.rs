@@ -260,6 +260,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         actions: actions.clone(),
         store: runner.store.clone(),
         images: runner.images.clone(),
+        engine: runner.engine.clone(),
         namespace_prefix: cfg.namespace_prefix.clone(),
         import_dir: cfg.state_dir.join("imports"),
         import_budget: direktiv_isolate::image::import::SpoolBudget::new(cfg.max_import_bytes),

@@ -7,15 +7,15 @@ use containerd_client::services::v1::snapshots::{
     ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest,
-    GetRequest, KillRequest, ListContainersRequest, ListNamespacesRequest, StartRequest,
-    WaitRequest,
+    CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest,
+    DeleteTaskRequest, GetRequest, InfoRequest, KillRequest, ListContainersRequest,
+    ListImagesRequest, ListNamespacesRequest, StartRequest, WaitRequest,
 };
 use nix::sys::signal::Signal;
 
 use super::{
-    Container, Engine, EngineError, Labelled, Mount, NewTask, Prepare, TaskInfo, TaskStatus,
-    LABEL_MANAGED,
+    Container, ContentInfo, Engine, EngineError, ImageRecord, Labelled, Mount, NewTask, Prepare,
+    TaskInfo, TaskStatus, LABEL_MANAGED,
 };
 use crate::containerd::{with_ns, Containerd};
 
@@ -261,5 +261,71 @@ impl Engine for ContainerdEngine {
             .map_err(classify("delete the task"))?
             .into_inner()
             .exit_status)
+    }
+
+    async fn images(&self, cns: &str) -> Result<Vec<ImageRecord>, EngineError> {
+        let images = self
+            .cd
+            .images()
+            .list(with_ns(ListImagesRequest::default(), cns, None))
+            .await
+            .map_err(classify("list images"))?
+            .into_inner()
+            .images;
+        Ok(images
+            .into_iter()
+            .map(|i| {
+                let (digest, size) = i
+                    .target
+                    .map(|t| (t.digest, t.size.max(0) as u64))
+                    .unwrap_or_default();
+                ImageRecord {
+                    name: i.name,
+                    digest,
+                    size,
+                    labels: i.labels,
+                    updated_at_ms: i
+                        .updated_at
+                        .or(i.created_at)
+                        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+                        .unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    async fn delete_image(&self, cns: &str, name: &str) -> Result<(), EngineError> {
+        let req = DeleteImageRequest {
+            name: name.to_string(),
+            // The collection runs on its own; an operator's call need not
+            // wait for it.
+            sync: false,
+            target: None,
+        };
+        self.cd
+            .images()
+            .delete(with_ns(req, cns, None))
+            .await
+            .map(|_| ())
+            .map_err(classify("delete the image"))
+    }
+
+    async fn content_info(&self, cns: &str, digest: &str) -> Result<ContentInfo, EngineError> {
+        let req = InfoRequest {
+            digest: digest.to_string(),
+        };
+        let info = self
+            .cd
+            .content()
+            .info(with_ns(req, cns, None))
+            .await
+            .map_err(classify("read a blob's info"))?
+            .into_inner()
+            .info
+            .unwrap_or_default();
+        Ok(ContentInfo {
+            size: info.size.max(0) as u64,
+            labels: info.labels,
+        })
     }
 }

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use super::{
-    Container, Engine, EngineError, Labelled, Mount, NewTask, Prepare, TaskInfo, TaskStatus,
-    LABEL_MANAGED,
+    Container, ContentInfo, Engine, EngineError, ImageRecord, Labelled, Mount, NewTask, Prepare,
+    TaskInfo, TaskStatus, LABEL_MANAGED,
 };
 
 /// A failure to inject into the next call of one operation.
@@ -42,6 +42,8 @@ struct Ns {
     containers: BTreeMap<String, Labelled>,
     snapshots: BTreeMap<String, Labelled>,
     tasks: BTreeMap<String, Task>,
+    images: BTreeMap<String, ImageRecord>,
+    content: BTreeMap<String, ContentInfo>,
 }
 
 #[derive(Default)]
@@ -88,6 +90,20 @@ impl Fake {
                     labels: [(LABEL_MANAGED.to_string(), "true".to_string())].into(),
                 },
             );
+    }
+
+    /// An image record, as if pulled.
+    pub fn image(&self, cns: &str, image: ImageRecord) {
+        let mut st = self.lock();
+        let n = st.namespaces.entry(cns.into()).or_default();
+        n.images.insert(image.name.clone(), image);
+    }
+
+    /// A blob of the content store.
+    pub fn blob(&self, cns: &str, digest: &str, info: ContentInfo) {
+        let mut st = self.lock();
+        let n = st.namespaces.entry(cns.into()).or_default();
+        n.content.insert(digest.into(), info);
     }
 
     /// The running task `id` exits with `status`.
@@ -375,5 +391,34 @@ impl Engine for Fake {
                 Ok(status)
             }
         }
+    }
+
+    async fn images(&self, cns: &str) -> Result<Vec<ImageRecord>, EngineError> {
+        self.enter("images", cns, "")?;
+        let st = self.lock();
+        Ok(st
+            .namespaces
+            .get(cns)
+            .map(|n| n.images.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn delete_image(&self, cns: &str, name: &str) -> Result<(), EngineError> {
+        self.enter("delete_image", cns, name)?;
+        let mut st = self.lock();
+        st.namespaces
+            .get_mut(cns)
+            .and_then(|n| n.images.remove(name))
+            .map(|_| ())
+            .ok_or_else(|| not_found("delete_image", name))
+    }
+
+    async fn content_info(&self, cns: &str, digest: &str) -> Result<ContentInfo, EngineError> {
+        self.enter("content_info", cns, digest)?;
+        let st = self.lock();
+        st.namespaces
+            .get(cns)
+            .and_then(|n| n.content.get(digest).cloned())
+            .ok_or_else(|| not_found("content_info", digest))
     }
 }

@@ -11,7 +11,8 @@
 //! Does not decide anything about actions: which call comes when is the
 //! runner's, the recovery's and the shim keepers'. Images are pulled through
 //! `crate::image`, which speaks to the content, diff and image services
-//! itself.
+//! itself; listing and removing them for an operator (`isolatectl image
+//! ls|rm`) goes through here.
 
 #[cfg(test)]
 pub mod fake;
@@ -43,6 +44,30 @@ pub struct Labelled {
     pub id: String,
     pub labels: HashMap<String, String>,
 }
+
+/// An image record of a namespace's image store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageRecord {
+    pub name: String,
+    /// The digest and size of what it points at (a manifest or an index).
+    pub digest: String,
+    pub size: u64,
+    pub labels: HashMap<String, String>,
+    /// Unix ms; 0 when containerd did not say.
+    pub updated_at_ms: i64,
+}
+
+/// A blob of a namespace's content store: its size and labels (the
+/// garbage collector's references among them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContentInfo {
+    pub size: u64,
+    pub labels: HashMap<String, String>,
+}
+
+/// The label isolated puts on the image records it writes: `imported` or
+/// `pulled`, for `isolatectl image ls`.
+pub const LABEL_IMAGE_SOURCE: &str = "io.direktiv.isolate.source";
 
 /// A snapshot to prepare on top of `parent` (a committed chain).
 #[derive(Debug, Clone, Default)]
@@ -138,4 +163,12 @@ pub trait Engine: Send + Sync {
     async fn kill_task(&self, cns: &str, id: &str, signal: Signal) -> Result<(), EngineError>;
     /// Deletes a stopped task; returns its exit status.
     async fn delete_task(&self, cns: &str, id: &str) -> Result<u32, EngineError>;
+
+    /// The image records of a namespace.
+    async fn images(&self, cns: &str) -> Result<Vec<ImageRecord>, EngineError>;
+    /// Deletes an image record (its content goes with the next garbage
+    /// collection, if nothing else references it).
+    async fn delete_image(&self, cns: &str, name: &str) -> Result<(), EngineError>;
+    /// A blob's size and labels.
+    async fn content_info(&self, cns: &str, digest: &str) -> Result<ContentInfo, EngineError>;
 }

@@ -2,7 +2,8 @@
 //! written once (issue 12): removing an action's objects (the runner's
 //! cleanup, recovery's orphan sweep and the shim keepers all use it), the
 //! one kill, waiting for an exit across containerd restarts, and a task
-//! create that recovers from what a create cut short by a crash leaves.
+//! create that recovers from what a create cut short by a crash leaves,
+//! and the size of an image as its content store holds it.
 //! Retries are here because containerd can refuse under I/O load
 //! (containerd #9309) and a crash can leave a bundle or a runc container
 //! (containerd #6860).
@@ -14,6 +15,38 @@ use nix::sys::signal::Signal;
 use tracing::warn;
 
 use super::{Engine, EngineError, NewTask, RuncRoot};
+
+/// The bytes of everything image target `digest` references, following
+/// the garbage collector's `containerd.io/gc.ref.content.*` labels (an
+/// index to its manifests, a manifest to its config and layers), each blob
+/// counted once: what an `image rm` could give back. Blobs the store lacks
+/// (another platform's) count nothing; a containerd failure is returned.
+pub async fn image_size(e: &dyn Engine, cns: &str, digest: &str) -> Result<u64, EngineError> {
+    const GC_CONTENT: &str = "containerd.io/gc.ref.content.";
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = vec![digest.to_string()];
+    let mut size = 0;
+    while let Some(d) = todo.pop() {
+        // Bounded: a store's blobs are finite and each is visited once.
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        match e.content_info(cns, &d).await {
+            Ok(info) => {
+                size += info.size;
+                todo.extend(
+                    info.labels
+                        .into_iter()
+                        .filter(|(k, _)| k.starts_with(GC_CONTENT))
+                        .map(|(_, v)| v),
+                );
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(size)
+}
 
 /// Tries for a removal or a task create before giving up.
 const ATTEMPTS: u32 = 3;
@@ -208,6 +241,55 @@ mod tests {
     use super::*;
     use crate::engine::fake::{Fail, Fake};
     use crate::engine::Engine;
+
+    #[tokio::test]
+    async fn image_size_follows_the_gc_references_once() {
+        use crate::engine::ContentInfo;
+        let f = Fake::default();
+        let refs = |r: &[(&str, &str)]| {
+            r.iter()
+                .map(|(k, v)| (format!("containerd.io/gc.ref.content.{k}"), v.to_string()))
+                .collect()
+        };
+        f.blob(
+            "n",
+            "index",
+            ContentInfo {
+                size: 1,
+                labels: refs(&[("m.0", "manifest"), ("m.1", "absent")]),
+            },
+        );
+        f.blob(
+            "n",
+            "manifest",
+            ContentInfo {
+                size: 10,
+                labels: refs(&[("config", "config"), ("l.0", "layer"), ("l.1", "layer")]),
+            },
+        );
+        f.blob(
+            "n",
+            "config",
+            ContentInfo {
+                size: 100,
+                ..Default::default()
+            },
+        );
+        f.blob(
+            "n",
+            "layer",
+            ContentInfo {
+                size: 1000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(image_size(&f, "n", "index").await.unwrap(), 1111);
+        f.set_down(true);
+        assert!(image_size(&f, "n", "index")
+            .await
+            .unwrap_err()
+            .is_unavailable());
+    }
 
     #[test]
     fn only_our_own_leaked_bundle_is_removed() {

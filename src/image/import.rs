@@ -404,9 +404,16 @@ impl ImageService {
                 reason,
             },
         })?;
-        self.record(ns, lease, &entry.name, r, chains.last())
-            .await
-            .map_err(cd_err(format!("record image {}", entry.name)))
+        self.record(
+            ns,
+            lease,
+            &entry.name,
+            r,
+            chains.last(),
+            super::Source::Imported,
+        )
+        .await
+        .map_err(cd_err(format!("record image {}", entry.name)))
     }
 
     /// An image of namespace `ns` read back from its record, for when its
@@ -426,7 +433,16 @@ impl ImageService {
                 warn!(image = %name, error = %unreachable, "registry unreachable, running the image already in the namespace");
                 Ok(image)
             }
-            Ok(None) => Err(unreachable),
+            // Nothing here either: most often a typo'd name or the wrong
+            // namespace, which "cannot reach the registry" hides.
+            Ok(None) => Err(match unreachable {
+                ImageError::Unreachable { reference, reason } => ImageError::NotHere {
+                    reference,
+                    namespace: ns.to_string(),
+                    reason,
+                },
+                other => other,
+            }),
             Err(e) => {
                 warn!(image = %name, error = %e, "registry unreachable and the local image is not usable");
                 Err(unreachable)

@@ -43,6 +43,12 @@ pub enum ImageError {
     Registry { reference: String, reason: String },
     /// cannot reach the registry of {reference}: {reason}
     Unreachable { reference: String, reason: String },
+    /// no image {reference} in namespace {namespace}, and its registry did not answer: {reason}
+    NotHere {
+        reference: String,
+        namespace: String,
+        reason: String,
+    },
     /// {reference} has no image for {platform}
     Platform { reference: String, platform: String },
     /// cannot unpack {reference}: {reason}
@@ -92,6 +98,41 @@ pub struct ImageService {
     /// Keys credentials' fingerprints ([`Credentials::fingerprint`]).
     hasher: std::hash::RandomState,
     inflight: Mutex<HashMap<FlightKey, Pull>>,
+}
+
+impl ImageError {
+    /// The error with the namespace named as its tenant knows it: this
+    /// service works in containerd namespaces (issue 14: a typo'd image or
+    /// a wrong namespace said "cannot reach the registry").
+    pub fn in_namespace(self, namespace: &str) -> ImageError {
+        match self {
+            ImageError::NotHere {
+                reference, reason, ..
+            } => ImageError::NotHere {
+                reference,
+                namespace: namespace.to_string(),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// What isolated records of where an image came from
+/// ([`crate::engine::LABEL_IMAGE_SOURCE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Pulled,
+    Imported,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Pulled => "pulled",
+            Source::Imported => "imported",
+        }
+    }
 }
 
 impl ImageService {
@@ -231,7 +272,7 @@ impl ImageService {
 
     /// Drops a cached image, so that the next `ensure` resolves it afresh
     /// (after an import replaced its record).
-    fn forget(&self, ns: &str, name: &str) {
+    pub fn forget(&self, ns: &str, name: &str) {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -330,7 +371,7 @@ impl ImageService {
                 )
                 .await?;
             }
-            self.record(ns, &lease, &whole, &resolved, chains.last())
+            self.record(ns, &lease, &whole, &resolved, chains.last(), Source::Pulled)
                 .await
                 .map_err(|e| internal("record image", e))
         }
@@ -397,6 +438,7 @@ impl ImageService {
         name: &str,
         resolved: &registry::Resolved,
         top_chain: Option<&String>,
+        source: Source,
     ) -> Result<(), tonic::Status> {
         if let Some(top) = top_chain {
             let label = format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter);
@@ -444,7 +486,7 @@ impl ImageService {
             }
             None => &resolved.manifest,
         };
-        self.put_record(ns, lease, name, target).await
+        self.put_record(ns, lease, name, target, source).await
     }
 
     /// Creates the image record, or points an existing one at `target`.
@@ -454,10 +496,15 @@ impl ImageService {
         lease: &str,
         name: &str,
         target: &Blob,
+        source: Source,
     ) -> Result<(), tonic::Status> {
         let record = ImageRecord {
             name: name.to_string(),
-            labels: Default::default(),
+            labels: [(
+                crate::engine::LABEL_IMAGE_SOURCE.to_string(),
+                source.as_str().to_string(),
+            )]
+            .into(),
             target: Some(target.descriptor()),
             created_at: None,
             updated_at: None,
@@ -477,7 +524,7 @@ impl ImageService {
                 let update = UpdateImageRequest {
                     image: Some(record),
                     update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["target".into()],
+                        paths: vec!["target".into(), "labels".into()],
                     }),
                     ..Default::default()
                 };

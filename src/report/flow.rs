@@ -1,15 +1,19 @@
-//! Delivery of reports to the flow engine's `ReportActionResults`, at least
-//! once: retried with capped exponential backoff and jitter until the flow
-//! engine acknowledges. An `https://` endpoint is reached over TLS only
-//! (ISOLATE.md §9): verified against `flow_ca` or the system's roots, with a
-//! client certificate when one is set, never falling back to plaintext.
-//! Does not store reports (durability is the store's).
+//! The flow engine's `ReportActionResults`, and the rules for its answers
+//! (ISOLATE.md §10): which refusals are transient (retried with capped
+//! exponential backoff and jitter, without limit) and which permanent
+//! (retried for `report_give_up_secs` from the first one, then parked), as
+//! [`answer_of`], [`GiveUpClock`] and [`Backoff`]. An `https://` endpoint is
+//! reached over TLS only (ISOLATE.md §9): verified against `flow_ca` or the
+//! system's roots, with a client certificate when one is set, never falling
+//! back to plaintext.
+//! Does not store reports (durability is the store's) nor run the delivery
+//! loop (the runner's `deliver`, which also waits for an operator).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, warn};
+use tonic::Code;
 
 use crate::containerd::error_chain;
 use crate::proto::flow::direktiv_flow_client::DirektivFlowClient;
@@ -110,32 +114,131 @@ impl Reporter {
             .await
             .map(|_| ())
     }
+}
 
-    /// Sends until acknowledged, calling `on_attempt` before each try.
-    /// Never gives up: a report is never dropped.
-    pub async fn deliver(&self, report: &ReportActionResultsRequest, on_attempt: impl Fn()) {
-        let _timer = crate::metrics::timer(crate::metrics::Phase::Report);
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1u32;
-        loop {
-            on_attempt();
-            match self.send(report).await {
-                Ok(()) => {
-                    debug!(attempt, "report acknowledged");
-                    return;
-                }
-                Err(e) => {
-                    let wait = jitter(backoff);
-                    // The chain, not just the message: a TLS failure's reason
-                    // (unknown issuer, name mismatch) is in its sources.
-                    warn!(attempt, code = ?e.code(), error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64,
-                          "flow endpoint did not take the report");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    attempt += 1;
-                }
-            }
+/// What a refusal of the flow engine means for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The engine is away or busy: retried without limit.
+    Transient,
+    /// The engine refused this report (the instance ended, the step moved
+    /// on): retried for `report_give_up_secs`, then parked.
+    Permanent,
+}
+
+/// ISOLATE.md §10: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED and
+/// ABORTED are the engine (or the way to it) being away or busy; tonic
+/// also reports no answer at all (connection refused or reset, a timeout
+/// of ours) as UNAVAILABLE, CANCELLED or an UNKNOWN with transport words.
+/// Any other code is the engine's word on this report.
+pub fn answer_of(status: &tonic::Status) -> Answer {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => {
+            Answer::Transient
         }
+        Code::Cancelled => Answer::Transient,
+        Code::Unknown if no_answer(status) => Answer::Transient,
+        _ => Answer::Permanent,
+    }
+}
+
+/// tonic's words for a call that never got an answer from the engine.
+fn no_answer(status: &tonic::Status) -> bool {
+    let m = status.message();
+    m.contains("transport error")
+        || m.contains("connection")
+        || m.contains("broken pipe")
+        || m.contains("h2 protocol error")
+}
+
+/// A refusal as the control API and the log show it: the code's name and
+/// the message (its sources too, for a TLS failure), on one line.
+pub fn refusal_of(status: &tonic::Status) -> (String, String) {
+    let mut message = status.message().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        message = format!("{message}: {}", error_chain(source));
+    }
+    (
+        format!("{:?}", status.code()),
+        crate::text::one_line(&message).into_owned(),
+    )
+}
+
+/// The give-up clock of one report: counts from the first permanent
+/// answer (kept across restarts by the store), and says to park once a
+/// permanent answer comes `give_up` or more after it. A transient answer
+/// never parks, however late: the engine did not say no.
+#[derive(Debug, Clone, Copy)]
+pub struct GiveUpClock {
+    give_up: Duration,
+    /// Unix ms of the first permanent answer; 0 while there was none.
+    first_permanent_ms: i64,
+}
+
+/// What to do after a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Try again after at most this long (the give-up time, if that comes
+    /// first: the last try is at the give-up time, not a backoff later).
+    RetryWithin(Option<Duration>),
+    /// Stop trying: the report is undeliverable.
+    Park,
+}
+
+impl GiveUpClock {
+    pub fn new(give_up: Duration, first_permanent_ms: i64) -> Self {
+        GiveUpClock {
+            give_up,
+            first_permanent_ms: first_permanent_ms.max(0),
+        }
+    }
+
+    /// When the clock started (Unix ms), 0 if it has not.
+    pub fn started_at_ms(&self) -> i64 {
+        self.first_permanent_ms
+    }
+
+    /// A fresh clock (an operator's retry).
+    pub fn reset(&mut self) {
+        self.first_permanent_ms = 0;
+    }
+
+    /// The verdict on an answer of kind `answer` at `now_ms`.
+    pub fn after(&mut self, answer: Answer, now_ms: i64) -> Next {
+        if answer == Answer::Transient {
+            return Next::RetryWithin(None);
+        }
+        if self.first_permanent_ms == 0 {
+            self.first_permanent_ms = now_ms;
+        }
+        let elapsed = Duration::from_millis((now_ms - self.first_permanent_ms).max(0) as u64);
+        match self.give_up.checked_sub(elapsed) {
+            Some(left) if !left.is_zero() => Next::RetryWithin(Some(left)),
+            _ => Next::Park,
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter between tries.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next try, at most `cap`.
+    pub fn wait(&mut self, cap: Option<Duration>) -> Duration {
+        let wait = jitter(self.next);
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        cap.map_or(wait, |c| wait.min(c))
     }
 }
 
@@ -172,6 +275,98 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn transient_and_permanent_codes() {
+        use tonic::Status;
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::Cancelled,
+        ] {
+            assert_eq!(
+                answer_of(&Status::new(code, "x")),
+                Answer::Transient,
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::FailedPrecondition,
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Internal,
+            Code::Unimplemented,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+            Code::DataLoss,
+        ] {
+            assert_eq!(
+                answer_of(&Status::new(code, "x")),
+                Answer::Permanent,
+                "{code:?}"
+            );
+        }
+        // No answer at all, as tonic words it.
+        assert_eq!(
+            answer_of(&Status::unknown("transport error")),
+            Answer::Transient
+        );
+        assert_eq!(
+            answer_of(&Status::unknown("the engine's own unknown")),
+            Answer::Permanent
+        );
+        let (code, message) = refusal_of(&Status::failed_precondition("instance\nended"));
+        assert_eq!(code, "FailedPrecondition");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn give_up_clock_counts_from_the_first_permanent_answer() {
+        let mut c = GiveUpClock::new(Duration::from_secs(3), 0);
+        // Transient answers never start it, nor park.
+        assert_eq!(c.after(Answer::Transient, 1_000), Next::RetryWithin(None));
+        assert_eq!(c.started_at_ms(), 0);
+        assert_eq!(
+            c.after(Answer::Permanent, 10_000),
+            Next::RetryWithin(Some(Duration::from_secs(3)))
+        );
+        assert_eq!(c.started_at_ms(), 10_000);
+        // A later one does not move the start; the wait is capped by what is left.
+        assert_eq!(
+            c.after(Answer::Permanent, 12_000),
+            Next::RetryWithin(Some(Duration::from_secs(1)))
+        );
+        // Past the give-up time a transient answer is still retried...
+        assert_eq!(c.after(Answer::Transient, 20_000), Next::RetryWithin(None));
+        // ...a permanent one parks.
+        assert_eq!(c.after(Answer::Permanent, 13_000), Next::Park);
+        // Kept across a restart (the store's start), fresh after a retry.
+        let mut c = GiveUpClock::new(Duration::from_secs(3), 10_000);
+        assert_eq!(c.after(Answer::Permanent, 14_000), Next::Park);
+        c.reset();
+        assert_eq!(
+            c.after(Answer::Permanent, 14_000),
+            Next::RetryWithin(Some(Duration::from_secs(3)))
+        );
+        // No give-up time: the first permanent answer parks.
+        let mut c = GiveUpClock::new(Duration::ZERO, 0);
+        assert_eq!(c.after(Answer::Permanent, 1), Next::Park);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_respects_a_deadline() {
+        let mut b = Backoff::default();
+        let first = b.wait(None);
+        assert!(first <= FIRST_BACKOFF && first >= FIRST_BACKOFF / 2);
+        for _ in 0..20 {
+            assert!(b.wait(None) <= MAX_BACKOFF);
+        }
+        assert!(b.wait(Some(Duration::from_millis(5))) <= Duration::from_millis(5));
     }
 
     #[test]

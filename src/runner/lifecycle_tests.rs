@@ -392,6 +392,7 @@ async fn running_before_the_crash(
         deadline_ms,
         cancel_reason: cancel_reason.into(),
         report: None,
+        ..Default::default()
     };
     n.runner.store.put(&record, Sync::Durable).await.unwrap();
     record

@@ -15,12 +15,14 @@
 //! after a restart, or only its report left to deliver; waiting for a slot;
 //! retrying while containerd is away). One job per file beside it: making
 //! the task (`create`), watching it (`supervise`), reading what it left
-//! (`collect`), giving everything back (`release`), its output streams
+//! (`collect`), giving everything back (`release`), delivering the report
+//! or parking it (`deliver`), its output streams
 //! (`stdio`), queue places (`queue`), the namespaces' shims
 //! (`shim_keeper`), and why a run failed (`error`).
 
 pub mod collect;
 mod create;
+mod deliver;
 mod error;
 #[cfg(test)]
 mod lifecycle_tests;
@@ -108,6 +110,7 @@ impl Action {
         let cns = cfg.containerd_namespace(&req.namespace);
         let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
         let input = crate::inputs::path(&cfg.inputs_dir(), &cns, &req.action_id);
+        handle.set_containerd_namespace(&cns);
         Action {
             req,
             cns,
@@ -204,7 +207,7 @@ impl Runner {
             let mut released = false;
             let report = match start {
                 Start::Deliver(report) => {
-                    action.handle.finished(&Outcome::from_wire(&report));
+                    // Shown as finished (or parked) by recovery already.
                     // Released before the crash, or not: either way nothing
                     // of the action may wait for the flow engine.
                     self.release(&action).await;
@@ -273,21 +276,36 @@ impl Runner {
                     report
                 }
             };
-            self.reporter
-                .deliver(&report, || action.handle.report_attempt())
+            let delivered = self
+                .deliver(&action, &mut record, &report)
                 .instrument(info_span!("report"))
                 .await;
-            if let Err(e) = self
-                .store
-                .remove(&action.req.namespace, &action.req.action_id, Sync::Lazy)
-                .await
-            {
+            let (info, dropped) = match delivered {
+                deliver::Delivered::Acknowledged => (action.handle.final_info(false), None),
+                deliver::Delivered::Dropped(command) => {
+                    (action.handle.final_info(true), Some(command))
+                }
+            };
+            // Out of the store and into its history in one write; the pair
+            // is free only after that, so a new action of the same id is
+            // not the one removed.
+            // A drop is the operator's word, durable before it is answered;
+            // a lost delete of a delivered one only delivers it again.
+            let sync = if dropped.is_some() {
+                Sync::Durable
+            } else {
+                Sync::Lazy
+            };
+            if let Err(e) = self.store.retire(&info, sync).await {
                 warn!(error = %e, "cannot remove the delivered action from the store");
             }
             if !released {
                 self.release(&action).await;
             }
-            action.handle.reported();
+            action.handle.retired(info.clone());
+            if let Some(command) = dropped {
+                let _ = command.done.send(info);
+            }
         }
         .instrument(span)
         .await
@@ -412,7 +430,8 @@ impl Runner {
             .images
             .ensure(&a.cns, &a.req.reference, &a.req.registries)
             .instrument(info_span!("pull", image = %a.req.image))
-            .await?;
+            .await
+            .map_err(|e| e.in_namespace(&a.req.namespace))?;
         if a.handle.cancel.is_cancelled() {
             return Ok(Outcome::failed(
                 ErrorCode::Cancelled,
