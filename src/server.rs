@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::{error, info, Instrument};
+use tracing::{error, info};
 
 use crate::actions::{now_ms, Actions};
 use crate::auth::Caller;
@@ -82,12 +82,7 @@ impl DirektivIsolate for IsolateService {
         info!(namespace = %req.namespace, action_id = %req.action_id, image = %req.image,
               timeout_s = req.timeout.as_secs(), "accepted");
         let action = Action::new(&self.runner.cfg, req, handle).queued(place);
-        tokio::spawn(
-            self.runner
-                .clone()
-                .run(action, record, Start::Fresh)
-                .in_current_span(),
-        );
+        self.runner.spawn(action, record, Start::Fresh);
         Ok(Response::new(()))
     }
 }
