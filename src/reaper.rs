@@ -45,6 +45,6 @@ where
         task = id,
         "task survived SIGKILL through containerd; killing its processes directly"
     );
-    ops::signal_cgroup(ops::CGROUP_ROOTS, cgroups_path, Signal::SIGKILL, None);
+    ops::signal_cgroup(ops::CGROUP_ROOTS, cgroups_path, Signal::SIGKILL, |_| false);
     exit.await
 }

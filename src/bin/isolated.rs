@@ -137,6 +137,17 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             bail!("isolated needs {cap} in its effective capability set");
         }
     }
+    // Each namespace's OCI runtime, with its state under the embedded
+    // containerd's directory when that is the one in use. A crun that this
+    // host's cgroups would make fail every action stops the start here,
+    // before anything is made.
+    let embedded_dir = cfg
+        .embedded_containerd
+        .then(|| Embedded::dir_of(&cfg.state_dir));
+    let runtimes = Runtimes::from_config(&cfg, embedded_dir.as_deref());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo to tell the host's cgroup layout")?;
+    runtimes.check_host(&mountinfo)?;
     // Before anything is touched: a second isolated on this state dir
     // would take the first one's embedded containerd for a leftover and
     // stop it (issue 14). Held until the process ends.
@@ -149,17 +160,6 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create state directory {}", cfg.state_dir.display()))?;
     // Nothing runs yet, so no action is creating one of these right now.
     remove_empty_dirs(&cfg.actions_dir());
-    // Each namespace's OCI runtime, with its state under the embedded
-    // containerd's directory when that is the one in use. A crun that this
-    // host's cgroups would make fail every action stops the start here,
-    // before anything is started.
-    let embedded_dir = cfg
-        .embedded_containerd
-        .then(|| Embedded::dir_of(&cfg.state_dir));
-    let runtimes = Runtimes::from_config(&cfg, embedded_dir.as_deref());
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("cannot read /proc/self/mountinfo to tell the host's cgroup layout")?;
-    runtimes.check_host(&mountinfo)?;
     runtimes.prepare()?;
     // The embedded containerd replaces the configured address.
     let embedded = match cfg.embedded_containerd {
