@@ -19,6 +19,12 @@
 //! with its keeper, and an action joins the one with the fewest actions
 //! (the first on ties, so a quiet namespace uses one shim).
 //!
+//! A keeper runs under its namespace's runtime (`runtime_binary`: runc,
+//! crun or a path; its runtime options are the actions'), and the group's
+//! name carries the binary's name when it is not runc, so that there is a
+//! keeper per namespace and binary: a namespace whose binary changed across
+//! a restart starts a new shim instead of joining the old one.
+//!
 //! Owns the keepers only. The actions' own tasks are the runner's; a shim
 //! that dies takes its namespace's running actions with it, which the
 //! runner reports like any other lost task.
