@@ -6,7 +6,9 @@
 //! run in unit tests without root. containerd's failures are classified once,
 //! into [`EngineError`] (`error`); the operations written once for everyone
 //! (an action's removal, a kill, a task create that recovers from what a
-//! crash left) are in `ops`.
+//! crash left) are in `ops`; each namespace's OCI runtime under the runc v2
+//! shim (binary, state root, the runtime options containers carry) is in
+//! `runtime`.
 //!
 //! Does not decide anything about actions: which call comes when is the
 //! runner's, the recovery's and the shim keepers'. Images are pulled through
