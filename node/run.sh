@@ -79,7 +79,19 @@ for g in "${guests[@]}"; do
   cp "$here/guest/boot.sh" "$here/guest/suite.sh" "$run_dir/busybox.tar" \
     /etc/ssl/certs/ca-certificates.crt "$p/"
   echo "$g" > "$p/guest"
-  case $g in trixie) printf 'runc\ncrun\n' > "$p/runtimes" ;; *) echo runc > "$p/runtimes" ;; esac
+  case $g in
+    trixie)
+      # runc >= 1.2 signals only a container's init at a Kill with `all`; Debian 13 has
+      # 1.1.15, so Debian unstable's (it needs glibc 2.38, which Debian 13 has and the
+      # build host does not) is brought in and chosen by path with runtime_binary.
+      printf 'runc\ncrun\nrunc-sid\n' > "$p/runtimes"
+      runc_sid=$(bash "$here/matrix-fetch.sh" "${MATRIX_CACHE:-$repo/.cache/matrix}" --runc sid) \
+        || { echo "node: fetching Debian unstable's runc failed"; exit 1; }
+      mkdir -p "$p/runc-sid"
+      cp "$(echo "$runc_sid" | awk '{print $3}')/runc" "$p/runc-sid/runc"
+      echo "node: Debian unstable's runc $(echo "$runc_sid" | awk '{print $2}') for $g" ;;
+    *) echo runc > "$p/runtimes" ;;
+  esac
   size_mb=$(( $(du -sm "$p" | cut -f1) + 64 ))
   qemu-img create -q -f raw "$run_dir/$g.payload.raw" "${size_mb}M"
   mkfs.ext4 -q -F -d "$p" "$run_dir/$g.payload.raw" || { echo "node: payload disk failed"; exit 1; }
@@ -149,7 +161,7 @@ for g in "${guests[@]}"; do
     echo "  last console lines:"; tail -25 "$log" | tr -d '\r' | sed 's/^/  | /'
     unexpected=1
   fi
-  groups=$(grep -a -o "NODE-RESULT $g[a-z-]* " "$log" | awk '{print $2}' | sort -u)
+  groups=$(grep -a -o "NODE-RESULT $g[a-z0-9-]* " "$log" | awk '{print $2}' | sort -u)
   [ -n "$groups" ] || groups=$g
   for grp in $groups; do
     pass=0; fail=0; known=0

@@ -7,6 +7,7 @@
 //! and the documentation table ([`SETTINGS`]) the README is checked against.
 //! This module only reads configuration; it does not act on it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,6 +70,98 @@ choice! {
     }
 }
 
+/// `runtime_binary`: the OCI runtime the runc v2 shim runs for an action
+/// (containerd's runc option `BinaryName`). Parsed once: `runc`, `crun`,
+/// or an absolute path to either (or to another runc-compatible binary).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RuntimeBinary {
+    /// The shim's own default: `runc` from its PATH.
+    #[default]
+    Runc,
+    /// `crun` from the shim's PATH.
+    Crun,
+    /// That binary, by absolute path.
+    Path(PathBuf),
+}
+
+impl RuntimeBinary {
+    /// What the shim runs: a name it looks up in its PATH, or a path.
+    pub fn command(&self) -> &std::ffi::OsStr {
+        match self {
+            RuntimeBinary::Runc => "runc".as_ref(),
+            RuntimeBinary::Crun => "crun".as_ref(),
+            RuntimeBinary::Path(p) => p.as_os_str(),
+        }
+    }
+
+    /// The binary's file name (`runc`, `crun`, or the path's last part):
+    /// names its state root, and tells crun from runc.
+    pub fn name(&self) -> &str {
+        match self {
+            RuntimeBinary::Runc => "runc",
+            RuntimeBinary::Crun => "crun",
+            // A path's file name was checked to be UTF-8 when parsed.
+            RuntimeBinary::Path(p) => p.file_name().and_then(|n| n.to_str()).unwrap_or("runc"),
+        }
+    }
+
+    /// crun, by name or by path: it refuses hybrid cgroup hosts.
+    pub fn is_crun(&self) -> bool {
+        self.name().contains("crun")
+    }
+}
+
+impl std::str::FromStr for RuntimeBinary {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "runc" => Ok(RuntimeBinary::Runc),
+            "crun" => Ok(RuntimeBinary::Crun),
+            p if p.starts_with('/') => {
+                let path = PathBuf::from(p);
+                match path.file_name().and_then(|n| n.to_str()) {
+                    Some(n) if !n.is_empty() && n != ".." => Ok(RuntimeBinary::Path(path)),
+                    _ => Err(format!("{p:?} names no binary (it ends in no file name)")),
+                }
+            }
+            other => Err(format!(
+                "{other:?} is neither runc, crun nor an absolute path"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeBinary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.command().to_string_lossy())
+    }
+}
+
+impl<'de> Deserialize<'de> for RuntimeBinary {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for RuntimeBinary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// A `[namespaces.NAME]` table of the config file: settings of one
+/// Direktiv namespace that differ from the node's (file only; no flag or
+/// environment variable).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceOptions {
+    /// This namespace's `runtime_binary`.
+    pub runtime_binary: Option<RuntimeBinary>,
+}
+
 /// One row of the documentation table.
 pub struct SettingDoc {
     pub key: &'static str,
@@ -90,22 +183,31 @@ macro_rules! settings {
                 #[serde(default)]
                 pub $name: Option<$ty>,
             )*
+            /// `[namespaces.NAME]` tables (the config file only).
+            #[arg(skip)]
+            #[serde(default)]
+            pub namespaces: BTreeMap<String, NamespaceOptions>,
         }
 
         /// Resolved settings.
         #[derive(Debug, Clone, serde::Serialize)]
         pub struct Config {
             $( $(#[doc = $doc])* pub $name: $ty, )*
+            /// Per-namespace settings, by Direktiv namespace.
+            #[serde(skip)]
+            pub namespaces: BTreeMap<String, NamespaceOptions>,
         }
 
         impl Options {
             /// `self` wins over `lower`, field by field.
             pub fn or(self, lower: Options) -> Options {
-                Options { $( $name: self.$name.or(lower.$name), )* }
+                let mut namespaces = lower.namespaces;
+                namespaces.extend(self.namespaces);
+                Options { $( $name: self.$name.or(lower.$name), )* namespaces }
             }
 
             fn resolve(self) -> Config {
-                Config { $( $name: self.$name.unwrap_or_else(|| $default), )* }
+                Config { $( $name: self.$name.unwrap_or_else(|| $default), )* namespaces: self.namespaces }
             }
         }
 
@@ -200,6 +302,8 @@ settings! {
     shims_per_namespace: usize = 0, "ISOLATED_SHIMS_PER_NAMESPACE", "0";
     /// containerd runtime (shim) for action tasks.
     runtime: String = "io.containerd.runc.v2".into(), "ISOLATED_RUNTIME", "io.containerd.runc.v2";
+    /// OCI runtime the runc v2 shim runs: runc, crun (from the shim's PATH) or an absolute path; a namespace's [namespaces.NAME] table may choose its own.
+    runtime_binary: RuntimeBinary = RuntimeBinary::Runc, "ISOLATED_RUNTIME_BINARY", "runc";
     /// A base OCI runtime spec replacing the built-in runtime-spec/base.json.
     base_spec: PathBuf = PathBuf::new(), "ISOLATED_BASE_SPEC", "(built in)";
     /// A seccomp profile replacing the built-in runtime-spec/seccomp.json; "unconfined" disables it.
@@ -253,6 +357,9 @@ pub fn example_toml() -> String {
     }
     out
 }
+
+/// containerd's runc v2 shim, whose options carry `runtime_binary`.
+pub const RUNC_SHIM: &str = "io.containerd.runc.v2";
 
 /// Limits the edge enforces; a view of [`Config`].
 #[derive(Debug, Clone)]
@@ -325,6 +432,17 @@ impl Config {
         }
         if self.shims_per_namespace > crate::runner::shim_keeper::MAX_SHIMS_PER_NAMESPACE {
             return invalid("shims_per_namespace", "is at most 99");
+        }
+        let mut binaries = std::iter::once(&self.runtime_binary).chain(
+            self.namespaces
+                .values()
+                .filter_map(|n| n.runtime_binary.as_ref()),
+        );
+        if self.runtime != RUNC_SHIM && binaries.any(|b| *b != RuntimeBinary::Runc) {
+            return invalid(
+                "runtime_binary",
+                "is an option of the runc v2 shim, but runtime names another shim",
+            );
         }
         if let Err(e) = crate::metrics::parse_bind(&self.metrics_bind) {
             return invalid("metrics_bind", &e.to_string());
@@ -427,6 +545,15 @@ impl Config {
         Duration::from_secs(self.tag_ttl_secs)
     }
 
+    /// The runtime binary of Direktiv namespace `namespace`: its own
+    /// `[namespaces.NAME]` choice, else the node's.
+    pub fn runtime_binary_of(&self, namespace: &str) -> &RuntimeBinary {
+        self.namespaces
+            .get(namespace)
+            .and_then(|n| n.runtime_binary.as_ref())
+            .unwrap_or(&self.runtime_binary)
+    }
+
     /// The containerd namespace of a Direktiv namespace.
     pub fn containerd_namespace(&self, namespace: &str) -> String {
         format!(
@@ -497,6 +624,56 @@ mod tests {
         std::fs::write(&file, "network = \"bridge\"\n").unwrap();
         let e = Config::load(Options::default(), Some(&file)).unwrap_err();
         assert!(e.to_string().contains("bridge"), "{e}");
+    }
+
+    #[test]
+    fn runtime_binary_is_runc_crun_or_a_path_and_namespaces_choose_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "runtime_binary = \"crun\"\n\n[namespaces.legacy]\nruntime_binary = \"runc\"\n\n\
+             [namespaces.new]\nruntime_binary = \"/opt/runc-1.3/runc\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Options::default(), Some(&file)).unwrap();
+        assert_eq!(c.runtime_binary, RuntimeBinary::Crun);
+        assert_eq!(c.runtime_binary_of("legacy"), &RuntimeBinary::Runc);
+        assert_eq!(
+            c.runtime_binary_of("new"),
+            &RuntimeBinary::Path("/opt/runc-1.3/runc".into())
+        );
+        assert_eq!(c.runtime_binary_of("new").name(), "runc");
+        assert_eq!(c.runtime_binary_of("other"), &RuntimeBinary::Crun);
+        assert!(c.runtime_binary_of("other").is_crun());
+        // The flag (or environment) wins over the file's node-wide value,
+        // not over a namespace's own.
+        let cli = Options {
+            runtime_binary: Some(RuntimeBinary::Runc),
+            ..Default::default()
+        };
+        let c = Config::load(cli, Some(&file)).unwrap();
+        assert_eq!(c.runtime_binary_of("other"), &RuntimeBinary::Runc);
+        assert_eq!(c.runtime_binary_of("new").name(), "runc");
+
+        for (text, needle) in [
+            ("runtime_binary = \"youki\"\n", "youki"),
+            ("runtime_binary = \"bin/crun\"\n", "bin/crun"),
+            ("[namespaces.a]\nruntime = \"x\"\n", "runtime"),
+            (
+                "runtime = \"io.containerd.runsc.v1\"\n[namespaces.a]\nruntime_binary = \"crun\"\n",
+                "runtime_binary",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = Config::load(Options::default(), Some(&file)).unwrap_err();
+            assert!(e.to_string().contains(needle), "{text:?}: {e}");
+        }
+        assert_eq!(
+            "/usr/bin/crun".parse::<RuntimeBinary>().unwrap().name(),
+            "crun"
+        );
+        assert!("/".parse::<RuntimeBinary>().is_err());
     }
 
     #[test]

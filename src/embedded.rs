@@ -3,8 +3,8 @@
 //! backoff when it dies, and stops on shutdown (SIGTERM, then SIGKILL).
 //!
 //! Everything of it lives under `<state_dir>/containerd`: the generated
-//! config, root, state, sockets, `opt`, runc's state (`runc/`), its log and
-//! its pid file. Owns only that process and what its config says: the shims
+//! config, root, state, sockets, `opt`, the runtimes' state (`runc/`,
+//! `crun/`), its log and its pid file. Owns only that process and what its config says: the shims
 //! it starts re-parent away from it by design (they outlive containerd so
 //! that running actions survive a restart), and what runs in it is the
 //! runner's business.
@@ -16,8 +16,9 @@
 //! `/run/containerd/runc/<namespace>` for every containerd on the host, and
 //! containerd has no setting for it outside CRI (which is disabled here); it
 //! is the `root` of the runc options a client gives with the container
-//! ([`runtime_options`]), and containerd hands a container's options to the
-//! shim when a task is created without options of its own. The shim's
+//! (`engine::runtime`, given [`Embedded::dir`]), and containerd hands a
+//! container's options to the shim when a task is created without options
+//! of its own. The shim's
 //! ttrpc socket stays under `/run/containerd/s/` (built into the shim), but
 //! is named by a hash of containerd's own socket path, the namespace and the
 //! id, so two containerds never share one.
@@ -25,7 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -49,51 +50,6 @@ const STABLE: Duration = Duration::from_secs(60);
 const MAX_SOCKET_PATH: usize = 107;
 /// How long `containerd --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The runc v2 shim's runc root when the client gives none (containerd's
-/// `process.RuncRoot`); the shim appends the namespace.
-pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
-
-/// The runc root of the containerd this process uses: set once, when the
-/// embedded containerd starts, before any action runs. A process-wide fact
-/// rather than a field, so that every place creating a container (the
-/// runner and the shim keepers) asks the same question the same way.
-static RUNC_ROOT: OnceLock<PathBuf> = OnceLock::new();
-
-/// The runc root (without the namespace) of the containerd this process
-/// uses: `<state_dir>/containerd/runc` for the embedded one, else
-/// [`DEFAULT_RUNC_ROOT`]. runc keeps namespace `cns`'s containers under
-/// `runc_root().join(cns)`.
-pub fn runc_root() -> &'static Path {
-    RUNC_ROOT
-        .get()
-        .map(PathBuf::as_path)
-        .unwrap_or(Path::new(DEFAULT_RUNC_ROOT))
-}
-
-/// The runtime options every container this process creates carries
-/// (`Container.runtime.options`): the runc root of the embedded
-/// containerd, or none (containerd's defaults) with any other containerd.
-pub fn runtime_options() -> Option<prost_types::Any> {
-    RUNC_ROOT.get().map(|root| runc_options(root))
-}
-
-/// `containerd.runc.v1.Options` with only `root` (field 7) set: what the
-/// shim reads, without the rest of containerd's API types.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RuncOptions {
-    #[prost(string, tag = "7")]
-    root: String,
-}
-
-fn runc_options(root: &Path) -> prost_types::Any {
-    prost_types::Any {
-        type_url: "containerd.runc.v1.Options".into(),
-        value: prost::Message::encode_to_vec(&RuncOptions {
-            root: root.display().to_string(),
-        }),
-    }
-}
 
 /// Why the embedded containerd could not be started.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -127,18 +83,16 @@ struct Layout {
     socket: PathBuf,
     log: PathBuf,
     pid_file: PathBuf,
-    runc_root: PathBuf,
 }
 
 impl Layout {
     fn new(state_dir: &Path) -> Layout {
-        let dir = state_dir.join("containerd");
+        let dir = Embedded::dir_of(state_dir);
         Layout {
             config: dir.join("config.toml"),
             socket: dir.join("containerd.sock"),
             log: dir.join("containerd.log"),
             pid_file: dir.join("containerd.pid"),
-            runc_root: dir.join("runc"),
             dir,
         }
     }
@@ -264,19 +218,13 @@ impl Embedded {
         let major = containerd_major().await?;
         std::fs::write(&layout.config, config_toml(&layout.dir, major))
             .map_err(dir_err(&layout.config))?;
-        std::fs::create_dir_all(&layout.runc_root).map_err(dir_err(&layout.runc_root))?;
         stop_leftover(&layout).await;
 
         let mut child = spawn(&layout)?;
         let pid = Arc::new(AtomicI32::new(child_pid(&child)));
         wait_ready(&layout, &mut child).await?;
         info!(socket = %layout.socket.display(), pid = pid.load(Ordering::Relaxed),
-              major, runc_root = %layout.runc_root.display(), "embedded containerd is up");
-        if RUNC_ROOT.set(layout.runc_root.clone()).is_err() && runc_root() != layout.runc_root {
-            warn!(
-                "a second embedded containerd in one process: its containers use the first one's runc root"
-            );
-        }
+              major, "embedded containerd is up");
 
         let stop = CancellationToken::new();
         let supervisor = tokio::spawn(supervise(layout.clone(), child, pid.clone(), stop.clone()));
@@ -286,6 +234,12 @@ impl Embedded {
             stop,
             supervisor: Some(supervisor),
         })
+    }
+
+    /// The directory of the embedded containerd of `state_dir`: the
+    /// runtimes' state roots go under it too.
+    pub fn dir_of(state_dir: &Path) -> PathBuf {
+        state_dir.join("containerd")
     }
 
     /// The socket to give the containerd client.
@@ -575,17 +529,6 @@ mod tests {
         ] {
             assert_eq!(major_version(text), want, "{text:?}");
         }
-    }
-
-    #[test]
-    fn runc_options_carry_the_root_as_field_seven() {
-        let any = runc_options(Path::new("/s/containerd/runc"));
-        assert_eq!(any.type_url, "containerd.runc.v1.Options");
-        // Tag 7, wire type 2 (length-delimited): 0x3a, then the length.
-        let root = b"/s/containerd/runc";
-        let mut want = vec![0x3a, root.len() as u8];
-        want.extend_from_slice(root);
-        assert_eq!(any.value, want);
     }
 
     #[tokio::test]

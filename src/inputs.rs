@@ -100,6 +100,14 @@ pub fn copy_to(spool: &Path, dest: &Path) -> Result<(), InputError> {
         path: dest.to_owned(),
         source,
     })?;
+    // Readable by the action whatever the process's umask is now (the local
+    // socket's bind narrows it for a moment).
+    use std::os::unix::fs::PermissionsExt;
+    to.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(|source| InputError::Write {
+            path: dest.to_owned(),
+            source,
+        })?;
     std::io::copy(&mut from, &mut to).map_err(read)?;
     Ok(())
 }

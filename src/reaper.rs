@@ -1,6 +1,7 @@
 //! The reaper: stops a task whose deadline passed or that was cancelled.
-//! SIGTERM to every process of the task, SIGKILL after the grace period;
-//! and if containerd cannot deliver the signals, the reaper kills the
+//! SIGTERM to every process of the task, SIGKILL after the grace period
+//! (both through `ops::signal_all`, which reaches every process on every
+//! runtime, issue 15); and if the task outlives that, the reaper kills the
 //! task's processes itself, found through the task's cgroup.
 //!
 //! Owns the stopping, not the deadlines: the runner hands it a task whose
@@ -10,7 +11,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use tracing::error;
 
 use crate::engine::{ops, Engine};
@@ -31,15 +31,11 @@ pub async fn stop<F>(
 where
     F: Future<Output = Result<u32, RunError>> + Unpin,
 {
-    if !ops::kill(engine, cns, id, Signal::SIGTERM).await {
-        kill_cgroup(cgroups_path, Signal::SIGTERM);
-    }
+    ops::signal_all(engine, cns, id, cgroups_path, Signal::SIGTERM).await;
     if let Ok(code) = tokio::time::timeout(grace, &mut *exit).await {
         return code;
     }
-    if !ops::kill(engine, cns, id, Signal::SIGKILL).await {
-        kill_cgroup(cgroups_path, Signal::SIGKILL);
-    }
+    ops::signal_all(engine, cns, id, cgroups_path, Signal::SIGKILL).await;
     if let Ok(code) = tokio::time::timeout(KILL_WAIT, &mut *exit).await {
         return code;
     }
@@ -49,30 +45,6 @@ where
         task = id,
         "task survived SIGKILL through containerd; killing its processes directly"
     );
-    kill_cgroup(cgroups_path, Signal::SIGKILL);
+    ops::signal_cgroup(ops::CGROUP_ROOTS, cgroups_path, Signal::SIGKILL, |_| false);
     exit.await
-}
-
-/// Signals every process in the task's cgroup (v1 `pids`/`memory` or v2).
-/// Returns how many were signalled.
-pub fn kill_cgroup(cgroups_path: &str, signal: Signal) -> usize {
-    let rel = cgroups_path.trim_start_matches('/');
-    let mut n = 0;
-    for root in [
-        "/sys/fs/cgroup/pids",
-        "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup",
-    ] {
-        let procs = format!("{root}/{rel}/cgroup.procs");
-        let Ok(text) = std::fs::read_to_string(&procs) else {
-            continue;
-        };
-        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            if nix::sys::signal::kill(Pid::from_raw(pid), signal).is_ok() {
-                n += 1;
-            }
-        }
-        break;
-    }
-    n
 }

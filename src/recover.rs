@@ -136,7 +136,7 @@ pub async fn recover(
     found.orphans_removed = sweep(runner, &known).await;
 
     for (action, record, start) in plans {
-        tokio::spawn(runner.clone().run(action, record, start));
+        runner.spawn(action, record, start);
     }
     info!(?found, "recovery done");
     Ok(found)

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::{error, info, Instrument};
+use tracing::{error, info};
 
 use crate::actions::Actions;
 use crate::auth::Caller;
@@ -97,12 +97,7 @@ impl DirektivIsolate for IsolateService {
         let action = Action::new(&self.runner.cfg, req, handle)
             .spooled()
             .queued(place);
-        tokio::spawn(
-            self.runner
-                .clone()
-                .run(action, record, Start::Fresh)
-                .in_current_span(),
-        );
+        self.runner.spawn(action, record, Start::Fresh);
         Ok(Response::new(()))
     }
 }

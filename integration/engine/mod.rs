@@ -6,7 +6,8 @@
 use anyhow::{ensure, Result};
 use direktiv_isolate::containerd::Containerd;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
-use direktiv_isolate::engine::{ops, Container, Engine, EngineError, NewTask, Prepare, RuncRoot};
+use direktiv_isolate::engine::runtime::DEFAULT_RUNC_ROOT;
+use direktiv_isolate::engine::{ops, Container, Engine, EngineError, NewTask, Prepare};
 use libtest_mimic::Trial;
 
 use crate::harness::{trial, Ctx, Env};
@@ -119,7 +120,8 @@ async fn classifier_on_this_containerd(t: Ctx) -> Result<()> {
     // create): runc refuses the id, which the lifecycle clears and retries.
     // (The failed create above may leave its bundle while the shim winds down.)
     ops::remove_leaked_bundle(&bundle, &cns, &id);
-    let runc_dir = RuncRoot::default().of(&cns).join(&id);
+    let runc_ns = std::path::Path::new(DEFAULT_RUNC_ROOT).join(&cns);
+    let runc_dir = runc_ns.join(&id);
     std::fs::create_dir_all(&runc_dir)?;
     let task = NewTask {
         container_id: id.clone(),
@@ -127,7 +129,7 @@ async fn classifier_on_this_containerd(t: Ctx) -> Result<()> {
     };
     let e = engine.create_task(&cns, task).await.err();
     captured(&version, &e);
-    let _ = std::fs::remove_dir_all(RuncRoot::default().of(&cns));
+    let _ = std::fs::remove_dir_all(&runc_ns);
     ensure!(
         matches!(&e, Some(EngineError::RuncIdTaken { .. })),
         "containerd {version}: a create over runc's own state of the id gave {e:?}, not RuncIdTaken"

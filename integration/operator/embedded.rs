@@ -344,7 +344,7 @@ pub async fn runc_state_is_private(t: Ctx) -> Result<()> {
         &id,
     ])
     .await?;
-    let shared_state = Path::new(direktiv_isolate::embedded::DEFAULT_RUNC_ROOT)
+    let shared_state = Path::new(direktiv_isolate::engine::runtime::DEFAULT_RUNC_ROOT)
         .join(&cns)
         .join(&id)
         .join("state.json");

@@ -7,6 +7,7 @@ mod images;
 mod install;
 mod make_run;
 pub mod metrics;
+mod runtimes;
 mod stop;
 
 use std::path::Path;
@@ -48,6 +49,14 @@ pub fn trials() -> Vec<Trial> {
         trial(
             "operator::embedded_runc_state_is_private",
             embedded::runc_state_is_private,
+        ),
+        trial(
+            "operator::runtime_binary_per_namespace",
+            runtimes::runtime_binary_per_namespace,
+        ),
+        trial(
+            "operator::crun_refused_on_hybrid_cgroups",
+            runtimes::crun_refused_on_hybrid_cgroups,
         ),
         trial(
             "operator::stop_with_a_follower_then_a_second_signal",

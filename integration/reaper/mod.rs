@@ -37,6 +37,10 @@ pub fn trials() -> Vec<Trial> {
             timeouts::sigterm_ignored_until_grace_ends,
         ),
         trial(
+            "reaper::sigterm_reaches_every_process",
+            timeouts::sigterm_reaches_every_process,
+        ),
+        trial(
             "reaper::fifty_staggered_timeouts",
             timeouts::fifty_staggered_timeouts,
         ),

@@ -19,6 +19,16 @@ use crate::harness::{Ctx, Env, ImageSpec, FIRST_PULL, NOTHING_LEFT};
 /// `ignore_term` makes both the shell and `sleep` ignore SIGTERM (an ignored signal stays
 /// ignored across exec), so only SIGKILL after the grace period can end them.
 async fn time_out(t: &Ctx, ignore_term: bool) -> Result<i64> {
+    let script = if ignore_term {
+        "trap '' TERM\nsleep 600"
+    } else {
+        "sleep 600"
+    };
+    time_out_script(t, script).await
+}
+
+/// [`time_out`] with the action's own script.
+async fn time_out_script(t: &Ctx, script: &str) -> Result<i64> {
     const TIMEOUT_S: i64 = 2;
     ensure!(
         !t.env
@@ -29,11 +39,6 @@ async fn time_out(t: &Ctx, ignore_term: bool) -> Result<i64> {
             .any(|a| a.starts_with("--kill-grace")),
         "the shared isolated no longer runs with the default grace period these bounds assume"
     );
-    let script = if ignore_term {
-        "trap '' TERM\nsleep 600"
-    } else {
-        "sleep 600"
-    };
     let image = t.push(&ImageSpec::with_script(script)).await?;
     let marker = marker("timeout");
     let id = t.action_id("sleep");
@@ -89,6 +94,26 @@ pub async fn sleeping_action_times_out(t: Ctx) -> Result<()> {
     ensure!(
         took_ms < (2 + DEFAULT_GRACE_S) * 1000,
         "SIGTERM did not end the action: reported after {took_ms} ms, i.e. only the SIGKILL after the {DEFAULT_GRACE_S} s grace period did"
+    );
+    Ok(())
+}
+
+/// SIGTERM reaches every process of the action, not only its init (issue 15): the init
+/// shell ignores TERM and waits for a child shell (with a `sleep` of its own) that does
+/// not. The TERM at the timeout kills the child, the init's `wait` returns and the action
+/// ends well before the grace period is over. Where only the init is signalled (runc >= 1.2
+/// and crun, for a Kill with `all`, unless isolated signals the cgroup's other members
+/// itself) it lasts until the SIGKILL after the grace period. The node tier runs the same
+/// check with runc 1.3.6 and crun (`term_reaches_children`).
+pub async fn sigterm_reaches_every_process(t: Ctx) -> Result<()> {
+    let took_ms = time_out_script(
+        &t,
+        "/bin/sh -c 'sleep 600; :' &\ntrap '' TERM\nwait\necho after-term > /direktiv-data/data.out",
+    )
+    .await?;
+    ensure!(
+        took_ms < (2 + DEFAULT_GRACE_S) * 1000,
+        "reported {took_ms} ms after the start: the child that dies of SIGTERM never got it, only the SIGKILL after the {DEFAULT_GRACE_S} s grace period ended the action"
     );
     Ok(())
 }

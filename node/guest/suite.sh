@@ -145,6 +145,51 @@ c_timeout_kills_all() {
   echo "timeout reported after $secs s, no process left"
 }
 
+# SIGTERM reaches every process of the action, not only its init: the init shell ignores
+# TERM and waits for a child shell that does not; when the child dies of the TERM at the
+# timeout, the init's wait returns and the action ends at once. Had only the init been
+# signalled (runc >= 1.2 and crun do that for a Kill with `all`), it would last until the
+# SIGKILL after the 5 s grace period.
+c_term_reaches_children() {
+  local id err info lived
+  id=$(uid term)
+  err=$($ctl run -n "$ns" -i "$image" --action-id "$id" --timeout 3 \
+        -c "/bin/sh -c '/bin/sh -c \"sleep 7779; :\" & trap \"\" TERM; wait; echo after-term > /direktiv-data/data.out'" 2>&1 >/dev/null)
+  case $err in
+    *au.com.direktiv.error.timeout*) ;;
+    *) echo "not reported as timeout: $err"; return 1 ;;
+  esac
+  info=$($ctl --json get -n "$ns" "$id" 2>&1)
+  lived=$(( $(date -d "$(json_field "$info" finished_at)" +%s%3N) - $(date -d "$(json_field "$info" started_at)" +%s%3N) ))
+  [ "$lived" -lt 6500 ] || { echo "the action lived $lived ms with a 3 s timeout: its child never got SIGTERM, only the SIGKILL after the grace period ended it"; return 1; }
+  [ -z "$(pgrep -af 'sleep 7779')" ] || { echo "processes of $id left after its report"; return 1; }
+  echo "the TERM-handling child ended at the timeout: the action lived $lived ms"
+}
+
+# The namespace's runtime_binary ran the action: the runc v2 shim got it as its
+# BinaryName (the task bundle's options.json, which the shim writes from the options), and
+# the binary's own state under its root (NODE_RUNTIME_ROOT) has the container running.
+c_runtime_binary() {
+  local id state opts bundle
+  id=$(uid runtime)
+  $ctl run -n "$ns" -i "$image" --action-id "$id" -c "/bin/sh -c 'sleep 30'" >/dev/null 2>&1 &
+  wait_state "$id" running 60 >/dev/null || { echo "$id never ran"; return 1; }
+  bundle=/run/containerd/io.containerd.runtime.v2.task/direktiv.$ns/$id
+  opts=$(cat "$bundle/options.json" 2>&1)
+  $ctl cancel -n "$ns" "$id" >/dev/null 2>&1
+  case $opts in
+    *"\"$NODE_RUNTIME_BIN\""*) ;;
+    *) echo "the shim's options do not name $NODE_RUNTIME_BIN: $opts"; return 1 ;;
+  esac
+  state=$("$NODE_RUNTIME_BIN" --root "$NODE_RUNTIME_ROOT/direktiv.$ns" state "$id" 2>&1)
+  wait
+  case $state in
+    *'"status": "running"'*|*'"status":"running"'*) ;;
+    *) echo "$NODE_RUNTIME_BIN --root $NODE_RUNTIME_ROOT/direktiv.$ns state $id: $state"; return 1 ;;
+  esac
+  echo "the shim ran $NODE_RUNTIME_BIN ($opts); its state under $NODE_RUNTIME_ROOT says running"
+}
+
 # start_sleepers PREFIX N SECONDS: N actions that sleep, then write done-<i>; returns when
 # all are running. Their followers (isolatectl run) are bounded by timeout(1).
 start_sleepers() {
@@ -215,10 +260,17 @@ c_journal_span() {
 }
 
 wait_isolated 60 || { result daemon FAIL "isolated does not answer"; exit 1; }
-check end_to_end c_end_to_end
-check oom c_oom
-check cgroup_limits c_cgroup_limits
-check timeout_kills_all c_timeout_kills_all
-check restart_reattaches c_restart_reattaches
-check stop_start c_stop_start
-check journal_span c_journal_span
+# NODE_CHECKS: the checks to run (all by default); NODE_RUNTIME_BIN and NODE_RUNTIME_ROOT:
+# the namespace's runtime_binary and its state root, for runtime_binary.
+want() { [ -z "${NODE_CHECKS:-}" ] || [[ " $NODE_CHECKS " == *" $1 "* ]]; }
+run_check() { want "$1" && check "$1" "c_$1"; }
+run_check end_to_end
+[ -n "${NODE_RUNTIME_BIN:-}" ] && run_check runtime_binary
+run_check oom
+run_check cgroup_limits
+run_check timeout_kills_all
+run_check term_reaches_children
+run_check restart_reattaches
+run_check stop_start
+run_check journal_span
+true

@@ -18,7 +18,7 @@ use direktiv_isolate::control::ControlService;
 use direktiv_isolate::disk::Disks;
 use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
-use direktiv_isolate::engine::{Engine, RuncRoot};
+use direktiv_isolate::engine::{Engine, Runtimes};
 use direktiv_isolate::hostdir;
 use direktiv_isolate::image::ImageService;
 use direktiv_isolate::listen::{self, LocalSocket};
@@ -139,6 +139,17 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             bail!("isolated needs {cap} in its effective capability set");
         }
     }
+    // Each namespace's OCI runtime, with its state under the embedded
+    // containerd's directory when that is the one in use. A crun that this
+    // host's cgroups would make fail every action stops the start here,
+    // before anything is made.
+    let embedded_dir = cfg
+        .embedded_containerd
+        .then(|| Embedded::dir_of(&cfg.state_dir));
+    let runtimes = Runtimes::from_config(&cfg, embedded_dir.as_deref());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo to tell the host's cgroup layout")?;
+    runtimes.check_host(&mountinfo)?;
     // Before anything is touched: a second isolated on this state dir
     // would take the first one's embedded containerd for a leftover and
     // stop it (issue 14). Held until the process ends.
@@ -158,6 +169,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     }
     // Nothing runs yet, so no action is creating one of these right now.
     remove_empty_dirs(&cfg.actions_dir());
+    runtimes.prepare()?;
     // The embedded containerd replaces the configured address.
     let embedded = match cfg.embedded_containerd {
         true => Some(Embedded::start(&cfg.state_dir).await?),
@@ -197,21 +209,17 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     );
     // The group annotation is the runc v2 shim's; another runtime would run
     // the keepers as sandboxes of their own and share nothing.
-    let runc_shim = cfg.runtime == "io.containerd.runc.v2";
+    let runc_shim = cfg.runtime == direktiv_isolate::config::RUNC_SHIM;
     if cfg.shim_group == ShimGroup::Namespace && !runc_shim {
         warn!(runtime = %cfg.runtime, "shim_group = \"namespace\" needs the runc v2 shim; every task gets a shim of its own");
     }
     // Every call of the lifecycle goes through the engine (issue 12).
     let engine: Arc<dyn Engine> = Arc::new(ContainerdEngine::new(cd.clone()));
-    // runc's state as the runc v2 shim keeps it: the embedded containerd's
-    // own (passed in every container's runtime options), else the shim's
-    // default root.
-    let runc = RuncRoot(direktiv_isolate::embedded::runc_root().to_path_buf());
     let keepers = match cfg.shim_group {
         ShimGroup::Namespace if runc_shim => Some(
             ShimKeepers::new(
                 engine.clone(),
-                runc.clone(),
+                runtimes.clone(),
                 &cfg.runtime,
                 &cfg.state_dir,
                 Duration::from_secs(cfg.shim_keep_secs),
@@ -237,7 +245,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let runner = Arc::new(Runner {
         cfg: cfg.clone(),
         engine,
-        runc,
+        runtimes,
         images,
         template,
         reporter,

@@ -234,12 +234,18 @@ impl Engine for ContainerdEngine {
             .exit_status)
     }
 
-    async fn kill_task(&self, cns: &str, id: &str, signal: Signal) -> Result<(), EngineError> {
+    async fn kill_task(
+        &self,
+        cns: &str,
+        id: &str,
+        signal: Signal,
+        all: bool,
+    ) -> Result<(), EngineError> {
         let req = KillRequest {
             container_id: id.to_string(),
             exec_id: String::new(),
             signal: signal as u32,
-            all: true,
+            all,
         };
         self.cd
             .tasks()

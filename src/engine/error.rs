@@ -38,6 +38,8 @@ pub enum EngineError {
         exit_code: u32,
         message: String,
     },
+    /// cannot {what}: the task exited while containerd was down, and containerd deleted it with its exit status at its restart (containerd >= 1.7 takes a shim whose task has no process left for one a crash leaked, containerd #6860)
+    ExitLost { what: &'static str },
     /// containerd failed to {what}: {message}
     Failed {
         what: &'static str,

@@ -29,6 +29,8 @@ pub enum Fail {
     LeakedBundle(PathBuf),
     RuncIdTaken,
     Other,
+    /// The call panics (a bug in isolated, as the lifecycle sees it).
+    Panic,
 }
 
 struct Task {
@@ -115,6 +117,17 @@ impl Fake {
         }
     }
 
+    /// Task `id` exits and is deleted by containerd itself, as containerd
+    /// 1.7 and 2.x do at their restart with a task that exited while they
+    /// were down (set it down first: a wait under way then loses
+    /// containerd).
+    pub fn vanish(&self, cns: &str, id: &str) {
+        let mut st = self.lock();
+        if let Some(n) = st.namespaces.get_mut(cns) {
+            n.tasks.remove(id);
+        }
+    }
+
     /// Every call so far, as `op cns/id`.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
@@ -153,6 +166,11 @@ impl Fake {
         };
         let message = format!("injected {fail:?}");
         Err(match fail {
+            Fail::Panic => {
+                // Unlocked first: the test goes on using the fake.
+                drop(st);
+                panic!("injected panic in {op}");
+            }
             Fail::Unavailable => EngineError::Unavailable { what: op, message },
             Fail::NotFound => EngineError::NotFound { what: op, message },
             Fail::AlreadyExists => EngineError::AlreadyExists { what: op, message },
@@ -350,13 +368,26 @@ impl Engine for Fake {
                 return Ok(status);
             }
             if rx.changed().await.is_err() {
-                // The task was deleted under the wait.
+                // The task was deleted under the wait: by containerd while
+                // the connection is gone, or by a call.
+                if self.lock().down {
+                    return Err(EngineError::Unavailable {
+                        what: "wait_task",
+                        message: "transport error".into(),
+                    });
+                }
                 return Err(not_found("wait_task", id));
             }
         }
     }
 
-    async fn kill_task(&self, cns: &str, id: &str, signal: Signal) -> Result<(), EngineError> {
+    async fn kill_task(
+        &self,
+        cns: &str,
+        id: &str,
+        signal: Signal,
+        _all: bool,
+    ) -> Result<(), EngineError> {
         self.enter("kill_task", cns, id)?;
         let mut st = self.lock();
         let t = st

@@ -6,7 +6,9 @@
 //! run in unit tests without root. containerd's failures are classified once,
 //! into [`EngineError`] (`error`); the operations written once for everyone
 //! (an action's removal, a kill, a task create that recovers from what a
-//! crash left) are in `ops`.
+//! crash left) are in `ops`; each namespace's OCI runtime under the runc v2
+//! shim (binary, state root, the runtime options containers carry) is in
+//! `runtime`.
 //!
 //! Does not decide anything about actions: which call comes when is the
 //! runner's, the recovery's and the shim keepers'. Images are pulled through
@@ -20,15 +22,16 @@ pub mod fake;
 pub mod containerd;
 pub mod error;
 pub mod ops;
+pub mod runtime;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
 
 pub use containerd_client::services::v1::Container;
 pub use containerd_client::types::Mount;
 pub use error::EngineError;
+pub use runtime::{OciRuntime, Runtimes};
 
 /// Label every object isolated creates carries, so start-up can tell its
 /// own leftovers from other tenants of the same containerd.
@@ -104,24 +107,6 @@ pub enum TaskStatus {
     Unknown,
 }
 
-/// Where the runc v2 shim keeps runc's state (`runc --root`), per
-/// containerd namespace: containerd's runtime option `Root`, or the shim's
-/// default when it sets none.
-#[derive(Debug, Clone)]
-pub struct RuncRoot(pub PathBuf);
-
-impl Default for RuncRoot {
-    fn default() -> Self {
-        RuncRoot(PathBuf::from("/run/containerd/runc"))
-    }
-}
-
-impl RuncRoot {
-    pub fn of(&self, cns: &str) -> PathBuf {
-        self.0.join(cns)
-    }
-}
-
 /// containerd, as the lifecycle uses it. Every method names one containerd
 /// call; failures come back classified.
 #[tonic::async_trait]
@@ -158,9 +143,17 @@ pub trait Engine: Send + Sync {
     async fn task(&self, cns: &str, id: &str) -> Result<TaskInfo, EngineError>;
     /// Waits for the task's exit; returns its exit status.
     async fn wait_task(&self, cns: &str, id: &str) -> Result<u32, EngineError>;
-    /// Signals every process of the task (`all`: the init of a PID
-    /// namespace ignores signals it has no handler for).
-    async fn kill_task(&self, cns: &str, id: &str, signal: Signal) -> Result<(), EngineError>;
+    /// Signals the task's init, or with `all` every process of the task
+    /// (runc before 1.2; runc >= 1.2 and crun signal only the init of a
+    /// container with its own PID namespace either way, see
+    /// `ops::signal_all`).
+    async fn kill_task(
+        &self,
+        cns: &str,
+        id: &str,
+        signal: Signal,
+        all: bool,
+    ) -> Result<(), EngineError>;
     /// Deletes a stopped task; returns its exit status.
     async fn delete_task(&self, cns: &str, id: &str) -> Result<u32, EngineError>;
 

@@ -1,9 +1,10 @@
 //! The operations on containerd that more than one part of the daemon needs,
 //! written once (issue 12): removing an action's objects (the runner's
 //! cleanup, recovery's orphan sweep and the shim keepers all use it), the
-//! one kill, waiting for an exit across containerd restarts, and a task
-//! create that recovers from what a create cut short by a crash leaves,
-//! and the size of an image as its content store holds it.
+//! one kill (every process of an action, on every runtime: issue 15),
+//! waiting for an exit across containerd restarts, a task create that
+//! recovers from what a create cut short by a crash leaves, and the size
+//! of an image as its content store holds it.
 //! Retries are here because containerd can refuse under I/O load
 //! (containerd #9309) and a crash can leave a bundle or a runc container
 //! (containerd #6860).
@@ -12,9 +13,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tracing::warn;
 
-use super::{Engine, EngineError, NewTask, RuncRoot};
+use super::{Engine, EngineError, NewTask, OciRuntime};
 
 /// The bytes of everything image target `digest` references, following
 /// the garbage collector's `containerd.io/gc.ref.content.*` labels (an
@@ -111,10 +113,11 @@ async fn kill_and_wait(e: &dyn Engine, cns: &str, id: &str) {
     }
 }
 
-/// Signals every process of the task through containerd. False when
-/// containerd could not be asked; a task already gone counts as done.
-pub async fn kill(e: &dyn Engine, cns: &str, id: &str, signal: Signal) -> bool {
-    match e.kill_task(cns, id, signal).await {
+/// Signals the task through containerd (`all`: every process, where the
+/// runtime does that). False when containerd could not be asked; a task
+/// already gone counts as done.
+async fn kill_through(e: &dyn Engine, cns: &str, id: &str, signal: Signal, all: bool) -> bool {
+    match e.kill_task(cns, id, signal, all).await {
         Ok(()) => true,
         Err(err) if err.is_not_found() => true,
         Err(err) => {
@@ -124,17 +127,113 @@ pub async fn kill(e: &dyn Engine, cns: &str, id: &str, signal: Signal) -> bool {
     }
 }
 
+/// SIGKILL (or another signal) to the task through containerd, `all` set:
+/// enough for a kill, since the kernel kills every process of a PID
+/// namespace whose init dies. False when containerd could not be asked.
+pub async fn kill(e: &dyn Engine, cns: &str, id: &str, signal: Signal) -> bool {
+    kill_through(e, cns, id, signal, true).await
+}
+
+/// The one stop signal of an action: `signal` to every process of it,
+/// once each, on every runtime. runc before 1.2 signalled every process
+/// of the cgroup for a Kill with `all`; runc >= 1.2 and crun signal only
+/// the init of a container with its own PID namespace (runc 1.2.0's
+/// changelog: `kill --all` is ignored then, since the kernel ends the rest
+/// when the init exits), so a shell that ignores SIGTERM kept its children
+/// from ever seeing it and the action took the whole grace period. So the
+/// init gets the signal through containerd (without `all`, or runc 1.1
+/// would deliver it twice), and every other member of the action's cgroup
+/// (`cgroups_path`, v1 or v2) gets it from here. Without containerd, the
+/// whole cgroup gets it from here. Returns whether containerd took it.
+///
+/// The init is told by its pid in its own PID namespace (1), not by asking
+/// containerd: a task's State makes the shim run `runc state`, and fifty
+/// actions timing out at once took seconds longer with it.
+pub async fn signal_all(
+    e: &dyn Engine,
+    cns: &str,
+    id: &str,
+    cgroups_path: &str,
+    signal: Signal,
+) -> bool {
+    let through = kill_through(e, cns, id, signal, false).await;
+    let skip = |pid: u32| through && is_namespace_init(pid);
+    signal_cgroup(CGROUP_ROOTS, cgroups_path, signal, skip);
+    through
+}
+
+/// Whether `pid` is the init (pid 1) of its PID namespace: the last
+/// `NSpid` of /proc/<pid>/status.
+fn is_namespace_init(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|ids| ids.split_whitespace().last().map(|i| i == "1"))
+        })
+        .unwrap_or(false)
+}
+
+/// Where an action's cgroup is, relative path and all, in order: v1's
+/// `pids` and `memory` hierarchies (one suffices, every controller holds
+/// every process), then the v2 hierarchy. A hybrid host has both; the v1
+/// path is the one runc and crun fill there.
+pub const CGROUP_ROOTS: &[&str] = &[
+    "/sys/fs/cgroup/pids",
+    "/sys/fs/cgroup/memory",
+    "/sys/fs/cgroup",
+];
+
+/// Signals every process listed in the `cgroup.procs` of `cgroups_path`
+/// under the first of `roots` that has it, but those `skip` says were
+/// signalled already. Returns how many were signalled.
+pub fn signal_cgroup(
+    roots: &[&str],
+    cgroups_path: &str,
+    signal: Signal,
+    skip: impl Fn(u32) -> bool,
+) -> usize {
+    let rel = cgroups_path.trim_start_matches('/');
+    for root in roots {
+        let procs = Path::new(root).join(rel).join("cgroup.procs");
+        let Ok(text) = std::fs::read_to_string(&procs) else {
+            continue;
+        };
+        return text
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .filter(|&pid| pid > 0 && !skip(pid))
+            .filter(|&pid| nix::sys::signal::kill(Pid::from_raw(pid as i32), signal).is_ok())
+            .count();
+    }
+    0
+}
+
 /// The exit status of the task's init. A lost connection to containerd is
-/// not an exit: the wait is made again until containerd answers.
+/// not an exit: the wait is made again until containerd answers. A task
+/// that is not found once containerd is back exited while it was down:
+/// containerd 1.6 kept such a task (stopped, its shim alive, #6771), 1.7
+/// and 2.x delete it while they load their shims (the shim of a task
+/// without processes is taken for one leaked by a create cut short,
+/// #6860), and its exit status with it; that is [`EngineError::ExitLost`].
 pub async fn wait_exit(e: &dyn Engine, cns: &str, id: &str) -> Result<u32, EngineError> {
     let mut backoff = Duration::from_millis(100);
+    let mut lost = false;
     loop {
         match e.wait_task(cns, id).await {
             Ok(status) => return Ok(status),
             Err(err) if err.is_unavailable() => {
                 warn!(error = %err, "lost the wait on the task, waiting again");
+                lost = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(err) if lost && err.is_not_found() => {
+                warn!(error = %err, "the task is gone after containerd came back");
+                return Err(EngineError::ExitLost {
+                    what: "wait for the task",
+                });
             }
             Err(err) => return Err(err),
         }
@@ -150,7 +249,7 @@ pub async fn create_task(
     e: &dyn Engine,
     cns: &str,
     task: &NewTask,
-    runc: &RuncRoot,
+    runtime: &OciRuntime,
 ) -> Result<u32, EngineError> {
     let id = task.container_id.as_str();
     let mut attempt = 1;
@@ -172,7 +271,7 @@ pub async fn create_task(
             }
             EngineError::RuncIdTaken { .. } => {
                 delete_task(e, cns, id).await;
-                remove_leaked_runc_container(runc, cns, id).await;
+                remove_leaked_runc_container(runtime, cns, id).await;
             }
             _ => return Err(err),
         }
@@ -219,11 +318,13 @@ pub fn remove_leaked_bundle(bundle: &Path, cns: &str, id: &str) {
 
 /// The other half of a create cut short: runc created the container, but
 /// containerd never recorded the task, so runc refuses the id. A forced
-/// delete under the shim's runc root kills what runs and frees the id.
-async fn remove_leaked_runc_container(runc: &RuncRoot, cns: &str, id: &str) {
-    let root = runc.of(cns);
-    warn!(root = %root.display(), "removing a runc container left by a task create cut short");
-    let out = tokio::process::Command::new("runc")
+/// delete under the shim's root, by the namespace's binary (runc or crun,
+/// whose `delete --force` is the same), kills what runs and frees the id.
+async fn remove_leaked_runc_container(runtime: &OciRuntime, cns: &str, id: &str) {
+    let root = runtime.root_of(cns);
+    let binary = runtime.binary().to_string();
+    warn!(root = %root.display(), %binary, "removing a container left with the runtime by a task create cut short");
+    let out = tokio::process::Command::new(runtime.binary().command())
         .arg("--root")
         .arg(&root)
         .args(["delete", "--force", id])
@@ -231,8 +332,10 @@ async fn remove_leaked_runc_container(runc: &RuncRoot, cns: &str, id: &str) {
         .await;
     match out {
         Ok(o) if o.status.success() => {}
-        Ok(o) => warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "runc delete failed"),
-        Err(err) => warn!(error = %err, "cannot run runc"),
+        Ok(o) => {
+            warn!(%binary, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "the runtime's delete failed")
+        }
+        Err(err) => warn!(%binary, error = %err, "cannot run the runtime"),
     }
 }
 
@@ -322,7 +425,7 @@ mod tests {
             container_id: "act-1".into(),
             ..Default::default()
         };
-        let pid = create_task(&fake, "direktiv.ns", &task, &RuncRoot::default())
+        let pid = create_task(&fake, "direktiv.ns", &task, &OciRuntime::default())
             .await
             .unwrap();
         assert!(pid > 0);
@@ -331,9 +434,40 @@ mod tests {
         fake.delete_task("direktiv.ns", "act-1").await.unwrap();
         fake.fail_next("create_task", Fail::Other);
         assert!(
-            create_task(&fake, "direktiv.ns", &task, &RuncRoot::default())
+            create_task(&fake, "direktiv.ns", &task, &OciRuntime::default())
                 .await
                 .is_err()
+        );
+    }
+
+    /// A cgroup whose members are a `sleep` of this test and the task's
+    /// init (this process itself, which must not be signalled again).
+    #[test]
+    fn every_member_of_the_cgroup_but_the_init_is_signalled() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = t.path().join("isolated/direktiv.ns@act-1");
+        std::fs::create_dir_all(&cg).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        std::fs::write(cg.join("cgroup.procs"), format!("{me}\n{}\n", child.id())).unwrap();
+        let missing = t.path().join("pids");
+        let roots = [missing.to_str().unwrap(), t.path().to_str().unwrap()];
+        let n = signal_cgroup(
+            &roots,
+            "/isolated/direktiv.ns@act-1",
+            Signal::SIGTERM,
+            |pid| pid == me,
+        );
+        assert_eq!(n, 1, "only the child is signalled");
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(Signal::SIGTERM as i32));
+        assert_eq!(
+            signal_cgroup(&roots, "/isolated/none", Signal::SIGTERM, |_| false),
+            0
         );
     }
 

@@ -115,7 +115,7 @@ impl Runner {
             image: image.name.clone(),
             runtime: Some(Runtime {
                 name: self.cfg.runtime.clone(),
-                options: crate::embedded::runtime_options(),
+                options: self.runtimes.of(&a.cns).options(),
             }),
             spec: Some(spec::to_any(&spec)?),
             snapshotter: self.cfg.snapshotter.clone(),
@@ -144,7 +144,7 @@ impl Runner {
             stdout: stdio.stdout.display().to_string(),
             stderr: stdio.stderr.display().to_string(),
         };
-        ops::create_task(&*self.engine, &a.cns, &task, &self.runc).await?;
+        ops::create_task(&*self.engine, &a.cns, &task, self.runtimes.of(&a.cns)).await?;
         Ok((stdio, memory))
     }
 

@@ -17,7 +17,7 @@ use super::{Action, Runner, Start};
 use crate::actions::{now_ms, Actions};
 use crate::config::{Config, Options};
 use crate::engine::fake::{Fail, Fake};
-use crate::engine::{Engine, Prepare, RuncRoot, TaskStatus, LABEL_ACTION_ID, LABEL_MANAGED};
+use crate::engine::{Engine, Prepare, Runtimes, TaskStatus, LABEL_ACTION_ID, LABEL_MANAGED};
 use crate::image::{Image, ImageService};
 use crate::network::Networks;
 use crate::proto::control::{ActionInfo, ActionState};
@@ -71,7 +71,7 @@ impl Node {
         let runner = Arc::new(Runner {
             cfg: cfg.clone(),
             engine: Arc::new(fake.clone()),
-            runc: RuncRoot::default(),
+            runtimes: Runtimes::default(),
             images,
             template: SpecTemplate::load(None, None).unwrap(),
             reporter: Reporter::new("none", 1 << 20, &FlowTls::default()).unwrap(),
@@ -156,7 +156,7 @@ impl Node {
         };
         self.runner.store.put(&record, Sync::Durable).await.unwrap();
         let action = Action::new(&self.runner.cfg, req, handle).queued(place);
-        tokio::spawn(self.runner.clone().run(action, record, Start::Fresh));
+        self.runner.spawn(action, record, Start::Fresh);
     }
 
     /// Polls until `f` holds, failing after `WAIT` with `what`.
@@ -515,4 +515,81 @@ async fn a_spooled_input_reaches_data_in_and_goes_with_the_action() {
     assert_eq!(n.reported("ns", "spooled").await.output, b"ok");
     n.nothing_left("ns", "spooled");
     assert!(!spool.exists(), "the spooled input outlived its action");
+}
+
+/// A bug that panics in an action's task (here: containerd's fake panics
+/// at the task's start) ends that action as an internal error naming the
+/// panic, reported and released, instead of leaving it in flight; the
+/// next action runs as usual.
+#[tokio::test]
+async fn a_panicked_action_task_is_reported_as_an_internal_error() {
+    let n = Node::new(4);
+    n.fake.fail_next("start_task", Fail::Panic);
+    n.accept(n.request("ns", "boom", 60)).await;
+    let info = n.reported("ns", "boom").await;
+    assert_eq!(info.error_code, "au.com.direktiv.error.internal");
+    assert!(
+        info.error_message.contains("panicked")
+            && info.error_message.contains("injected panic in start_task"),
+        "{}",
+        info.error_message
+    );
+    n.nothing_left("ns", "boom");
+    assert!(n.runner.store.load_all().unwrap().is_empty());
+
+    n.accept(n.request("ns", "after", 60)).await;
+    n.task_running("ns", "after").await;
+    n.finish("ns", "after", b"fine");
+    assert_eq!(n.reported("ns", "after").await.output, b"fine");
+}
+
+/// containerd >= 1.7 deletes a task that exited while it was down when it
+/// comes back, exit status and all: the action's result files stand for
+/// it. Without any, the report says what was lost, as an internal error.
+#[tokio::test]
+async fn an_exit_lost_with_containerd_is_read_from_the_result_files() {
+    let n = Node::new(4);
+    for (id, out) in [
+        ("kept", Some(&b"written before the exit"[..])),
+        ("none", None),
+    ] {
+        n.accept(n.request("ns", id, 60)).await;
+        n.task_running("ns", id).await;
+        n.fake.set_down(true);
+        if let Some(out) = out {
+            let data = n
+                .runner
+                .cfg
+                .actions_dir()
+                .join(n.cns("ns"))
+                .join(id)
+                .join("data");
+            std::fs::write(data.join("data.out"), out).unwrap();
+        }
+        n.fake.vanish(&n.cns("ns"), id);
+        n.until("a lost wait", |n| {
+            n.fake
+                .calls()
+                .iter()
+                .filter(|c| *c == &format!("wait_task {}/{id}", n.cns("ns")))
+                .count()
+                >= 2
+        })
+        .await;
+        n.fake.set_down(false);
+        let info = n.reported("ns", id).await;
+        match out {
+            Some(out) => assert_eq!(info.output, out, "{}", info.error_message),
+            None => {
+                assert_eq!(info.error_code, "au.com.direktiv.error.internal");
+                assert!(
+                    info.error_message
+                        .contains("exited while containerd was down"),
+                    "{}",
+                    info.error_message
+                );
+            }
+        }
+        n.nothing_left("ns", id);
+    }
 }

@@ -13,7 +13,8 @@
 //!
 //! This file owns the order of an action's life (`run`: fresh, resumed
 //! after a restart, or only its report left to deliver; waiting for a slot;
-//! retrying while containerd is away). One job per file beside it: making
+//! retrying while containerd is away), and the task it runs in (`spawn`:
+//! a panic in it becomes the action's internal error, issue 15). One job per file beside it: making
 //! the task (`create`), watching it (`supervise`), reading what it left
 //! (`collect`), giving everything back (`release`), delivering the report
 //! or parking it (`deliver`), its output streams
@@ -43,7 +44,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::actions::{now_ms, Handle};
 use crate::config::Config;
 use crate::disk::Disks;
-use crate::engine::{Engine, EngineError, RuncRoot};
+use crate::engine::{Engine, EngineError, Runtimes};
 use crate::image::ImageService;
 use crate::network::{NetTarget, Networks};
 use crate::proto::control::ActionState;
@@ -62,9 +63,10 @@ pub struct Runner {
     pub cfg: Arc<Config>,
     /// Every containerd call of the lifecycle.
     pub engine: Arc<dyn Engine>,
-    /// Where the runc shim keeps runc's state, for freeing an id a create
-    /// cut short left with runc.
-    pub runc: RuncRoot,
+    /// Each namespace's OCI runtime (binary and state root), for its
+    /// containers' runtime options and for freeing an id a create cut
+    /// short left with the runtime.
+    pub runtimes: Runtimes,
     pub images: Arc<ImageService>,
     pub template: SpecTemplate,
     pub reporter: Reporter,
@@ -189,11 +191,99 @@ pub enum Start {
     Deliver(ReportActionResultsRequest),
 }
 
+/// The message of a panic's payload (`panic!` gives a `&str` or a
+/// `String`).
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => s.to_string(),
+            Err(_) => "no message".to_string(),
+        },
+    }
+}
+
 /// How long a fresh action waits for an unreachable containerd before it
 /// is reported as an internal error.
 const CONTAINERD_WAIT: Duration = Duration::from_secs(300);
 
 impl Runner {
+    /// Runs one action ([`Runner::run`]) in a task of its own. A panic in
+    /// it (a bug) would otherwise end the task and leave the action in
+    /// flight for good, answered by nobody: it becomes the action's
+    /// `au.com.direktiv.error.internal` report, stored, released and
+    /// delivered like any other.
+    pub fn spawn(
+        self: &Arc<Self>,
+        action: Action,
+        record: StoredAction,
+        start: Start,
+    ) -> tokio::task::JoinHandle<()> {
+        let runner = self.clone();
+        let (req, handle) = (action.req.clone(), action.handle.clone());
+        let copy = record.clone();
+        let run = tokio::spawn(runner.clone().run(action, record, start).in_current_span());
+        tokio::spawn(
+            async move {
+                let Err(e) = run.await else {
+                    return;
+                };
+                if !e.is_panic() {
+                    return;
+                }
+                let why = panic_message(e.into_panic());
+                let span = info_span!("action", namespace = %req.namespace,
+                    instance_id = req.instance_id.as_deref().unwrap_or(""), action_id = %req.action_id);
+                runner
+                    .after_panic(req, handle, copy, why)
+                    .instrument(span)
+                    .await;
+            }
+            .in_current_span(),
+        )
+    }
+
+    /// The report of an action whose task panicked: stored, then released
+    /// and delivered by the one path of a report left to deliver.
+    async fn after_panic(
+        self: Arc<Self>,
+        req: ActionRequest,
+        handle: crate::actions::Handle,
+        mut record: StoredAction,
+        why: String,
+    ) {
+        error!(panic = %crate::text::one_line(&why), "the action's task panicked; reporting it as an internal error");
+        let outcome = Outcome::failed(
+            ErrorCode::Internal,
+            format!("isolated failed while running the action (a bug: its task panicked: {why})"),
+        );
+        crate::metrics::action_finished(outcome.code());
+        let report = Report {
+            instance_id: req.instance_id.clone(),
+            step: req.step,
+            action_id: req.action_id.clone(),
+            outcome,
+        }
+        .to_wire();
+        record.state = ActionState::Finished as i32;
+        record.report = Some(report.clone());
+        if let Err(e) = self.store.put(&record, Sync::Durable).await {
+            error!(error = %e, "cannot store the report");
+        }
+        // The delivery path shows a report as recovery left it; this one is new.
+        handle.finished(&Outcome::from_wire(&report));
+        let action = Action::new(&self.cfg, req, handle);
+        let again = tokio::spawn(
+            self.run(action, record, Start::Deliver(report))
+                .in_current_span(),
+        );
+        if let Err(e) = again.await {
+            // Not tried a third time: the report is in the store (if the
+            // write worked), and the next start delivers it.
+            error!(error = %e, "delivering the internal error of a panicked action failed too");
+        }
+    }
+
     /// Runs, reports and cleans up one action. Never fails: every failure
     /// becomes the action's report.
     pub async fn run(self: Arc<Self>, action: Action, mut record: StoredAction, start: Start) {

@@ -19,6 +19,12 @@
 //! with its keeper, and an action joins the one with the fewest actions
 //! (the first on ties, so a quiet namespace uses one shim).
 //!
+//! A keeper runs under its namespace's runtime (`runtime_binary`: runc,
+//! crun or a path; its runtime options are the actions'), and the group's
+//! name carries the binary's name when it is not runc, so that there is a
+//! keeper per namespace and binary: a namespace whose binary changed across
+//! a restart starts a new shim instead of joining the old one.
+//!
 //! Owns the keepers only. The actions' own tasks are the runner's; a shim
 //! that dies takes its namespace's running actions with it, which the
 //! runner reports like any other lost task.
@@ -33,7 +39,7 @@ use containerd_client::services::v1::container::Runtime;
 use oci_spec::runtime::{RootBuilder, Spec};
 use tracing::{info, warn};
 
-use crate::engine::{ops, Container, Engine, EngineError, NewTask, RuncRoot, LABEL_MANAGED};
+use crate::engine::{ops, Container, Engine, EngineError, NewTask, Runtimes, LABEL_MANAGED};
 use crate::spec::SHIM_GROUP_ANNOTATION;
 
 /// The keepers' container ids are this and `.<n>`, the shim's number in
@@ -79,7 +85,7 @@ pub struct ShimKeepers {
 
 struct Inner {
     engine: Arc<dyn Engine>,
-    runc: RuncRoot,
+    runtimes: Runtimes,
     runtime: String,
     keep: Duration,
     per_namespace: usize,
@@ -91,6 +97,8 @@ struct Inner {
 struct Slot {
     cns: String,
     n: usize,
+    /// The group annotation of this shim's tasks.
+    group: String,
     /// Actions that chose this shim and have not deleted their task yet.
     holds: AtomicUsize,
     /// Bumped by every hold, so an idle timer knows whether the shim was
@@ -170,7 +178,7 @@ impl ShimKeepers {
     /// but for `/keeper`, a file runc checks exists before it parks.
     pub fn new(
         engine: Arc<dyn Engine>,
-        runc: RuncRoot,
+        runtimes: Runtimes,
         runtime: &str,
         state_dir: &Path,
         keep: Duration,
@@ -192,7 +200,7 @@ impl ShimKeepers {
         Ok(ShimKeepers {
             inner: Arc::new(Inner {
                 engine,
-                runc,
+                runtimes,
                 runtime: runtime.to_string(),
                 keep,
                 per_namespace: per_namespace.clamp(1, MAX_SHIMS_PER_NAMESPACE),
@@ -283,6 +291,13 @@ impl Inner {
                         Arc::new(Slot {
                             cns: cns.to_string(),
                             n,
+                            // A keeper per namespace and binary: the
+                            // binary's tag keeps a shim of another binary
+                            // (before a restart that changed it) apart.
+                            group: format!(
+                                "isolated-{cns}{}-{n}",
+                                self.runtimes.of(cns).group_tag()
+                            ),
                             holds: AtomicUsize::new(0),
                             generation: AtomicU64::new(0),
                             keeper: Default::default(),
@@ -311,7 +326,7 @@ impl Inner {
             ]),
             runtime: Some(Runtime {
                 name: self.runtime.clone(),
-                options: crate::embedded::runtime_options(),
+                options: self.runtimes.of(cns).options(),
             }),
             spec: Some(spec),
             ..Default::default()
@@ -330,7 +345,7 @@ impl Inner {
             container_id: id.clone(),
             ..Default::default()
         };
-        let pid = match ops::create_task(&*self.engine, cns, &task, &self.runc).await {
+        let pid = match ops::create_task(&*self.engine, cns, &task, self.runtimes.of(cns)).await {
             Ok(pid) => pid,
             Err(e) => {
                 self.remove(cns, &id).await;
@@ -352,7 +367,7 @@ impl Inner {
 impl Slot {
     /// The group annotation of this shim's tasks.
     fn group(&self) -> String {
-        format!("isolated-{}-{}", self.cns, self.n)
+        self.group.clone()
     }
 }
 
