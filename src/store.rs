@@ -360,7 +360,11 @@ fn writer(db: Arc<RwLock<Database>>, path: &Path, rx: std::sync::mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        removed |= batch.iter().any(|j| matches!(j.op, Op::Remove(_)));
+        // A delivered report is retired (its record removed, its history
+        // entry added): that frees pages as a plain removal does.
+        removed |= batch
+            .iter()
+            .any(|j| matches!(j.op, Op::Remove(_) | Op::Retire { .. }));
         let durable = batch.iter().any(|j| j.sync == Sync::Durable);
         let result = commit(
             &db.read().unwrap_or_else(|p| p.into_inner()),
