@@ -181,6 +181,22 @@ fn in_flight(info: &ActionInfo) -> bool {
     )
 }
 
+impl Table {
+    /// Keeps a reported action visible, evicting the oldest beyond
+    /// [`KEEP_REPORTED`] entries or [`KEEP_REPORTED_BYTES`] of them.
+    fn keep_reported(&mut self, key: Key, bytes: usize) {
+        self.reported.push_back((key, bytes));
+        self.reported_bytes += bytes;
+        while self.reported.len() > KEEP_REPORTED || self.reported_bytes > KEEP_REPORTED_BYTES {
+            let Some((old, bytes)) = self.reported.pop_front() else {
+                break;
+            };
+            self.reported_bytes -= bytes;
+            self.entries.remove(&old);
+        }
+    }
+}
+
 impl Actions {
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
@@ -263,15 +279,7 @@ impl Actions {
                     left: false,
                 },
             );
-            t.reported.push_back((key, bytes));
-            t.reported_bytes += bytes;
-        }
-        while t.reported.len() > KEEP_REPORTED || t.reported_bytes > KEEP_REPORTED_BYTES {
-            let Some((old, bytes)) = t.reported.pop_front() else {
-                break;
-            };
-            t.reported_bytes -= bytes;
-            t.entries.remove(&old);
+            t.keep_reported(key, bytes);
         }
     }
 
@@ -576,15 +584,7 @@ impl Handle {
         let bytes = t.entries.get(&self.key).map_or(0, |e| {
             e.info.borrow().output.len() + held(&e.logs.stdout) + held(&e.logs.stderr)
         });
-        t.reported.push_back((self.key.clone(), bytes));
-        t.reported_bytes += bytes;
-        while t.reported.len() > KEEP_REPORTED || t.reported_bytes > KEEP_REPORTED_BYTES {
-            let Some((old, bytes)) = t.reported.pop_front() else {
-                break;
-            };
-            t.reported_bytes -= bytes;
-            t.entries.remove(&old);
-        }
+        t.keep_reported(self.key.clone(), bytes);
         drop(t);
         self.actions.drained.notify_waiters();
     }
