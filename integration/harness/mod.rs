@@ -139,6 +139,19 @@ where
     make_trial(name, true, body)
 }
 
+/// A trial that needs the daemon and the machine to itself: no other trial runs while it
+/// does. For the few that bound how late many actions at once may be reaped
+/// (`reaper::fifty_staggered_timeouts`): on two cores it failed in CI beside other trials,
+/// and in the matrix beside the node tier's guests, while alone it passed every run, on
+/// containerd 1.6, 1.7 and 2.1. The bound is the contract's (§5); the neighbours' load is not.
+pub fn trial_alone<F, Fut>(name: &str, body: F) -> Trial
+where
+    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>>,
+{
+    make_trial_with(name, true, Share::Alone, body)
+}
+
 /// A trial of the harness itself, runnable while isolated is not.
 pub fn harness_trial<F, Fut>(name: &str, body: F) -> Trial
 where
@@ -148,13 +161,45 @@ where
     make_trial(name, false, body)
 }
 
+/// How a trial shares the machine with the others libtest runs at the same time.
+#[derive(Clone, Copy)]
+enum Share {
+    Parallel,
+    Alone,
+}
+
+/// Held shared by every running trial and exclusively by a `trial_alone`; the
+/// standard RwLock lets a waiting writer in before new readers, so an alone trial
+/// waits only for the trials already running.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn make_trial<F, Fut>(name: &str, needs_isolated: bool, body: F) -> Trial
+where
+    F: FnOnce(Ctx) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>>,
+{
+    make_trial_with(name, needs_isolated, Share::Parallel, body)
+}
+
+fn make_trial_with<F, Fut>(name: &str, needs_isolated: bool, share: Share, body: F) -> Trial
 where
     F: FnOnce(Ctx) -> Fut + Send + 'static,
     Fut: Future<Output = Result<()>>,
 {
     let name = name.to_string();
     Trial::test(name.clone(), move || {
+        // A trial that panicked while holding the lock poisons it; that trial has
+        // failed already, the others may go on.
+        let (_shared, _alone) = match share {
+            Share::Parallel => (
+                Some(MACHINE.read().unwrap_or_else(|e| e.into_inner())),
+                None,
+            ),
+            Share::Alone => (
+                None,
+                Some(MACHINE.write().unwrap_or_else(|e| e.into_inner())),
+            ),
+        };
         let env = env::env().ok_or_else(|| Failed::from("the test environment is not up"))?;
         if needs_isolated {
             env.require_isolated()
@@ -203,13 +248,17 @@ fn failure(env: &Env, namespaces: &[String], err: &str) -> Failed {
         .filter(|l| namespaces.iter().any(|ns| l.contains(ns.as_str())))
         .collect();
     let mine = &mine[mine.len().saturating_sub(40)..];
+    // The failure's first lines once more at the end: CI shows only the end of a
+    // run's output, and a log tail alone does not say which check failed.
+    let again: Vec<&str> = err.lines().take(8).collect();
     Failed::from(format!(
-        "{err}\n\n--- isolated log, lines naming {} (last {}) ---\n{}\n--- isolated log, last 25 lines ({}) ---\n{}\n",
+        "{err}\n\n--- isolated log, lines naming {} (last {}) ---\n{}\n--- isolated log, last 25 lines ({}) ---\n{}\n--- the failure, again ---\n{}\n",
         namespaces.join(", "),
         mine.len(),
         mine.join("\n"),
         env.isolated.log_path().display(),
         env.isolated.log_tail(25),
+        again.join("\n"),
     ))
 }
 

@@ -16,7 +16,7 @@ use libtest_mimic::Trial;
 
 use crate::harness::containerd::Containerd;
 use crate::harness::private::{task_processes, SeenProcess};
-use crate::harness::trial;
+use crate::harness::{trial, trial_alone};
 
 pub const CODE_TIMEOUT: &str = "au.com.direktiv.error.timeout";
 pub const CODE_CANCELLED: &str = "au.com.direktiv.error.cancelled";
@@ -40,7 +40,7 @@ pub fn trials() -> Vec<Trial> {
             "reaper::sigterm_reaches_every_process",
             timeouts::sigterm_reaches_every_process,
         ),
-        trial(
+        trial_alone(
             "reaper::fifty_staggered_timeouts",
             timeouts::fifty_staggered_timeouts,
         ),
