@@ -43,7 +43,7 @@ pub async fn connect(target: &Target) -> Result<Channel, ClientError> {
             let path = path.clone();
             let unreachable = |e: &dyn std::error::Error| ClientError::Unreachable {
                 target: format!("socket {}", path.display()),
-                reason: crate::containerd::error_chain(e),
+                reason: crate::text::error_chain(e),
             };
             // The URI is only a placeholder: the connector dials the socket.
             let p = path.clone();
@@ -78,18 +78,18 @@ pub async fn connect(target: &Target) -> Result<Channel, ClientError> {
                 }
                 ep = ep
                     .tls_config(tls.clone())
-                    .map_err(|e| bad(crate::containerd::error_chain(&e)))?;
+                    .map_err(|e| bad(crate::text::error_chain(&e)))?;
             } else if https {
                 ep = ep
                     .tls_config(ClientTlsConfig::new().with_native_roots())
-                    .map_err(|e| bad(crate::containerd::error_chain(&e)))?;
+                    .map_err(|e| bad(crate::text::error_chain(&e)))?;
             }
             ep.connect_timeout(Duration::from_secs(5))
                 .connect()
                 .await
                 .map_err(|e| ClientError::Unreachable {
                     target: addr.clone(),
-                    reason: crate::containerd::error_chain(&e),
+                    reason: crate::text::error_chain(&e),
                 })
         }
     }

@@ -35,7 +35,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::containerd::Containerd;
+use crate::engine::Containerd;
 
 /// How long a fresh containerd gets to answer its version call.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,7 +5,6 @@ pub mod actions;
 pub mod auth;
 pub mod client;
 pub mod config;
-pub mod containerd;
 pub mod control;
 pub mod disk;
 pub mod embedded;

@@ -2,6 +2,8 @@
 //! error code) on its way into a log line: control characters escaped, so
 //! it cannot end the line and forge the next one. Owns no policy about what
 //! is logged.
+//!
+//! Also an error with its whole source chain on one line, for operators.
 
 use std::borrow::Cow;
 
@@ -22,6 +24,21 @@ pub fn one_line(s: &str) -> Cow<'_, str> {
             })
             .collect(),
     )
+}
+
+/// The whole source chain of an error on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s
 }
 
 #[cfg(test)]

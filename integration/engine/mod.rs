@@ -4,9 +4,9 @@
 //! against each) fails here rather than in a crash recovery months later.
 
 use anyhow::{ensure, Result};
-use direktiv_isolate::containerd::Containerd;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
 use direktiv_isolate::engine::runtime::DEFAULT_RUNC_ROOT;
+use direktiv_isolate::engine::Containerd;
 use direktiv_isolate::engine::{ops, Container, Engine, EngineError, NewTask, Prepare};
 use libtest_mimic::Trial;
 

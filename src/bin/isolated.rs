@@ -13,11 +13,12 @@ use clap::Parser;
 use direktiv_isolate::actions::Actions;
 use direktiv_isolate::auth::{tls, Gate, TcpPolicy};
 use direktiv_isolate::config::{Config, LogFormat, Options, ShimGroup};
-use direktiv_isolate::containerd::{error_chain, Containerd};
 use direktiv_isolate::control::ControlService;
 use direktiv_isolate::disk::Disks;
 use direktiv_isolate::embedded::Embedded;
 use direktiv_isolate::engine::containerd::ContainerdEngine;
+use direktiv_isolate::engine::store::ImageStore;
+use direktiv_isolate::engine::Containerd;
 use direktiv_isolate::engine::{Engine, Runtimes};
 use direktiv_isolate::hostdir;
 use direktiv_isolate::image::ImageService;
@@ -34,6 +35,7 @@ use direktiv_isolate::runner::Runner;
 use direktiv_isolate::server::IsolateService;
 use direktiv_isolate::spec::SpecTemplate;
 use direktiv_isolate::store::Store;
+use direktiv_isolate::text::error_chain;
 use tokio::signal::unix::{signal, SignalKind};
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
@@ -202,7 +204,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     };
     let cfg = Arc::new(cfg);
     let images = ImageService::new(
-        cd.clone(),
+        ImageStore::new(cd.clone()),
         cfg.snapshotter.clone(),
         cfg.insecure_registries.clone(),
         cfg.tag_ttl(),

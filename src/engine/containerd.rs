@@ -13,11 +13,11 @@ use containerd_client::services::v1::{
 };
 use nix::sys::signal::Signal;
 
+use super::channel::{with_ns, Containerd};
 use super::{
     Container, ContentInfo, Engine, EngineError, ImageRecord, Labelled, Mount, NewTask, Prepare,
     TaskInfo, TaskStatus, LABEL_MANAGED,
 };
-use crate::containerd::{with_ns, Containerd};
 
 /// containerd, through the daemon's channel.
 #[derive(Clone)]

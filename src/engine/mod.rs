@@ -10,24 +10,30 @@
 //! shim (binary, state root, the runtime options containers carry) is in
 //! `runtime`.
 //!
-//! Does not decide anything about actions: which call comes when is the
-//! runner's, the recovery's and the shim keepers'. Images are pulled through
-//! `crate::image`, which speaks to the content, diff and image services
-//! itself; listing and removing them for an operator (`isolatectl image
-//! ls|rm`) goes through here.
+//! The image side (content, diff, image records, leases and the snapshots
+//! layers are unpacked into) is [`store::ImageStore`], which `crate::image`
+//! pulls and imports through; listing and removing images for an operator
+//! (`isolatectl image ls|rm`) is on the trait.
+//!
+//! Does not decide anything about actions or images: which call comes when
+//! is the runner's, the recovery's, the shim keepers' and the image
+//! service's.
 
 #[cfg(test)]
 pub mod fake;
 
+pub mod channel;
 pub mod containerd;
 pub mod error;
 pub mod ops;
 pub mod runtime;
+pub mod store;
 
 use std::collections::HashMap;
 
 use nix::sys::signal::Signal;
 
+pub use channel::{ConnectError, Containerd};
 pub use containerd_client::services::v1::Container;
 pub use containerd_client::types::Mount;
 pub use error::EngineError;

@@ -25,15 +25,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use containerd_client::services::v1::GetImageRequest;
 use oci_client::Reference;
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, ImageIndex};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tracing::{info, warn};
 
-use super::registry::{self, Blob, Resolved, MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX};
-use super::{content, unpack, Image, ImageError, ImageService};
-use crate::containerd::with_ns;
+use super::registry::Blob;
+use super::resolve::{self, blob_of, ResolveError, Resolved};
+use super::{unpack, Image, ImageError, ImageService};
+use crate::engine::EngineError;
 
 /// Largest index, manifest or config read into memory.
 const MAX_DOCUMENT: usize = 16 << 20;
@@ -200,14 +200,6 @@ fn read_region(
     Ok(buf)
 }
 
-fn blob_of(d: &Descriptor) -> Blob {
-    Blob {
-        media_type: d.media_type().to_string(),
-        digest: d.digest().to_string(),
-        size: d.size() as i64,
-    }
-}
-
 fn invalid(what: impl Into<String>) -> impl FnOnce(oci_spec::OciSpecError) -> ImportError {
     let what = what.into();
     move |e| ImportError::Invalid {
@@ -231,17 +223,14 @@ fn entry_name(d: &Descriptor) -> Option<Result<String, ImportError>> {
     )
 }
 
-fn is_index(media_type: &str) -> bool {
-    media_type == MEDIA_OCI_INDEX || media_type == MEDIA_DOCKER_LIST
-}
-
 /// One image of the archive, resolved to this platform's manifest.
 struct Entry {
     name: String,
     resolved: Resolved,
 }
 
-/// Resolves one index.json entry through a nested index if there is one.
+/// Resolves one index.json entry (`resolve`, the same as a pull), its
+/// documents read from the archive; every layer must be in the archive too.
 fn resolve_entry(
     archive: &Path,
     listing: &Listing,
@@ -249,58 +238,26 @@ fn resolve_entry(
     d: &Descriptor,
 ) -> Result<Entry, ImportError> {
     let top = blob_of(d);
-    let read = |blob: &Blob, what: &str| {
-        read_region(archive, listing.find_blob(&blob.digest, what)?, what)
-    };
-    let mut index = None;
-    let manifest = if is_index(&top.media_type) {
-        let bytes = read(&top, &name)?;
-        let parsed =
-            ImageIndex::from_reader(&bytes[..]).map_err(invalid(format!("index of {name}")))?;
-        let (pos, entry) =
-            registry::select_platform(&parsed).ok_or_else(|| ImportError::Platform {
-                name: name.clone(),
-                platform: registry::platform_name(),
-            })?;
-        let m = blob_of(entry);
-        index = Some((top, bytes, pos));
-        m
-    } else {
-        top
-    };
-    let manifest_bytes = read(&manifest, &name)?;
-    let parsed = ImageManifest::from_reader(&manifest_bytes[..])
-        .map_err(invalid(format!("manifest of {name}")))?;
-    let config = blob_of(parsed.config());
-    let config_bytes = read(&config, &format!("the manifest of {name}"))?;
-    let image_config = ImageConfiguration::from_reader(&config_bytes[..])
-        .map_err(invalid(format!("config of {name}")))?;
-    let layers: Vec<Blob> = parsed.layers().iter().map(blob_of).collect();
-    if layers.len() != image_config.rootfs().diff_ids().len() {
-        return Err(ImportError::Invalid {
+    let read = |blob: &Blob| read_region(archive, listing.find_blob(&blob.digest, &name)?, &name);
+    let top_bytes = read(&top)?;
+    let resolved = futures::executor::block_on(resolve::resolve(top, top_bytes, |_, blob| {
+        std::future::ready(read(&blob))
+    }))
+    .map_err(|e| match e {
+        ResolveError::Source(e) => e,
+        ResolveError::Platform { platform } => ImportError::Platform {
+            name: name.clone(),
+            platform,
+        },
+        other => ImportError::Invalid {
             what: format!("image {name}"),
-            reason: format!(
-                "{} layers but {} diff ids",
-                layers.len(),
-                image_config.rootfs().diff_ids().len()
-            ),
-        });
-    }
-    for l in &layers {
+            reason: other.to_string(),
+        },
+    })?;
+    for l in &resolved.layers {
         listing.find_blob(&l.digest, &format!("the manifest of {name}"))?;
     }
-    Ok(Entry {
-        name,
-        resolved: Resolved {
-            index,
-            manifest,
-            manifest_bytes,
-            config,
-            config_bytes,
-            image_config,
-            layers,
-        },
-    })
+    Ok(Entry { name, resolved })
 }
 
 /// Reads index.json and resolves every named image in it.
@@ -335,14 +292,14 @@ impl ImageService {
         let (listing, entries) = tokio::task::spawn_blocking(move || plan(&path))
             .await
             .map_err(|e| ImportError::Tar(format!("archive reader failed: {e}")))??;
-        let cd_err = |what: &str| {
-            let what = what.to_string();
-            move |e: tonic::Status| ImportError::Containerd {
-                what,
-                reason: e.message().to_string(),
-            }
-        };
-        let lease = self.cd.lease(ns).await.map_err(cd_err("create a lease"))?;
+        let lease = self
+            .store
+            .lease(ns)
+            .await
+            .map_err(|e| ImportError::Containerd {
+                what: "create a lease".into(),
+                reason: e.to_string(),
+            })?;
         let result = async {
             let mut names = Vec::new();
             for entry in &entries {
@@ -354,7 +311,7 @@ impl ImageService {
             Ok(names)
         }
         .await;
-        self.cd.drop_lease(ns, &lease).await;
+        self.store.drop_lease(ns, &lease).await;
         result
     }
 
@@ -368,18 +325,19 @@ impl ImageService {
     ) -> Result<(), ImportError> {
         let r = &entry.resolved;
         let cd_err = |what: String| {
-            move |e: tonic::Status| ImportError::Containerd {
+            move |e: EngineError| ImportError::Containerd {
                 what,
-                reason: e.message().to_string(),
+                reason: e.to_string(),
             }
         };
-        content::write_bytes(&self.cd, ns, lease, &r.config, &r.config_bytes)
+        self.store
+            .write_bytes(ns, lease, &r.config, &r.config_bytes)
             .await
             .map_err(cd_err(format!("store the config of {}", entry.name)))?;
         let diff_ids: Vec<String> = r.image_config.rootfs().diff_ids().to_vec();
         let chains = unpack::chain_ids(&diff_ids);
         let target = unpack::Target {
-            cd: &self.cd,
+            store: &self.store,
             ns,
             lease,
             snapshotter: &self.snapshotter,
@@ -450,42 +408,36 @@ impl ImageService {
         }
     }
 
+    /// The image of record `name`, resolved from the namespace's content
+    /// store as a pull resolves it from a registry; `None` when there is no
+    /// record.
     async fn load_local(&self, ns: &str, name: &str) -> Result<Option<Image>, String> {
-        let get = GetImageRequest {
-            name: name.to_string(),
-        };
-        let record = match self.cd.images().get(with_ns(get, ns, None)).await {
-            Ok(r) => r.into_inner().image,
-            Err(e) if e.code() == tonic::Code::NotFound => return Ok(None),
-            Err(e) => return Err(format!("get image record: {}", e.message())),
-        };
-        let Some(target) = record.and_then(|r| r.target) else {
+        let Some(target) = self
+            .store
+            .image_target(ns, name)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
-        let read = |digest: String| async move {
-            content::read_all(&self.cd, ns, &digest, MAX_DOCUMENT)
+        let read = |blob: Blob| async move {
+            self.store
+                .read_blob(ns, &blob.digest, MAX_DOCUMENT)
                 .await
-                .map_err(|e| format!("read {digest}: {}", e.message()))
+                .map_err(|e| e.to_string())
         };
+        let top_bytes = read(target.clone()).await?;
         let resolved_digest = target.digest.clone();
-        let mut manifest_digest = target.digest.clone();
-        let mut bytes = read(target.digest.clone()).await?;
-        if is_index(&target.media_type) {
-            let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| e.to_string())?;
-            let (_, d) = registry::select_platform(&index)
-                .ok_or_else(|| format!("no image for {}", registry::platform_name()))?;
-            manifest_digest = d.digest().to_string();
-            bytes = read(manifest_digest.clone()).await?;
-        }
-        let manifest = ImageManifest::from_reader(&bytes[..]).map_err(|e| e.to_string())?;
-        let config_bytes = read(manifest.config().digest().to_string()).await?;
-        let config =
-            ImageConfiguration::from_reader(&config_bytes[..]).map_err(|e| e.to_string())?;
-        let chains = unpack::chain_ids(config.rootfs().diff_ids());
+        let r = resolve::resolve(target, top_bytes, |_, blob| read(blob))
+            .await
+            .map_err(|e| e.to_string())?;
+        let chains = unpack::chain_ids(r.image_config.rootfs().diff_ids());
         if let Some(top) = chains.last() {
-            let there = unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, top)
+            let there = self
+                .store
+                .has_snapshot(ns, &self.snapshotter, top)
                 .await
-                .map_err(|e| e.message().to_string())?;
+                .map_err(|e| e.to_string())?;
             if !there {
                 return Err(format!("snapshot {top} is not unpacked"));
             }
@@ -493,8 +445,8 @@ impl ImageService {
         Ok(Some(Image {
             name: name.to_string(),
             resolved_digest,
-            manifest_digest,
-            config,
+            manifest_digest: r.manifest.digest,
+            config: r.image_config,
             top_chain: chains.last().cloned(),
         }))
     }

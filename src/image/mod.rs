@@ -11,27 +11,24 @@
 //! service into snapshots, the image record last. Does not run anything.
 
 pub mod auth;
-pub mod content;
 pub mod import;
 pub mod registry;
+pub mod resolve;
 pub mod unpack;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use containerd_client::services::v1::{
-    CreateImageRequest, Image as ImageRecord, UpdateImageRequest,
-};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use oci_client::Reference;
 use oci_spec::image::ImageConfiguration;
-use tonic::Code;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use self::auth::{Credentials, MalformedCredentials};
 use self::registry::{Blob, Registry};
-use crate::containerd::{with_ns, Containerd};
+use crate::engine::store::ImageStore;
+use crate::engine::EngineError;
 
 /// Why an image could not be made ready. All but `Internal` are the
 /// image's (or its registry's) fault and are reported with the image code.
@@ -90,7 +87,8 @@ type Pull = Shared<BoxFuture<'static, Result<Arc<Image>, ImageError>>>;
 
 /// Pulls and caches images for every namespace of one containerd.
 pub struct ImageService {
-    cd: Containerd,
+    /// Every containerd call of pulls and imports.
+    store: ImageStore,
     snapshotter: String,
     insecure: Vec<String>,
     tag_ttl: Duration,
@@ -137,13 +135,13 @@ impl Source {
 
 impl ImageService {
     pub fn new(
-        cd: Containerd,
+        store: ImageStore,
         snapshotter: String,
         insecure: Vec<String>,
         tag_ttl: Duration,
     ) -> Arc<Self> {
         Arc::new(ImageService {
-            cd,
+            store,
             snapshotter,
             insecure,
             tag_ttl,
@@ -318,11 +316,11 @@ impl ImageService {
         let registry = Registry::new(reference, creds, &self.insecure)?;
         let resolved = registry.resolve(reference).await?;
         let whole = reference.whole();
-        let internal = |what: &str, e: tonic::Status| {
-            let reason = format!("{what}: {}", e.message());
-            if e.code() == Code::Unavailable
-                || e.code() == Code::Unknown && e.message().contains("transport")
-            {
+        // containerd away is the node's trouble (internal, retried); any
+        // other refusal is the image's.
+        let internal = |what: &str, e: EngineError| {
+            let reason = format!("{what}: {e}");
+            if e.is_unavailable() {
                 ImageError::Internal {
                     reference: whole.clone(),
                     reason,
@@ -338,23 +336,20 @@ impl ImageService {
         let diff_ids: Vec<String> = resolved.image_config.rootfs().diff_ids().to_vec();
         let chains = unpack::chain_ids(&diff_ids);
         let lease = self
-            .cd
+            .store
             .lease(ns)
             .await
             .map_err(|e| internal("create lease", e))?;
         let result = async {
-            content::write_bytes(
-                &self.cd,
-                ns,
-                &lease,
-                &resolved.config,
-                &resolved.config_bytes,
-            )
-            .await
-            .map_err(|e| internal("write config", e))?;
+            self.store
+                .write_bytes(ns, &lease, &resolved.config, &resolved.config_bytes)
+                .await
+                .map_err(|e| internal("write config", e))?;
 
             let top_done = match chains.last() {
-                Some(top) => unpack::snapshot_exists(&self.cd, ns, &self.snapshotter, top)
+                Some(top) => self
+                    .store
+                    .has_snapshot(ns, &self.snapshotter, top)
                     .await
                     .map_err(|e| internal("stat snapshot", e))?,
                 None => true,
@@ -376,7 +371,7 @@ impl ImageService {
                 .map_err(|e| internal("record image", e))
         }
         .await;
-        self.cd.drop_lease(ns, &lease).await;
+        self.store.drop_lease(ns, &lease).await;
         result?;
 
         info!(image = %whole, digest = %resolved.manifest.digest, layers = chains.len(),
@@ -411,7 +406,7 @@ impl ImageService {
             reason,
         };
         let target = unpack::Target {
-            cd: &self.cd,
+            store: &self.store,
             ns,
             lease,
             snapshotter: &self.snapshotter,
@@ -436,28 +431,20 @@ impl ImageService {
         ns: &str,
         lease: &str,
         name: &str,
-        resolved: &registry::Resolved,
+        resolved: &resolve::Resolved,
         top_chain: Option<&String>,
         source: Source,
-    ) -> Result<(), tonic::Status> {
+    ) -> Result<(), EngineError> {
+        let store = &self.store;
         if let Some(top) = top_chain {
             let label = format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter);
-            content::label(
-                &self.cd,
-                ns,
-                &resolved.config.digest,
-                [(label, top.clone())].into(),
-            )
-            .await?;
+            store
+                .label_blob(ns, &resolved.config.digest, [(label, top.clone())].into())
+                .await?;
         }
-        content::write_bytes(
-            &self.cd,
-            ns,
-            lease,
-            &resolved.manifest,
-            &resolved.manifest_bytes,
-        )
-        .await?;
+        store
+            .write_bytes(ns, lease, &resolved.manifest, &resolved.manifest_bytes)
+            .await?;
         let mut labels: HashMap<String, String> = [(
             "containerd.io/gc.ref.content.config".to_string(),
             resolved.config.digest.clone(),
@@ -469,72 +456,30 @@ impl ImageService {
                 l.digest.clone(),
             );
         }
-        content::label(&self.cd, ns, &resolved.manifest.digest, labels).await?;
+        store
+            .label_blob(ns, &resolved.manifest.digest, labels)
+            .await?;
 
         let target = match &resolved.index {
             Some((blob, bytes, pos)) => {
-                content::write_bytes(&self.cd, ns, lease, blob, bytes).await?;
+                store.write_bytes(ns, lease, blob, bytes).await?;
                 let label = format!("containerd.io/gc.ref.content.m.{pos}");
-                content::label(
-                    &self.cd,
-                    ns,
-                    &blob.digest,
-                    [(label, resolved.manifest.digest.clone())].into(),
-                )
-                .await?;
+                store
+                    .label_blob(
+                        ns,
+                        &blob.digest,
+                        [(label, resolved.manifest.digest.clone())].into(),
+                    )
+                    .await?;
                 blob
             }
             None => &resolved.manifest,
         };
-        self.put_record(ns, lease, name, target, source).await
-    }
-
-    /// Creates the image record, or points an existing one at `target`.
-    pub async fn put_record(
-        &self,
-        ns: &str,
-        lease: &str,
-        name: &str,
-        target: &Blob,
-        source: Source,
-    ) -> Result<(), tonic::Status> {
-        let record = ImageRecord {
-            name: name.to_string(),
-            labels: [(
-                crate::engine::LABEL_IMAGE_SOURCE.to_string(),
-                source.as_str().to_string(),
-            )]
-            .into(),
-            target: Some(target.descriptor()),
-            created_at: None,
-            updated_at: None,
-        };
-        let create = CreateImageRequest {
-            image: Some(record.clone()),
-            ..Default::default()
-        };
-        match self
-            .cd
-            .images()
-            .create(with_ns(create, ns, Some(lease)))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Code::AlreadyExists => {
-                let update = UpdateImageRequest {
-                    image: Some(record),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["target".into(), "labels".into()],
-                    }),
-                    ..Default::default()
-                };
-                self.cd
-                    .images()
-                    .update(with_ns(update, ns, Some(lease)))
-                    .await
-                    .map(|_| ())
-            }
-            Err(e) => Err(e),
-        }
+        let labels = [(
+            crate::engine::LABEL_IMAGE_SOURCE.to_string(),
+            source.as_str().to_string(),
+        )]
+        .into();
+        store.put_image(ns, lease, name, target, labels).await
     }
 }

@@ -11,54 +11,19 @@ use std::net::IpAddr;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 
 use super::auth::Credentials;
+use super::resolve::{self, Doc, ResolveError, Resolved};
 use super::ImageError;
+pub use crate::engine::store::Blob;
+use resolve::{MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 
-pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const ACCEPT: &[&str] = &[
     MEDIA_OCI_INDEX,
     MEDIA_DOCKER_LIST,
     MEDIA_OCI_MANIFEST,
     MEDIA_DOCKER_MANIFEST,
 ];
-
-/// A blob as containerd's content store wants it described.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blob {
-    pub media_type: String,
-    pub digest: String,
-    pub size: i64,
-}
-
-impl Blob {
-    pub fn descriptor(&self) -> containerd_client::types::Descriptor {
-        containerd_client::types::Descriptor {
-            media_type: self.media_type.clone(),
-            digest: self.digest.clone(),
-            size: self.size,
-            annotations: Default::default(),
-        }
-    }
-}
-
-/// What resolution found: the raw documents (stored byte for byte, so
-/// their digests hold) and the parsed pieces the unpacker needs.
-pub struct Resolved {
-    /// The index the tag pointed at, if it was one, and which of its
-    /// entries was chosen.
-    pub index: Option<(Blob, Vec<u8>, usize)>,
-    pub manifest: Blob,
-    pub manifest_bytes: Vec<u8>,
-    pub config: Blob,
-    pub config_bytes: Vec<u8>,
-    pub image_config: ImageConfiguration,
-    pub layers: Vec<Blob>,
-}
 
 /// One registry conversation: a fresh client per pull, because
 /// `oci-client` caches authorization per registry and two tenants' pulls
@@ -102,7 +67,7 @@ impl Registry {
             reference: reference.whole(),
             reason: format!(
                 "cannot set up a registry client on this node: {}",
-                crate::containerd::error_chain(&e)
+                crate::text::error_chain(&e)
             ),
         })?;
         Ok(Registry {
@@ -146,109 +111,56 @@ impl Registry {
     }
 
     /// Fetches the manifest (choosing this machine's platform from an
-    /// index) and the config.
+    /// index) and the config, resolved as every image is (`resolve`).
     pub async fn resolve(&self, reference: &Reference) -> Result<Resolved, ImageError> {
         let (bytes, digest) = self
             .client
             .pull_manifest_raw(reference, &self.auth, ACCEPT)
             .await
             .map_err(|e| self.fail(reference, "cannot fetch manifest", e))?;
-        let bytes = bytes.to_vec();
-        let media_type =
-            media_type_of(&bytes).map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
-
-        let mut index = None;
-        let (manifest_bytes, manifest) = if media_type == MEDIA_OCI_INDEX
-            || media_type == MEDIA_DOCKER_LIST
-        {
-            let parsed = ImageIndex::from_reader(&bytes[..])
-                .map_err(|e| self.fail(reference, "index is invalid", e))?;
-            let (pos, entry) = select_platform(&parsed).ok_or_else(|| ImageError::Platform {
-                reference: reference.whole(),
-                platform: platform_name(),
-            })?;
-            let by_digest = Reference::with_digest(
-                reference.registry().to_string(),
-                reference.repository().to_string(),
-                entry.digest().to_string(),
-            );
-            let (mbytes, mdigest) = self
-                .client
-                .pull_manifest_raw(&by_digest, &self.auth, ACCEPT)
-                .await
-                .map_err(|e| self.fail(reference, "cannot fetch platform manifest", e))?;
-            let mbytes = mbytes.to_vec();
-            let mtype = media_type_of(&mbytes)
-                .map_err(|e| self.fail(reference, "manifest is not JSON", e))?;
-            index = Some((
-                Blob {
-                    media_type: media_type.clone(),
-                    size: bytes.len() as i64,
-                    digest,
-                },
-                bytes,
-                pos,
-            ));
-            let blob = Blob {
-                media_type: mtype,
-                size: mbytes.len() as i64,
-                digest: mdigest,
-            };
-            (mbytes, blob)
-        } else if media_type == MEDIA_OCI_MANIFEST || media_type == MEDIA_DOCKER_MANIFEST {
-            let blob = Blob {
-                media_type,
-                size: bytes.len() as i64,
-                digest,
-            };
-            (bytes, blob)
-        } else {
-            return Err(self.fail(reference, "unsupported manifest type", media_type));
+        let top = Blob {
+            // Told by the document: the registry's Content-Type is not kept.
+            media_type: String::new(),
+            size: bytes.len() as i64,
+            digest,
         };
-
-        let parsed = ImageManifest::from_reader(&manifest_bytes[..])
-            .map_err(|e| self.fail(reference, "manifest is invalid", e))?;
-        let config = Blob {
-            media_type: parsed.config().media_type().to_string(),
-            digest: parsed.config().digest().to_string(),
-            size: parsed.config().size() as i64,
+        let read = |doc: Doc, blob: Blob| async move {
+            match doc {
+                Doc::Manifest => {
+                    let by_digest = Reference::with_digest(
+                        reference.registry().to_string(),
+                        reference.repository().to_string(),
+                        blob.digest.clone(),
+                    );
+                    self.client
+                        .pull_manifest_raw(&by_digest, &self.auth, ACCEPT)
+                        .await
+                        .map(|(b, _)| b.to_vec())
+                        .map_err(|e| self.fail(reference, "cannot fetch platform manifest", e))
+                }
+                Doc::Config => {
+                    let mut out = Vec::with_capacity(blob.size.max(0) as usize);
+                    self.client
+                        .pull_blob(reference, blob.digest.as_str(), &mut out)
+                        .await
+                        .map(|()| out)
+                        .map_err(|e| self.fail(reference, "cannot fetch config", e))
+                }
+            }
         };
-        let mut config_bytes = Vec::with_capacity(config.size.max(0) as usize);
-        self.client
-            .pull_blob(reference, config.digest.as_str(), &mut config_bytes)
+        resolve::resolve(top, bytes.to_vec(), read)
             .await
-            .map_err(|e| self.fail(reference, "cannot fetch config", e))?;
-        let image_config = ImageConfiguration::from_reader(&config_bytes[..])
-            .map_err(|e| self.fail(reference, "config is invalid", e))?;
-        let layers = parsed
-            .layers()
-            .iter()
-            .map(|l| Blob {
-                media_type: l.media_type().to_string(),
-                digest: l.digest().to_string(),
-                size: l.size() as i64,
+            .map_err(|e| match e {
+                ResolveError::Source(e) => e,
+                ResolveError::Platform { platform } => ImageError::Platform {
+                    reference: reference.whole(),
+                    platform,
+                },
+                other => ImageError::Registry {
+                    reference: reference.whole(),
+                    reason: other.to_string(),
+                },
             })
-            .collect::<Vec<_>>();
-        if layers.len() != image_config.rootfs().diff_ids().len() {
-            return Err(self.fail(
-                reference,
-                "manifest and config disagree",
-                format!(
-                    "{} layers but {} diff ids",
-                    layers.len(),
-                    image_config.rootfs().diff_ids().len()
-                ),
-            ));
-        }
-        Ok(Resolved {
-            index,
-            manifest,
-            manifest_bytes,
-            config,
-            config_bytes,
-            image_config,
-            layers,
-        })
     }
 
     /// Streams one blob from the registry.
@@ -277,47 +189,6 @@ fn is_unreachable(e: &dyn std::any::Any) -> bool {
         }
         _ => false,
     }
-}
-
-/// Media type from the document itself; OCI lets it be absent, in which
-/// case the shape tells.
-fn media_type_of(bytes: &[u8]) -> Result<String, serde_json::Error> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)?;
-    if let Some(t) = v.get("mediaType").and_then(|t| t.as_str()) {
-        return Ok(t.to_string());
-    }
-    Ok(if v.get("manifests").is_some() {
-        MEDIA_OCI_INDEX
-    } else {
-        MEDIA_OCI_MANIFEST
-    }
-    .to_string())
-}
-
-/// GOARCH naming, as image indexes use it.
-pub fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        other => other,
-    }
-}
-
-pub(crate) fn platform_name() -> String {
-    format!("linux/{}", go_arch())
-}
-
-pub(crate) fn select_platform(index: &ImageIndex) -> Option<(usize, &oci_spec::image::Descriptor)> {
-    index.manifests().iter().enumerate().find(|(_, d)| {
-        d.platform().as_ref().is_some_and(|p| {
-            p.os().to_string() == "linux" && p.architecture().to_string() == go_arch()
-        })
-    })
 }
 
 /// Loopback registries are reached over plain HTTP, as Docker does.
@@ -357,35 +228,5 @@ mod tests {
         ] {
             assert!(!is_loopback(h), "{h}");
         }
-    }
-
-    #[test]
-    fn media_type_detection() {
-        assert_eq!(media_type_of(br#"{"mediaType":"x"}"#).unwrap(), "x");
-        assert_eq!(
-            media_type_of(br#"{"manifests":[]}"#).unwrap(),
-            MEDIA_OCI_INDEX
-        );
-        assert_eq!(
-            media_type_of(br#"{"layers":[]}"#).unwrap(),
-            MEDIA_OCI_MANIFEST
-        );
-        assert!(media_type_of(b"nope").is_err());
-    }
-
-    #[test]
-    fn picks_this_platform() {
-        let json = format!(
-            r#"{{"schemaVersion":2,"manifests":[
-            {{"mediaType":"{MEDIA_OCI_MANIFEST}","digest":"sha256:{a}","size":1,"platform":{{"os":"windows","architecture":"{arch}"}}}},
-            {{"mediaType":"{MEDIA_OCI_MANIFEST}","digest":"sha256:{b}","size":1,"platform":{{"os":"linux","architecture":"{arch}"}}}}]}}"#,
-            a = "a".repeat(64),
-            b = "b".repeat(64),
-            arch = go_arch()
-        );
-        let index = ImageIndex::from_reader(json.as_bytes()).unwrap();
-        let (pos, d) = select_platform(&index).unwrap();
-        assert_eq!(pos, 1);
-        assert!(d.digest().to_string().ends_with(&"b".repeat(64)));
     }
 }

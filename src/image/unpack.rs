@@ -5,16 +5,10 @@
 //! A chain already committed is skipped without fetching its layer at all,
 //! which makes a warm unpack a handful of `Stat` calls.
 
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-};
-use containerd_client::services::v1::ApplyRequest;
 use sha2::{Digest, Sha256};
-use tonic::Code;
 
-use super::content;
-use super::registry::Blob;
-use crate::containerd::{with_ns, Containerd};
+use crate::engine::store::{Blob, ImageStore};
+use crate::engine::EngineError;
 
 /// The OCI chain ids of a list of diff ids: the first is the first diff id,
 /// each next one is `sha256(parent + " " + diff_id)`.
@@ -43,33 +37,11 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// Whether a committed snapshot named `key` exists.
-pub async fn snapshot_exists(
-    cd: &Containerd,
-    ns: &str,
-    snapshotter: &str,
-    key: &str,
-) -> Result<bool, tonic::Status> {
-    let req = StatSnapshotRequest {
-        snapshotter: snapshotter.to_string(),
-        key: key.to_string(),
-    };
-    match cd.snapshots().stat(with_ns(req, ns, None)).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.code() == Code::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Why one layer could not be applied.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum UnpackError {
-    /// containerd refused to {what} layer {layer}: {status}
-    Containerd {
-        what: &'static str,
-        layer: String,
-        status: String,
-    },
+    /// layer {layer}: {source}
+    Containerd { layer: String, source: EngineError },
     /// layer {layer} unpacked to {got}, but the image config says {want}
     DiffId {
         layer: String,
@@ -80,7 +52,7 @@ pub enum UnpackError {
 
 /// Where layers are unpacked: one namespace's snapshotter, under a lease.
 pub struct Target<'a> {
-    pub cd: &'a Containerd,
+    pub store: &'a ImageStore,
     pub ns: &'a str,
     pub lease: &'a str,
     pub snapshotter: &'a str,
@@ -91,57 +63,39 @@ pub struct Target<'a> {
 /// is success, not an error.
 pub async fn apply_layer(
     t: &Target<'_>,
-    layer: &super::registry::Blob,
+    layer: &Blob,
     diff_id: &str,
     chain_id: &str,
     parent: Option<&str>,
 ) -> Result<(), UnpackError> {
     let Target {
-        cd,
+        store,
         ns,
         lease,
         snapshotter,
     } = *t;
-    let fail = |what: &'static str, s: tonic::Status| UnpackError::Containerd {
-        what,
+    let fail = |source: EngineError| UnpackError::Containerd {
         layer: layer.digest.clone(),
-        status: s.message().to_string(),
+        source,
     };
     let key = format!("extract-{:016x} {chain_id}", rand::random::<u64>());
-    let prepare = PrepareSnapshotRequest {
-        snapshotter: snapshotter.to_string(),
-        key: key.clone(),
-        parent: parent.unwrap_or_default().to_string(),
-        labels: [(
-            "containerd.io/snapshot.ref".to_string(),
-            chain_id.to_string(),
-        )]
-        .into(),
-    };
-    let mounts = match cd
-        .snapshots()
-        .prepare(with_ns(prepare, ns, Some(lease)))
+    let mounts = match store
+        .prepare_extract(
+            ns,
+            lease,
+            snapshotter,
+            &key,
+            parent.unwrap_or_default(),
+            chain_id,
+        )
         .await
     {
-        Ok(r) => r.into_inner().mounts,
-        Err(e) if e.code() == Code::AlreadyExists => return Ok(()),
-        Err(e) => return Err(fail("prepare a snapshot for", e)),
+        Ok(mounts) => mounts,
+        Err(e) if e.is_already_exists() => return Ok(()),
+        Err(e) => return Err(fail(e)),
     };
     let result = async {
-        let apply = ApplyRequest {
-            diff: Some(layer.descriptor()),
-            mounts,
-            ..Default::default()
-        };
-        let applied = cd
-            .diff()
-            .apply(with_ns(apply, ns, Some(lease)))
-            .await
-            .map_err(|e| fail("apply", e))?
-            .into_inner()
-            .applied
-            .map(|d| d.digest)
-            .unwrap_or_default();
+        let applied = store.apply(ns, lease, layer, mounts).await.map_err(fail)?;
         if applied != diff_id {
             return Err(UnpackError::DiffId {
                 layer: layer.digest.clone(),
@@ -149,39 +103,22 @@ pub async fn apply_layer(
                 want: diff_id.to_string(),
             });
         }
-        let commit = CommitSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            name: chain_id.to_string(),
-            key: key.clone(),
-            labels: Default::default(),
-        };
-        match cd
-            .snapshots()
-            .commit(with_ns(commit, ns, Some(lease)))
-            .await
-        {
-            Ok(_) => Ok(()),
+        match store.commit(ns, lease, snapshotter, &key, chain_id).await {
             // Another pull committed the same chain first: same content.
-            Err(e) if e.code() == Code::AlreadyExists => Ok(()),
-            Err(e) => Err(fail("commit", e)),
+            Err(e) if !e.is_already_exists() => Err(fail(e)),
+            _ => Ok(()),
         }
     }
     .await;
     if result.is_err()
-        || snapshot_exists(cd, ns, snapshotter, &key)
+        || store
+            .has_snapshot(ns, snapshotter, &key)
             .await
             .unwrap_or(false)
     {
         // Failed, or lost the race to another commit: the extract snapshot
         // is ours alone to remove.
-        let remove = RemoveSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key,
-        };
-        let _ = cd
-            .snapshots()
-            .remove(with_ns(remove, ns, Some(lease)))
-            .await;
+        let _ = store.remove_extract(ns, lease, snapshotter, &key).await;
     }
     result
 }
@@ -232,23 +169,20 @@ where
 {
     let mut fetched = 0u64;
     for (i, layer) in layers.iter().enumerate() {
-        let store = |e: tonic::Status| LayerError::Store(e.message().to_string());
-        if snapshot_exists(t.cd, t.ns, t.snapshotter, &chains[i])
+        let store = |e: EngineError| LayerError::Store(e.to_string());
+        if t.store
+            .has_snapshot(t.ns, t.snapshotter, &chains[i])
             .await
             .map_err(store)?
         {
             continue;
         }
-        if !content::exists(t.cd, t.ns, &layer.digest)
-            .await
-            .map_err(store)?
-        {
+        if !t.store.has_blob(t.ns, &layer.digest).await.map_err(store)? {
             let stream = open(layer.clone()).await.map_err(LayerError::Source)?;
-            content::write(t.cd, t.ns, t.lease, layer, stream)
+            t.store
+                .write_blob(t.ns, t.lease, layer, stream)
                 .await
-                .map_err(|e| {
-                    LayerError::Store(format!("storing layer {}: {}", layer.digest, e.message()))
-                })?;
+                .map_err(|e| LayerError::Store(format!("storing layer {}: {e}", layer.digest)))?;
             fetched += layer.size.max(0) as u64;
         }
         let parent = i.checked_sub(1).map(|p| chains[p].as_str());

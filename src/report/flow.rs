@@ -15,9 +15,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use crate::containerd::error_chain;
 use crate::proto::flow::direktiv_flow_client::DirektivFlowClient;
 use crate::proto::flow::ReportActionResultsRequest;
+use crate::text::error_chain;
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 /// flow endpoint {endpoint:?} is not a valid address: {reason}

@@ -63,7 +63,7 @@ impl Node {
         let cfg = Arc::new(config(dir.path(), max_running));
         std::fs::create_dir_all(cfg.actions_dir()).unwrap();
         let images = ImageService::new(
-            crate::containerd::Containerd::unconnected(),
+            crate::engine::store::ImageStore::new(crate::engine::Containerd::unconnected()),
             cfg.snapshotter.clone(),
             Vec::new(),
             Duration::from_secs(60),

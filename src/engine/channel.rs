@@ -1,7 +1,8 @@
 //! The one long-lived channel to containerd and the request decoration every
-//! call needs (namespace, lease). Owns nothing else: the lifecycle's calls
-//! go through `crate::engine`, which uses this channel; the image service
-//! speaks to the content, diff and image services over it directly.
+//! call needs (namespace, lease). Owns nothing else. Its service clients and
+//! `with_ns` are the engine's alone (`pub(super)`): outside `crate::engine`
+//! nothing can build a containerd request, so every call goes through the
+//! [`super::Engine`] trait or [`super::store::ImageStore`] (issue 12).
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,13 +10,12 @@ use std::time::Duration;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
-    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
-    namespaces_client::NamespacesClient, tasks_client::TasksClient, version_client::VersionClient,
+    images_client::ImagesClient, leases_client::LeasesClient, namespaces_client::NamespacesClient,
+    tasks_client::TasksClient, version_client::VersionClient,
 };
-use containerd_client::services::v1::{CreateRequest, DeleteRequest};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 /// Why containerd could not be reached.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -32,10 +32,6 @@ pub struct Containerd {
     channel: Channel,
 }
 
-pub use crate::engine::{
-    LABEL_ACTION_ID, LABEL_INSTANCE_ID, LABEL_MANAGED, LABEL_NAMESPACE, LABEL_STEP,
-};
-
 impl Containerd {
     /// Connects and asks containerd for its version, so a wrong socket is
     /// reported at start-up rather than at the first action.
@@ -46,7 +42,7 @@ impl Containerd {
                 .await
                 .map_err(|e| ConnectError::Connect {
                     path: shown.clone(),
-                    reason: error_chain(&e),
+                    reason: crate::text::error_chain(&e),
                 })?;
         let c = Containerd { channel };
         let version = tokio::time::timeout(
@@ -83,70 +79,37 @@ impl Containerd {
             .map(|_| ())
     }
 
-    pub fn namespaces(&self) -> NamespacesClient<Channel> {
+    pub(super) fn namespaces(&self) -> NamespacesClient<Channel> {
         NamespacesClient::new(self.channel.clone())
     }
 
-    pub fn containers(&self) -> ContainersClient<Channel> {
+    pub(super) fn containers(&self) -> ContainersClient<Channel> {
         ContainersClient::new(self.channel.clone())
     }
-    pub fn content(&self) -> ContentClient<Channel> {
+    pub(super) fn content(&self) -> ContentClient<Channel> {
         ContentClient::new(self.channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
-    pub fn diff(&self) -> DiffClient<Channel> {
+    pub(super) fn diff(&self) -> DiffClient<Channel> {
         DiffClient::new(self.channel.clone())
     }
-    pub fn events(&self) -> EventsClient<Channel> {
-        EventsClient::new(self.channel.clone())
-    }
-    pub fn images(&self) -> ImagesClient<Channel> {
+    pub(super) fn images(&self) -> ImagesClient<Channel> {
         ImagesClient::new(self.channel.clone())
     }
-    pub fn leases(&self) -> LeasesClient<Channel> {
+    pub(super) fn leases(&self) -> LeasesClient<Channel> {
         LeasesClient::new(self.channel.clone())
     }
-    pub fn snapshots(&self) -> SnapshotsClient<Channel> {
+    pub(super) fn snapshots(&self) -> SnapshotsClient<Channel> {
         SnapshotsClient::new(self.channel.clone())
     }
-    pub fn tasks(&self) -> TasksClient<Channel> {
+    pub(super) fn tasks(&self) -> TasksClient<Channel> {
         TasksClient::new(self.channel.clone())
-    }
-
-    /// Creates a lease that expires on its own after a day, so a crash
-    /// between create and delete leaks nothing forever.
-    pub async fn lease(&self, ns: &str) -> Result<String, Status> {
-        let id = format!("isolated-{:016x}", rand::random::<u64>());
-        let expire = humantime::format_rfc3339_seconds(
-            std::time::SystemTime::now() + Duration::from_secs(86400),
-        )
-        .to_string();
-        let req = CreateRequest {
-            id: id.clone(),
-            labels: [("containerd.io/gc.expire".to_string(), expire)].into(),
-        };
-        self.leases().create(with_ns(req, ns, None)).await?;
-        Ok(id)
-    }
-
-    /// Deletes a lease; failure only delays garbage collection, so it is
-    /// logged, not returned.
-    pub async fn drop_lease(&self, ns: &str, lease: &str) {
-        let req = DeleteRequest {
-            id: lease.to_string(),
-            sync: false,
-        };
-        if let Err(e) = self.leases().delete(with_ns(req, ns, None)).await {
-            if e.code() != Code::NotFound {
-                tracing::warn!(lease, error = %e.message(), "cannot delete lease");
-            }
-        }
     }
 }
 
 /// Wraps a message with the containerd namespace and, when given, a lease.
-pub fn with_ns<T>(msg: T, ns: &str, lease: Option<&str>) -> Request<T> {
+pub(super) fn with_ns<T>(msg: T, ns: &str, lease: Option<&str>) -> Request<T> {
     let mut req = Request::new(msg);
     let md = req.metadata_mut();
     // Namespaces and lease ids are validated identifiers, always valid ASCII.
@@ -157,19 +120,4 @@ pub fn with_ns<T>(msg: T, ns: &str, lease: Option<&str>) -> Request<T> {
         md.insert("containerd-lease", lease);
     }
     req
-}
-
-/// The whole source chain of an error on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        src = inner.source();
-    }
-    s
 }
