@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::lifecycle::advance;
 use crate::proto::control::{ActionInfo, ActionState};
 use crate::report::Outcome;
 use crate::request::ActionRequest;
@@ -159,6 +160,9 @@ pub fn state_name(s: ActionState) -> &'static str {
         ActionState::Undeliverable => "undeliverable",
     }
 }
+
+/// What [`advance`] names in a refusal of the table's.
+const TABLE: &str = "the control table";
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -418,7 +422,9 @@ impl Actions {
 
 impl Handle {
     pub fn set_state(&self, state: ActionState) {
-        self.actions.update(&self.key, |i| i.state = state as i32);
+        self.actions.update(&self.key, |i| {
+            advance(&mut i.state, state, TABLE);
+        });
     }
 
     /// The containerd namespace it runs in, for the control API.
@@ -455,7 +461,7 @@ impl Handle {
     /// answer; a graceful stop no longer waits for it.
     pub fn parked(&self, code: &str, message: &str) {
         self.actions.update(&self.key, |i| {
-            i.state = ActionState::Undeliverable as i32;
+            advance(&mut i.state, ActionState::Undeliverable, TABLE);
             i.report_last_code = code.to_string();
             i.report_last_message = message.to_string();
         });
@@ -464,8 +470,9 @@ impl Handle {
 
     /// An operator retried the parked report: it is being delivered again.
     pub fn unparked(&self) {
-        self.actions
-            .update(&self.key, |i| i.state = ActionState::Finished as i32);
+        self.actions.update(&self.key, |i| {
+            advance(&mut i.state, ActionState::Finished, TABLE);
+        });
     }
 
     /// Waits for an operator's command on the parked report.
@@ -488,7 +495,7 @@ impl Handle {
     /// dropped now (`dropped`), for the history and [`Handle::retired`].
     pub fn final_info(&self, dropped: bool) -> ActionInfo {
         let mut info = self.info();
-        info.state = ActionState::Reported as i32;
+        advance(&mut info.state, ActionState::Reported, TABLE);
         if dropped {
             info.dropped_at_ms = now_ms();
         } else {
@@ -500,7 +507,7 @@ impl Handle {
     /// Running since `started_at_ms`, the time its deadline counts from.
     pub fn set_running(&self, started_at_ms: i64) {
         self.actions.update(&self.key, |i| {
-            i.state = ActionState::Running as i32;
+            advance(&mut i.state, ActionState::Running, TABLE);
             i.started_at_ms = started_at_ms;
         });
     }
@@ -535,7 +542,7 @@ impl Handle {
 
     pub fn finished(&self, outcome: &Outcome) {
         self.actions.update(&self.key, |i| {
-            i.state = ActionState::Finished as i32;
+            advance(&mut i.state, ActionState::Finished, TABLE);
             i.finished_at_ms = now_ms();
             match outcome {
                 Outcome::Output(out) => i.output = out.clone(),

@@ -13,6 +13,7 @@ pub mod error;
 pub mod hostdir;
 pub mod image;
 pub mod inputs;
+pub mod lifecycle;
 pub mod listen;
 pub mod lock;
 pub mod metrics;

@@ -16,7 +16,6 @@ use crate::actions::Actions;
 use crate::config::Limits;
 use crate::engine::{ops, LABEL_ACTION_ID};
 use crate::network::NetTarget;
-use crate::proto::control::ActionState;
 use crate::report::Outcome;
 use crate::request::ActionRequest;
 use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
@@ -70,32 +69,13 @@ pub async fn recover(
         // Its original acceptance, not this restart's: a re-attached
         // action must not show accepted after started (issue 14).
         handle.set_accepted_at(record.accepted_at_ms);
-        let start = match record.state() {
-            ActionState::Finished => match record.report.clone() {
-                Some(report) => {
-                    if record.undeliverable {
-                        found.parked += 1;
-                    } else {
-                        found.redelivered += 1;
-                    }
-                    Start::Deliver(report)
-                }
-                None => {
-                    found.restarted += 1;
-                    Start::Fresh
-                }
-            },
-            ActionState::Running => {
-                found.resumed += 1;
-                Start::Resume {
-                    deadline_ms: record.deadline_ms,
-                }
-            }
-            _ => {
-                found.restarted += 1;
-                Start::Fresh
-            }
-        };
+        let start = Start::of(&record);
+        match &start {
+            Start::Deliver(_) if record.undeliverable => found.parked += 1,
+            Start::Deliver(_) => found.redelivered += 1,
+            Start::Resume { .. } => found.resumed += 1,
+            Start::Fresh => found.restarted += 1,
+        }
         // Shown as it is before the server answers a call: a re-attached
         // action as running since its start, a stored report as finished,
         // a parked one as undeliverable with the engine's last answer.

@@ -130,6 +130,9 @@ impl Ctx {
     }
 }
 
+/// What `direktiv_isolate::lifecycle::advance` logs when it refuses a move.
+const ILLEGAL_TRANSITION: &str = "illegal lifecycle transition";
+
 /// A trial that needs the daemon.
 pub fn trial<F, Fut>(name: &str, body: F) -> Trial
 where
@@ -216,6 +219,21 @@ where
                         env.assert_nothing_left(ns, NOTHING_LEFT)
                             .await
                             .map_err(|e| failure(env, &namespaces, &format!("{e:#}")))?;
+                    }
+                    // The lifecycle refuses a move its diagram does not have and
+                    // logs it (issue 12): in a trial, that is a bug found.
+                    let log = env.isolated.log_text();
+                    let illegal: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains(ILLEGAL_TRANSITION))
+                        .filter(|l| namespaces.iter().any(|ns| l.contains(ns.as_str())))
+                        .collect();
+                    if !illegal.is_empty() {
+                        return Err(failure(
+                            env,
+                            &namespaces,
+                            &format!("isolated refused a lifecycle move:\n{}", illegal.join("\n")),
+                        ));
                     }
                     Ok(())
                 }

@@ -33,6 +33,7 @@ pub mod shim_keeper;
 pub mod stdio;
 mod supervise;
 
+pub use crate::lifecycle::Start;
 pub use error::RunError;
 
 use std::path::PathBuf;
@@ -48,7 +49,6 @@ use crate::engine::{Engine, EngineError, Runtimes};
 use crate::image::ImageService;
 use crate::network::{NetTarget, Networks};
 use crate::proto::control::ActionState;
-use crate::proto::flow::ReportActionResultsRequest;
 use crate::report::flow::Reporter;
 use crate::report::{ErrorCode, Outcome, Report};
 use crate::request::ActionRequest;
@@ -183,14 +183,6 @@ impl Action {
     }
 }
 
-/// Where a run starts: a new action, one recovered after a restart whose
-/// task may still be running, or one whose report is still to deliver.
-pub enum Start {
-    Fresh,
-    Resume { deadline_ms: i64 },
-    Deliver(ReportActionResultsRequest),
-}
-
 /// The message of a panic's payload (`panic!` gives a `&str` or a
 /// `String`).
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -265,7 +257,11 @@ impl Runner {
             outcome,
         }
         .to_wire();
-        record.state = ActionState::Finished as i32;
+        crate::lifecycle::advance(
+            &mut record.state,
+            ActionState::Finished,
+            "the stored record",
+        );
         record.report = Some(report.clone());
         if let Err(e) = self.store.put(&record, Sync::Durable).await {
             error!(error = %e, "cannot store the report");
@@ -344,7 +340,11 @@ impl Runner {
                         outcome,
                     }
                     .to_wire();
-                    record.state = ActionState::Finished as i32;
+                    crate::lifecycle::advance(
+                        &mut record.state,
+                        ActionState::Finished,
+                        "the stored record",
+                    );
                     record.report = Some(report.clone());
                     let stored = self.store.put(&record, Sync::Durable).await;
                     if let Err(e) = &stored {
@@ -515,7 +515,7 @@ impl Runner {
         a.handle.set_state(ActionState::Pulling);
         // Pulling is shown, not stored: recovery treats it like accepted
         // (start again), so writing it would buy nothing.
-        record.state = ActionState::Pulling as i32;
+        crate::lifecycle::advance(&mut record.state, ActionState::Pulling, "the stored record");
         let image = self
             .images
             .ensure(&a.cns, &a.req.reference, &a.req.registries)
@@ -542,7 +542,7 @@ impl Runner {
             .await?;
         let started_ms = now_ms();
         let deadline_ms = started_ms + a.req.timeout.as_millis() as i64;
-        record.state = ActionState::Running as i32;
+        crate::lifecycle::advance(&mut record.state, ActionState::Running, "the stored record");
         record.started_at_ms = started_ms;
         record.deadline_ms = deadline_ms;
         // The credentials did their job; they need not stay on disk. Nor
