@@ -75,6 +75,10 @@ fn capacity_response(c: &Capacity, image_cached: bool) -> CapacityResponse {
         free_running: n(c.free_running()),
         free_queue: n(c.free_queue()),
         image_cached,
+        total_memory_mib: c.total_memory_mib,
+        free_memory_mib: n(c.free_memory_mib),
+        total_pids: c.total_pids,
+        free_pids: n(c.free_pids),
     }
 }
 

@@ -52,6 +52,11 @@ pub struct Capacity {
     pub max_running: usize,
     pub queued: usize,
     pub max_queued: usize,
+    /// The node budget (`Budget`): totals and what is free now.
+    pub total_memory_mib: u32,
+    pub free_memory_mib: usize,
+    pub total_pids: u32,
+    pub free_pids: usize,
     pub not_serving: Option<NotServing>,
 }
 
@@ -106,11 +111,17 @@ impl Readiness {
         let running = max_running.saturating_sub(runner.slots.available_permits());
         let queued = runner.queued.waiting();
         let max_queued = runner.cfg.max_queued;
+        let (total_memory_mib, total_pids) = runner.budget.totals();
+        let (free_memory_mib, free_pids) = runner.budget.available();
         Capacity {
             running,
             max_running,
             queued,
             max_queued,
+            total_memory_mib,
+            free_memory_mib,
+            total_pids,
+            free_pids,
             not_serving: self.why_not(queued, max_queued),
         }
     }

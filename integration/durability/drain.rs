@@ -88,6 +88,13 @@ pub async fn health_follows_capacity(t: Ctx) -> Result<()> {
             cached.image_cached && cached.running == 1 && cached.free_running == 0,
             "capacity with one action running: {cached:?}"
         );
+        // The budget shows the running action's share: its size's 256 MiB and 1024 pids.
+        ensure!(
+            cached.total_memory_mib > 256
+                && cached.free_memory_mib + 256 == cached.total_memory_mib
+                && cached.free_pids + 1024 == cached.total_pids,
+            "the node budget with one size-0 action running: {cached:?}"
+        );
         let elsewhere = p
             .control()
             .await?

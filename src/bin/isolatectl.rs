@@ -1070,6 +1070,10 @@ fn print_capacity(c: &CapacityResponse, image: Option<(&str, &str)>, json: bool)
             "maxQueued": c.max_queued,
             "freeRunning": c.free_running,
             "freeQueue": c.free_queue,
+            "totalMemoryMib": c.total_memory_mib,
+            "freeMemoryMib": c.free_memory_mib,
+            "totalPids": c.total_pids,
+            "freePids": c.free_pids,
         });
         if image.is_some() {
             v["imageCached"] = json!(c.image_cached);
@@ -1084,6 +1088,10 @@ fn print_capacity(c: &CapacityResponse, image: Option<(&str, &str)>, json: bool)
     println!(
         "running {}/{} ({} free), queued {}/{} ({} free)",
         c.running, c.max_running, c.free_running, c.queued, c.max_queued, c.free_queue
+    );
+    println!(
+        "memory {} of {} MiB free, pids {} of {} free",
+        c.free_memory_mib, c.total_memory_mib, c.free_pids, c.total_pids
     );
     if let Some((image, ns)) = image {
         let cached = if c.image_cached {
