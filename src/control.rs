@@ -82,10 +82,6 @@ fn capacity_response(c: &Capacity, image_cached: bool) -> CapacityResponse {
     }
 }
 
-/// What a follower is told when the daemon stops under it.
-const STOPPING: &str =
-    "isolated is stopping; the action goes on and is reported as usual (follow it again with isolatectl get)";
-
 /// The caller of `req`, if it may use namespace `ns`.
 fn allowed<T>(req: &Request<T>, ns: &str) -> Result<Caller, Status> {
     let caller = Caller::of(req).map_err(Error::from)?;
@@ -174,7 +170,7 @@ impl IsolateControl for ControlService {
             let all = u32::try_from(self.runner.cfg.max_running).unwrap_or(u32::MAX);
             tokio::select! {
                 permits = self.runner.slots.acquire_many(all) => drop(permits),
-                _ = self.stopping.cancelled() => return Err(Status::unavailable(STOPPING)),
+                _ = self.stopping.cancelled() => return Err(Status::from(Error::Stopping)),
             }
         }
         let c = self.runner.readiness.capacity(&self.runner);
@@ -233,7 +229,7 @@ impl IsolateControl for ControlService {
     async fn watch_isolate(&self, req: Request<ActionRef>) -> Result<Response<InfoStream>, Status> {
         let caller = allowed(&req, &req.get_ref().namespace)?;
         if self.stopping.is_cancelled() {
-            return Err(Status::unavailable(STOPPING));
+            return Err(Status::from(Error::Stopping));
         }
         let r = req.into_inner();
         let rx = self
@@ -433,7 +429,7 @@ fn until_stopping(inner: InfoStream, stopping: CancellationToken) -> InfoStream 
                 // A state change and the stop at once: the stop wins, so a
                 // stopping daemon answers nothing more.
                 biased;
-                _ = stopping.cancelled() => Some((Err(Status::unavailable(STOPPING)), None)),
+                _ = stopping.cancelled() => Some((Err(Status::from(Error::Stopping)), None)),
                 item = inner.next() => item.map(|i| (i, Some((inner, stopping)))),
             }
         },

@@ -70,6 +70,8 @@ pub enum Error {
     Engine(#[from] EngineError),
     /// this node is draining and accepts no action; send it to another node
     Draining,
+    /// isolated is stopping; the action goes on and is reported as usual (follow it again with isolatectl get)
+    Stopping,
 }
 
 impl From<Error> for Status {
@@ -101,6 +103,8 @@ impl From<Error> for Status {
             Error::Store(_) | Error::Input(_) => Status::unavailable(msg),
             // UNAVAILABLE is what a gRPC client retries elsewhere (issue 17).
             Error::Draining => Status::unavailable(msg),
+            // A follower (watch, logs) cut off by a graceful stop.
+            Error::Stopping => Status::unavailable(msg),
             Error::EmptyImport => Status::invalid_argument(msg),
             // The archive's faults are the caller's; containerd's are ours.
             Error::Import(
