@@ -14,6 +14,7 @@ use containerd_client::services::v1::{
 use nix::sys::signal::Signal;
 
 use super::channel::{with_ns, Containerd};
+use super::error::classify;
 use super::{
     Container, ContentInfo, Engine, EngineError, ImageRecord, Labelled, Mount, NewTask, Prepare,
     TaskInfo, TaskStatus, LABEL_MANAGED,
@@ -29,10 +30,6 @@ impl ContainerdEngine {
     pub fn new(cd: Containerd) -> ContainerdEngine {
         ContainerdEngine { cd }
     }
-}
-
-fn classify(what: &'static str) -> impl FnOnce(tonic::Status) -> EngineError {
-    move |s| EngineError::classify(what, &s)
 }
 
 fn managed_filter() -> String {

@@ -57,6 +57,11 @@ const SHIM_GONE: [&str; 3] = ["failed to start shim", "ttrpc: closed", "ttrpc: c
 /// that containerd does not know (a create cut short).
 const RUNC_ID_TAKEN: &str = "container with given ID already exists";
 
+/// The classifier as a `map_err` argument, for the call that was to `what`.
+pub(super) fn classify(what: &'static str) -> impl FnOnce(Status) -> EngineError {
+    move |s| EngineError::classify(what, &s)
+}
+
 impl EngineError {
     /// What `status` means, for the call that was to `what`.
     pub fn classify(what: &'static str, status: &Status) -> EngineError {

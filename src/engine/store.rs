@@ -31,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
 use super::channel::{with_ns, Containerd};
+use super::error::classify;
 use super::{EngineError, Mount};
 
 /// Chunk size of `Content.Write` messages: big enough to keep the call
@@ -58,10 +59,6 @@ impl Blob {
             annotations: Default::default(),
         }
     }
-}
-
-fn classify(what: &'static str) -> impl FnOnce(Status) -> EngineError {
-    move |s| EngineError::classify(what, &s)
 }
 
 /// The writer's half of a `Content.Write` stream closed under us.
