@@ -28,7 +28,7 @@ use containerd_client::types::Descriptor;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::channel::{with_ns, Containerd};
 use super::error::classify;
