@@ -71,14 +71,5 @@ pub async fn containerd_restart_while_running(t: Ctx) -> Result<()> {
         Ok(())
     }
     .await;
-    let res = res.map_err(|e| p.explain(e));
-    drop(p);
-    let swept = cd.shutdown().await?;
-    res?;
-    ensure!(
-        swept.is_empty(),
-        "the private containerd still held:\n  {}",
-        swept.join("\n  ")
-    );
-    Ok(())
+    cd.conclude(p, res).await
 }

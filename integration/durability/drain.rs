@@ -161,16 +161,7 @@ pub async fn health_follows_capacity(t: Ctx) -> Result<()> {
         Ok(())
     }
     .await;
-    let res = res.map_err(|e| p.explain(e));
-    drop(p);
-    let swept = cd.shutdown().await?;
-    res?;
-    ensure!(
-        swept.is_empty(),
-        "the private containerd still held:\n  {}",
-        swept.join("\n  ")
-    );
-    Ok(())
+    cd.conclude(p, res).await
 }
 
 /// One action runs and one waits (max_running 1) when `isolatectl drain` comes: health is

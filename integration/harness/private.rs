@@ -634,6 +634,22 @@ impl PrivateContainerd {
 
     /// Removes everything left in it, stops it and its shims, and removes its directory.
     /// Returns what had to be removed: a leak of the trial.
+    /// The end of a trial on this containerd and `isolated` on it: the trial's result
+    /// (with the daemon's log if it failed), the daemon stopped, then this containerd
+    /// swept and stopped; a trial that passed fails if the sweep found anything.
+    pub async fn conclude(self, isolated: PrivateIsolated, res: Result<()>) -> Result<()> {
+        let res = res.map_err(|e| isolated.explain(e));
+        drop(isolated);
+        let swept = self.shutdown().await?;
+        res?;
+        anyhow::ensure!(
+            swept.is_empty(),
+            "the private containerd still held:\n  {}",
+            swept.join("\n  ")
+        );
+        Ok(())
+    }
+
     pub async fn shutdown(mut self) -> Result<Vec<String>> {
         let swept = match &self.containerd {
             Some(c) => c.sweep().await?,
