@@ -257,11 +257,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         queued: Default::default(),
         budget,
         readiness: Default::default(),
+        pool: direktiv_isolate::runner::pool::Pool::new(&cfg)
+            .context("cannot write the launcher of pre-created tasks under the state dir")?,
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)
         .await
         .context("cannot read the store to recover accepted actions")?;
+    tokio::spawn(runner.clone().expire_pool());
     // Stops the listeners, and ends every watch (the control service).
     let stop = tokio_util::sync::CancellationToken::new();
     let control = ControlService {
@@ -401,6 +404,9 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
             "exiting with actions unfinished; they resume at the next start"
         );
     }
+    // Never in the store: a pre-created task is removed here or swept at
+    // the next start (issue 16).
+    runner.close_pool().await;
     if let Some(k) = &runner.keepers {
         k.remove_idle().await;
     }
