@@ -520,6 +520,7 @@ impl PrivateIsolated {
 
     /// The containerd this daemon talks to, as a harness client.
     pub async fn leftovers(&self, containerd: &Containerd, ns: &str) -> Result<Vec<String>> {
+        super::cleanup::drop_pool(self.socket(), ns).await;
         leftovers_in(self.env, containerd, &self.cns(ns), self.state_dir()).await
     }
 

@@ -170,6 +170,26 @@ pub struct Pool {
     shelves: Mutex<HashMap<PoolKey, Shelf>>,
     /// Set at a graceful stop: no more entries.
     closed: AtomicBool,
+    /// Entries being made or removed in the background now, so that a drop
+    /// can wait for them and leave nothing behind.
+    /// By containerd namespace.
+    busy: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One background make or removal in a containerd namespace, counted while
+/// it runs.
+struct Busy(Arc<Mutex<HashMap<String, usize>>>, String);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut busy = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// One key's entries, for operators (`isolatectl ls --pool`).
@@ -202,7 +222,28 @@ impl Pool {
             launcher,
             shelves: Default::default(),
             closed: AtomicBool::new(false),
+            busy: Arc::default(),
         })
+    }
+
+    fn busy(&self, cns: &str) -> Busy {
+        *self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cns.to_string())
+            .or_default() += 1;
+        Busy(self.busy.clone(), cns.to_string())
+    }
+
+    /// Whether anything of `cns`'s pool (or any, for `None`) is being made
+    /// or removed in the background.
+    fn is_busy(&self, cns: Option<&str>) -> bool {
+        let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        match cns {
+            Some(cns) => busy.contains_key(cns),
+            None => !busy.is_empty(),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -249,17 +290,52 @@ impl Pool {
         (entry, retired)
     }
 
-    /// Every entry, and the pool closed for good when `close`.
-    fn take_all(&self, close: bool) -> Vec<Entry> {
+    /// A made entry back: kept on its shelf, or handed back when the shelf
+    /// was retired, dropped or the pool closed meanwhile.
+    fn shelve(&self, key: &PoolKey, entry: Entry) -> Option<Entry> {
+        let mut shelves = self.lock();
+        let Some(s) = shelves.get_mut(key) else {
+            return Some(entry);
+        };
+        s.filling -= 1;
+        if !self.enabled() || s.retired {
+            shelves.retain(|k, s| !(k == key && s.retired && s.filling == 0));
+            return Some(entry);
+        }
+        s.entries.push(entry);
+        let ns = s.req.namespace.clone();
+        drop(shelves);
+        self.count(&ns);
+        None
+    }
+
+    /// A make that failed or was not started: no longer counted as being
+    /// made.
+    fn unfill(&self, key: &PoolKey) {
+        if let Some(s) = self.lock().get_mut(key) {
+            s.filling = s.filling.saturating_sub(1);
+        }
+    }
+
+    /// Every entry (of containerd namespace `cns`, when given); with
+    /// `forget`, the keys too (none is refilled before its next action);
+    /// with `close`, the pool closed for good.
+    fn take_all(&self, cns: Option<&str>, forget: bool, close: bool) -> Vec<Entry> {
         if close {
             self.closed.store(true, Ordering::SeqCst);
         }
         let mut all = Vec::new();
         let mut namespaces = Vec::new();
-        for s in self.lock().values_mut() {
+        let mut shelves = self.lock();
+        let of = |k: &PoolKey| cns.is_none_or(|c| c == k.cns);
+        for (_, s) in shelves.iter_mut().filter(|(k, _)| of(k)) {
             namespaces.push(s.req.namespace.clone());
             all.append(&mut s.entries);
         }
+        if forget {
+            shelves.retain(|k, _| !of(k));
+        }
+        drop(shelves);
         for ns in namespaces {
             self.count(&ns);
         }
@@ -424,34 +500,26 @@ impl Runner {
     /// one at a time, while the node has room.
     fn refill(self: &Arc<Self>, key: PoolKey) {
         let runner = self.clone();
+        let busy = self.pool.busy(&key.cns);
         tokio::spawn(
             async move {
+                let _busy = busy;
                 while let Some((req, image)) = runner.next_fill(&key) {
                     let made = match runner.budget.try_take_owned(ENTRY_MEMORY_MIB, ENTRY_PIDS) {
                         Some(share) => runner.precreate(req, &image, share).await,
                         None => Err(None),
                     };
-                    let mut shelves = runner.pool.lock();
-                    if let Some(s) = shelves.get_mut(&key) {
-                        s.filling -= 1;
-                    }
                     match made {
-                        Ok(entry) => match shelves.get_mut(&key) {
-                            Some(s) if runner.pool.enabled() && !s.retired => {
-                                s.entries.push(entry);
-                                let ns = s.req.namespace.clone();
-                                drop(shelves);
-                                runner.pool.count(&ns);
-                            }
-                            _ => {
-                                // Retired (its tag moved) or closed meanwhile.
-                                shelves.retain(|k, s| !(k == &key && s.retired && s.filling == 0));
-                                drop(shelves);
-                                runner.discard(entry);
+                        Ok(entry) => {
+                            if let Some(unwanted) = runner.pool.shelve(&key, entry) {
+                                // Retired (its tag moved), dropped or closed
+                                // meanwhile.
+                                runner.release(&unwanted.action).await;
                                 return;
                             }
-                        },
+                        }
                         Err(why) => {
+                            runner.pool.unfill(&key);
                             if let Some(e) = why {
                                 warn!(error = %e, "cannot pre-create a task");
                             }
@@ -527,7 +595,14 @@ impl Runner {
     /// Removes an entry in the background, by the one release.
     fn discard(self: &Arc<Self>, entry: Entry) {
         let runner = self.clone();
-        tokio::spawn(async move { runner.release(&entry.action).await }.in_current_span());
+        let busy = self.pool.busy(&entry.action.cns);
+        tokio::spawn(
+            async move {
+                let _busy = busy;
+                runner.release(&entry.action).await
+            }
+            .in_current_span(),
+        );
     }
 
     /// Removes entries and waits for it.
@@ -540,7 +615,7 @@ impl Runner {
     /// A full node: every entry goes, so that their memory and pids are
     /// the actions'.
     pub(super) fn evict_pool(self: &Arc<Self>) {
-        let all = self.pool.take_all(false);
+        let all = self.pool.take_all(None, false, false);
         if !all.is_empty() {
             info!(count = all.len(), "the node is full; removing its pre-created tasks");
         }
@@ -551,17 +626,34 @@ impl Runner {
 
     /// Every entry removed, now (`isolatectl ls --pool --drop`; the test
     /// harness before it checks that nothing is left). Returns how many.
-    pub async fn drop_pool(&self) -> usize {
-        let all = self.pool.take_all(false);
-        self.remove_entries(all).await
+    /// Entries being made or removed meanwhile are waited for (and the
+    /// made ones removed), so that nothing of the pool is left when it
+    /// answers.
+    /// Only containerd namespace `cns`'s, when given.
+    pub async fn drop_pool(&self, cns: Option<&str>) -> usize {
+        self.empty_pool(cns, false).await
     }
 
     /// A graceful stop: no more entries, and every one removed.
     pub async fn close_pool(&self) {
-        let all = self.pool.take_all(true);
-        let n = self.remove_entries(all).await;
+        let n = self.empty_pool(None, true).await;
         if n > 0 {
             info!(count = n, "removed the pre-created tasks");
+        }
+    }
+
+    async fn empty_pool(&self, cns: Option<&str>, close: bool) -> usize {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let mut n = 0;
+        loop {
+            let all = self.pool.take_all(cns, true, close);
+            n += self.remove_entries(all).await;
+            if !self.pool.is_busy(cns) || Instant::now() > give_up {
+                // A make that ended after the take above removed its own.
+                n += self.remove_entries(self.pool.take_all(cns, true, close)).await;
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
