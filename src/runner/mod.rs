@@ -586,7 +586,9 @@ impl Runner {
         }
         // The image was resolved, and checked against the request's
         // credentials, as without the pool: only the create is skipped.
-        let (mut stdio, memory) = match self.take(a, &image, record).await? {
+        let taken = self.take(a, &image, record).await?;
+        let pooled = taken.is_some();
+        let (mut stdio, mut memory) = match taken {
             Some(taken) => taken,
             None => {
                 self.prepare_dir(a).await?;
@@ -599,10 +601,56 @@ impl Runner {
 
         // Wait is registered before Start so that an instant exit is seen.
         let mut exit = self.wait_exit(a);
-        self.engine
+        let start = self
+            .engine
             .start_task(&a.cns, a.id())
-            .instrument(info_span!("start"))
-            .await?;
+            .instrument(info_span!("start"));
+        let started = match pooled {
+            false => start.await,
+            true => {
+                // Beside the start, not before it: the container names the
+                // action it runs for operators (`ctr c ls`), as an unpooled
+                // one does by its id.
+                let label = self.engine.label_container(
+                    &a.cns,
+                    a.id(),
+                    std::collections::HashMap::from([(
+                        crate::engine::LABEL_ACTION_ID.to_string(),
+                        a.req.action_id.clone(),
+                    )]),
+                );
+                let (started, labelled) = tokio::join!(start, label);
+                if let Err(e) = labelled {
+                    warn!(error = %e, "cannot label the pre-created task with its action");
+                }
+                started
+            }
+        };
+        match started {
+            Ok(()) => {}
+            Err(e) if pooled && !e.is_unavailable() => {
+                // Its shim died while it waited, say: the action gets a task
+                // of its own, in the entry's place, as a retry would.
+                warn!(error = %e, "the pre-created task did not start; creating the action's own");
+                drop(exit);
+                drop(stdio);
+                self.cleanup_containerd(a).await;
+                self.networks.detach(&a.net()).await;
+                drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
+                self.prepare_dir(a).await?;
+                (stdio, memory) = self
+                    .create(a, &image, None)
+                    .instrument(info_span!("create"))
+                    .await?;
+                stdio.release();
+                exit = self.wait_exit(a);
+                self.engine
+                    .start_task(&a.cns, a.id())
+                    .instrument(info_span!("start"))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         let started_ms = now_ms();
         let deadline_ms = started_ms + a.req.timeout.as_millis() as i64;
         record.state = ActionState::Running as i32;
