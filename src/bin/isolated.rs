@@ -397,16 +397,18 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         grace_secs = SHUTDOWN_GRACE.as_secs(),
         "stopped accepting; letting running actions finish"
     );
-    let drained = tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()).await;
+    // Beside the running actions' grace, not after it: pre-created tasks are in no
+    // store, so a graceful stop removes them (issue 16).
+    let (drained, ()) = tokio::join!(
+        tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()),
+        runner.close_pool()
+    );
     if drained.is_err() {
         warn!(
             unfinished = actions.in_flight(),
             "exiting with actions unfinished; they resume at the next start"
         );
     }
-    // Never in the store: a pre-created task is removed here or swept at
-    // the next start (issue 16).
-    runner.close_pool().await;
     if let Some(k) = &runner.keepers {
         k.remove_idle().await;
     }

@@ -591,6 +591,12 @@ impl Runner {
         let (mut stdio, mut memory) = match taken {
             Some(taken) => taken,
             None => {
+                // Back after containerd went away with a pre-created task
+                // taken: its leftovers go first (they could not while it was
+                // down).
+                if a.taken.get().is_some() {
+                    self.unplace(a).await;
+                }
                 self.prepare_dir(a).await?;
                 self.create(a, &image, None)
                     .instrument(info_span!("create"))
@@ -634,9 +640,7 @@ impl Runner {
                 warn!(error = %e, "the pre-created task did not start; creating the action's own");
                 drop(exit);
                 drop(stdio);
-                self.cleanup_containerd(a).await;
-                self.networks.detach(&a.net()).await;
-                drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
+                self.unplace(a).await;
                 self.prepare_dir(a).await?;
                 (stdio, memory) = self
                     .create(a, &image, None)

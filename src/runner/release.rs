@@ -42,6 +42,16 @@ impl Runner {
         }
     }
 
+    /// What a pre-created task the action took holds, before the action
+    /// makes a task of its own in its place (issue 16): its task, container,
+    /// snapshot and network, and its hold on the shim; its directory and
+    /// disk go with `prepare_dir`, and its spooled input stays.
+    pub(super) async fn unplace(&self, a: &Action) {
+        self.cleanup_containerd(a).await;
+        self.networks.detach(&a.net()).await;
+        drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
     /// The containerd half of cleanup: task, container, snapshot.
     pub async fn cleanup_containerd(&self, a: &Action) {
         ops::remove_action(&*self.engine, &a.cns, a.id(), &self.cfg.snapshotter).await;
