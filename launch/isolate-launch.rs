@@ -60,18 +60,31 @@ fn main() {
         Ok(p) => p,
         Err(why) => exec_failed(&file, &argv[0], &why),
     };
-    let mut cmd = Command::new(&program);
-    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear();
+    // The environment in its order, as runc would have set it: std's `Command::env`
+    // would sort it, so the process's own is rewritten instead (single-threaded) and
+    // inherited as it is. runc adds HOME from the user's passwd entry when the spec has
+    // none, and did so for this process, whose user is the action's: kept the same way.
+    let home = std::env::var_os("HOME");
+    for (k, _) in std::env::vars_os() {
+        std::env::remove_var(k);
+    }
+    let mut has_home = false;
     for kv in &env {
         let (k, v) = match kv.as_bytes().iter().position(|b| *b == b'=') {
             Some(i) => (&kv.as_bytes()[..i], &kv.as_bytes()[i + 1..]),
             None => (kv.as_bytes(), &b""[..]),
         };
-        cmd.env(
-            std::ffi::OsStr::from_bytes(k),
-            std::ffi::OsStr::from_bytes(v),
-        );
+        if k.is_empty() {
+            continue;
+        }
+        has_home |= k == b"HOME";
+        std::env::set_var(std::ffi::OsStr::from_bytes(k), std::ffi::OsStr::from_bytes(v));
     }
+    if let (false, Some(home)) = (has_home, home) {
+        std::env::set_var("HOME", home);
+    }
+    let mut cmd = Command::new(&program);
+    cmd.arg0(&argv[0]).args(&argv[1..]);
     let e = cmd.exec();
     let why = match e.raw_os_error() {
         Some(13) => "permission denied".to_string(),

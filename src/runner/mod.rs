@@ -117,6 +117,9 @@ pub struct Action {
     own: Place,
     /// ... or by the pre-created task it takes (issue 16), once it does.
     taken: std::sync::OnceLock<Place>,
+    /// Its key in the pool, once it looked there: refilled again when it
+    /// gives its running slot back.
+    pool_key: std::sync::OnceLock<pool::PoolKey>,
     /// Where its input waits (`crate::inputs`), removed with the rest.
     pub input: PathBuf,
     /// Whether the input is there rather than in `req.data` (a record
@@ -141,6 +144,7 @@ impl Action {
             cns,
             own,
             taken: Default::default(),
+            pool_key: Default::default(),
             input,
             spooled: false,
             handle,
@@ -365,6 +369,11 @@ impl Runner {
                             }
                         },
                     };
+                    // Its slot is free again: its pool may grow now (none is made
+                    // while the node is full).
+                    if let Some(key) = action.pool_key.get() {
+                        self.refill(key.clone());
+                    }
                     let outcome = self.within_report_limit(&action, outcome);
                     action.handle.finished(&outcome);
                     crate::metrics::action_finished(outcome.code());

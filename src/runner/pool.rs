@@ -446,6 +446,7 @@ impl Runner {
             self.template
                 .process(&image.config, a.req.argv.as_deref(), &direktiv_env(&a.req))?;
         let key = PoolKey::of(a, image);
+        let _ = a.pool_key.set(key.clone());
         let (entry, retired) = self.pool.pop(&key, image, &a.req);
         for e in retired {
             info!(entry = e.id(), "the image's tag moved to another digest; retiring its pre-created task");
@@ -498,7 +499,7 @@ impl Runner {
 
     /// Makes entries for `key` in the background until it has its target,
     /// one at a time, while the node has room.
-    fn refill(self: &Arc<Self>, key: PoolKey) {
+    pub(super) fn refill(self: &Arc<Self>, key: PoolKey) {
         let runner = self.clone();
         let busy = self.pool.busy(&key.cns);
         tokio::spawn(
@@ -744,6 +745,7 @@ mod tests {
             let out = std::process::Command::new(&launcher)
                 .arg(&file)
                 .env("LEAK", "yes")
+                .env("HOME", "/home/of-the-user")
                 .output()
                 .unwrap();
             assert!(!file.exists(), "the launch file is removed before the exec");
@@ -759,6 +761,18 @@ mod tests {
         assert_eq!(why, None);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a b||1=2|none\n");
         assert!(out.status.success());
+
+        // In its order, not sorted; HOME as runc gave it when the request has none.
+        let (out, _) = run(&["env"], &["PATH=/usr/bin:/bin", "Z=1", "A=2"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "PATH=/usr/bin:/bin\nZ=1\nA=2\nHOME=/home/of-the-user\n"
+        );
+        let (out, _) = run(&["env"], &["HOME=/mine", "PATH=/usr/bin:/bin"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "HOME=/mine\nPATH=/usr/bin:/bin\n"
+        );
 
         let (out, why) = run(&["/no/such"], &["PATH=/bin"]);
         assert_eq!(out.status.code(), Some(127));
