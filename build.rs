@@ -33,14 +33,23 @@ fn build_launcher() -> Result<(), Box<dyn std::error::Error>> {
     let status = Command::new(rustc)
         .args(["--edition", "2021", "--crate-name", "isolate_launch"])
         .args(["--target", &target])
-        .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols"])
+        .args([
+            "-C",
+            "opt-level=s",
+            "-C",
+            "panic=abort",
+            "-C",
+            "strip=symbols",
+        ])
         .args(["-C", "target-feature=+crt-static", "-D", "warnings"])
         .arg("-o")
         .arg(&out)
         .arg(source)
         .status()?;
     if !status.success() {
-        return Err(format!("cannot build {source} statically for {target}: rustc {status}").into());
+        return Err(
+            format!("cannot build {source} statically for {target}: rustc {status}").into(),
+        );
     }
     Ok(())
 }

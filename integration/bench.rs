@@ -619,7 +619,10 @@ async fn wait_pool(isolated: &Isolated) -> Result<()> {
         if keys.iter().any(|k| k.entries > 0) {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "the pool holds no entry after 30 s");
+        ensure!(
+            Instant::now() < deadline,
+            "the pool holds no entry after 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -647,12 +650,18 @@ fn pool_memory(env: &Env, cns: &str) -> Result<(Vec<(u64, u64)>, u64)> {
         if f.len() < 2 || !f[0].starts_with(direktiv_isolate::runner::pool::POOL_ID_PREFIX) {
             continue;
         }
-        let Ok(pid) = f[1].parse::<u32>() else { continue };
+        let Ok(pid) = f[1].parse::<u32>() else {
+            continue;
+        };
         entries.push((rollup(pid, "Pss:"), rollup(pid, "Rss:")));
         if let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| s.rsplit(')').next().map(str::to_string))
-            .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok()))
+            .and_then(|s| {
+                s.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u32>().ok())
+            })
         {
             shims.insert(ppid);
         }

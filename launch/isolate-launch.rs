@@ -43,14 +43,20 @@ fn main() {
     };
     let bytes = match std::fs::read(&file) {
         Ok(b) => b,
-        Err(e) => fail(&format!("cannot read the launch file {}: {e}", file.display())),
+        Err(e) => fail(&format!(
+            "cannot read the launch file {}: {e}",
+            file.display()
+        )),
     };
     let (argv, env) = match parse(&bytes) {
         Some(p) => p,
         None => fail(&format!("the launch file {} is malformed", file.display())),
     };
     if let Err(e) = std::fs::remove_file(&file) {
-        fail(&format!("cannot remove the launch file {}: {e}", file.display()));
+        fail(&format!(
+            "cannot remove the launch file {}: {e}",
+            file.display()
+        ));
     }
     let path_var = env
         .iter()
@@ -78,7 +84,10 @@ fn main() {
             continue;
         }
         has_home |= k == b"HOME";
-        std::env::set_var(std::ffi::OsStr::from_bytes(k), std::ffi::OsStr::from_bytes(v));
+        std::env::set_var(
+            std::ffi::OsStr::from_bytes(k),
+            std::ffi::OsStr::from_bytes(v),
+        );
     }
     if let (false, Some(home)) = (has_home, home) {
         std::env::set_var("HOME", home);
@@ -108,7 +117,10 @@ fn exec_failed(file: &Path, arg0: &OsString, why: &str) -> ! {
     let mut failed = file.as_os_str().to_owned();
     failed.push("-failed");
     if let Err(e) = std::fs::write(&failed, message.as_bytes()) {
-        fail(&format!("{message} (and cannot say so in {}: {e})", Path::new(&failed).display()));
+        fail(&format!(
+            "{message} (and cannot say so in {}: {e})",
+            Path::new(&failed).display()
+        ));
     }
     let code = if why.contains("no such file") || why.contains("not found") {
         127

@@ -182,7 +182,9 @@ impl IsolateControl for ControlService {
         req: Request<ListPoolRequest>,
     ) -> Result<Response<ListPoolResponse>, Status> {
         let caller = Caller::of(&req).map_err(Error::from)?;
-        caller.authorize_node("list the pre-created tasks").map_err(Error::from)?;
+        caller
+            .authorize_node("list the pre-created tasks")
+            .map_err(Error::from)?;
         let ns = req.get_ref().namespace.clone();
         let cns = (!ns.is_empty()).then(|| self.runner.cfg.containerd_namespace(&ns));
         let dropped = match req.get_ref().drop {

@@ -111,7 +111,10 @@ fn sections(out: &[u8]) -> BTreeMap<String, Vec<String>> {
     for line in String::from_utf8_lossy(out).lines() {
         match line.strip_prefix("== ") {
             Some(name) => current = name.to_string(),
-            None => map.entry(current.clone()).or_default().push(line.to_string()),
+            None => map
+                .entry(current.clone())
+                .or_default()
+                .push(line.to_string()),
         }
     }
     map
@@ -166,8 +169,8 @@ const STATUS_FIELDS: &[&str] = &[
 pub async fn same_with_and_without_the_pool(t: Ctx) -> Result<()> {
     let args = ["--network", "none"];
     let on = PrivateIsolated::start(t.env, &args).await?;
-    let off = PrivateIsolated::start(t.env, &[&args[..], &["--precreate-max", "0"]].concat())
-        .await?;
+    let off =
+        PrivateIsolated::start(t.env, &[&args[..], &["--precreate-max", "0"]].concat()).await?;
     on.adopt(&t.ns);
     off.adopt(&t.ns);
     let res = async {
@@ -332,7 +335,9 @@ pub async fn a_moved_tag_runs_at_its_new_digest(t: Ctx) -> Result<()> {
     let p = PrivateIsolated::start(t.env, &["--tag-ttl-secs", "0"]).await?;
     p.adopt(&t.ns);
     let res = async {
-        let v1 = t.push(&ImageSpec::with_script("echo v1 > /direktiv-data/data.out")).await?;
+        let v1 = t
+            .push(&ImageSpec::with_script("echo v1 > /direktiv-data/data.out"))
+            .await?;
         let first = t.action_id("v1");
         p.accept(t.request(&v1.reference, &first)).await?;
         let out = expect_success(&t.env.flow.wait_report(&first, FIRST_PULL).await?)?;
@@ -349,13 +354,19 @@ pub async fn a_moved_tag_runs_at_its_new_digest(t: Ctx) -> Result<()> {
                 &ImageSpec::with_script("echo v2 > /direktiv-data/data.out"),
             )
             .await?;
-        ensure!(v2.digest != v1.digest, "the second push has the first's digest");
+        ensure!(
+            v2.digest != v1.digest,
+            "the second push has the first's digest"
+        );
         let second = t.action_id("v2");
         p.accept(t.request(&v1.reference, &second)).await?;
         let out = expect_success(&t.env.flow.wait_report(&second, FIRST_PULL).await?)?;
         ensure!(out == b"v2\n", "after the tag moved: {out:?}, expected v2");
         let old = pool_entries(&mut control, &t.ns, Some(&v1.digest)).await?;
-        ensure!(old == 0, "{old} pre-created tasks of the old digest are left");
+        ensure!(
+            old == 0,
+            "{old} pre-created tasks of the old digest are left"
+        );
         p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
             .await
     }
@@ -388,7 +399,11 @@ pub async fn kill_with_a_full_pool_leaks_nothing(t: Ctx) -> Result<()> {
         // Nothing of the killed daemon's pool, before any new action (the new daemon's pool
         // is empty: the check's drop has nothing to remove).
         let left = p.leftovers(&t.env.containerd, &t.ns).await?;
-        ensure!(left.is_empty(), "left after the restart:\n  {}", left.join("\n  "));
+        ensure!(
+            left.is_empty(),
+            "left after the restart:\n  {}",
+            left.join("\n  ")
+        );
         let id = t.action_id("after");
         let mut req = t.request(&image.reference, &id);
         req.data = Some(b"after the restart".to_vec());
@@ -406,8 +421,8 @@ pub async fn kill_with_a_full_pool_leaks_nothing(t: Ctx) -> Result<()> {
 /// image: the next action is accepted and queued, not refused, and the entries are
 /// dropped; once the sleeper is cancelled, it runs.
 pub async fn a_full_node_drops_its_pool_instead_of_refusing(t: Ctx) -> Result<()> {
-    let p = PrivateIsolated::start(t.env, &["--max-running", "1", "--kill-grace-secs", "1"])
-        .await?;
+    let p =
+        PrivateIsolated::start(t.env, &["--max-running", "1", "--kill-grace-secs", "1"]).await?;
     p.adopt(&t.ns);
     let res = async {
         let echo = t.push(&crate::core::echo_spec()).await?;
@@ -425,7 +440,9 @@ pub async fn a_full_node_drops_its_pool_instead_of_refusing(t: Ctx) -> Result<()
         let queued = t.action_id("queued");
         let mut req = t.request(&echo.reference, &queued);
         req.data = Some(b"queued".to_vec());
-        p.accept(req).await.context("a full node refused the action")?;
+        p.accept(req)
+            .await
+            .context("a full node refused the action")?;
         let deadline = tokio::time::Instant::now() + ACTION;
         while pool_entries(&mut control, &t.ns, None).await? > 0 {
             if tokio::time::Instant::now() >= deadline {

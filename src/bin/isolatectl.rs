@@ -23,8 +23,8 @@ use direktiv_isolate::client::{self, Authed, Bearer, ClientError, Target};
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
 use direktiv_isolate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
-    DrainRequest, ImageInfo, ImportImageRequest, ListImagesRequest, ListIsolatesRequest, ListPoolRequest, PoolInfo,
-    RemoveImageRequest,
+    DrainRequest, ImageInfo, ImportImageRequest, ListImagesRequest, ListIsolatesRequest,
+    ListPoolRequest, PoolInfo, RemoveImageRequest,
 };
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
@@ -505,10 +505,7 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
                 .await
                 .map_err(|s| call_failed("cannot list the pre-created tasks", s))?
                 .into_inner();
-            let keys: Vec<&PoolInfo> = pool
-                .keys
-                .iter()
-                .collect();
+            let keys: Vec<&PoolInfo> = pool.keys.iter().collect();
             if json {
                 print_json(&json!({
                     "dropped": pool.dropped,
@@ -538,7 +535,10 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
                         ]
                     })
                     .collect();
-                print_columns(&["NAMESPACE", "IMAGE", "DIGEST", "SIZE", "ENTRIES", "TARGET"], &rows);
+                print_columns(
+                    &["NAMESPACE", "IMAGE", "DIGEST", "SIZE", "ENTRIES", "TARGET"],
+                    &rows,
+                );
             }
             Ok(0)
         }

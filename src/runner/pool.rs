@@ -449,7 +449,10 @@ impl Runner {
         let _ = a.pool_key.set(key.clone());
         let (entry, retired) = self.pool.pop(&key, image, &a.req);
         for e in retired {
-            info!(entry = e.id(), "the image's tag moved to another digest; retiring its pre-created task");
+            info!(
+                entry = e.id(),
+                "the image's tag moved to another digest; retiring its pre-created task"
+            );
             self.discard(e);
         }
         self.refill(key);
@@ -470,8 +473,10 @@ impl Runner {
         debug!(entry = a.id(), "took a pre-created task");
         a.write_input(&data.join("data.in"))?;
         let launch = data.join(spec::LAUNCH_FILE);
-        std::fs::write(&launch, launch_file(&argv, &env))
-            .map_err(|source| RunError::DataDir { path: launch, source })?;
+        std::fs::write(&launch, launch_file(&argv, &env)).map_err(|source| RunError::DataDir {
+            path: launch,
+            source,
+        })?;
         // Named before its task starts, so that after a crash recovery and
         // the sweep know the container as the action's. Lazy: a crash that
         // loses this write before the running state's durable one finds
@@ -618,7 +623,10 @@ impl Runner {
     pub(super) fn evict_pool(self: &Arc<Self>) {
         let all = self.pool.take_all(None, false, false);
         if !all.is_empty() {
-            info!(count = all.len(), "the node is full; removing its pre-created tasks");
+            info!(
+                count = all.len(),
+                "the node is full; removing its pre-created tasks"
+            );
         }
         for e in all {
             self.discard(e);
@@ -651,7 +659,9 @@ impl Runner {
             n += self.remove_entries(all).await;
             if !self.pool.is_busy(cns) || Instant::now() > give_up {
                 // A make that ended after the take above removed its own.
-                n += self.remove_entries(self.pool.take_all(cns, true, close)).await;
+                n += self
+                    .remove_entries(self.pool.take_all(cns, true, close))
+                    .await;
                 return n;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -664,7 +674,10 @@ impl Runner {
         while !self.pool.closed.load(Ordering::SeqCst) {
             tokio::time::sleep(every).await;
             for e in self.pool.expire(Instant::now()) {
-                debug!(entry = e.id(), "its image was idle; removing the pre-created task");
+                debug!(
+                    entry = e.id(),
+                    "its image was idle; removing the pre-created task"
+                );
                 self.discard(e);
             }
         }
@@ -776,7 +789,10 @@ mod tests {
 
         let (out, why) = run(&["/no/such"], &["PATH=/bin"]);
         assert_eq!(out.status.code(), Some(127));
-        assert!(out.stderr.is_empty(), "nothing on stderr, as without the pool");
+        assert!(
+            out.stderr.is_empty(),
+            "nothing on stderr, as without the pool"
+        );
         let e = crate::engine::error::exec_error("x", &why.unwrap()).unwrap();
         assert!(e.to_string().contains("/no/such"), "{e}");
 
@@ -786,7 +802,10 @@ mod tests {
 
         let file = t.path().join("junk");
         std::fs::write(&file, b"junk").unwrap();
-        let out = std::process::Command::new(&launcher).arg(&file).output().unwrap();
+        let out = std::process::Command::new(&launcher)
+            .arg(&file)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(125));
         assert!(String::from_utf8_lossy(&out.stderr).contains("malformed"));
         let out = std::process::Command::new(&launcher)
