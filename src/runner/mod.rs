@@ -495,10 +495,11 @@ impl Runner {
         // A full node drops its pre-created tasks before an action waits
         // (issue 16): their memory and pids are the actions'.
         let (memory, pids) = self.budget.available();
-        if self.slots.available_permits() == 0
-            || (memory as u64) < self.memory_mib(a)
-            || (pids as u64) < self.template.pids_limit()
-        {
+        if pool::node_is_full(
+            self.slots.available_permits(),
+            (memory as u64, pids as u64),
+            (self.memory_mib(a), self.template.pids_limit()),
+        ) {
             self.evict_pool();
         }
         // The queue place was taken when the action was accepted; it is

@@ -114,6 +114,14 @@ pub fn target(uses: &VecDeque<Instant>, now: Instant, max: usize, idle: Duration
     want.min(max)
 }
 
+/// Whether an action would wait: no running slot free, or less of the
+/// budget's memory or pids left than it needs (`free` and `needs` as
+/// (MiB, pids)). Then every entry goes first: a pre-created task must never
+/// keep a real action waiting.
+pub fn node_is_full(free_slots: usize, free: (u64, u64), needs: (u64, u64)) -> bool {
+    free_slots == 0 || free.0 < needs.0 || free.1 < needs.1
+}
+
 /// One pre-created task.
 pub struct Entry {
     /// Its place and shim hold, as an action of no table (its handle is
@@ -592,6 +600,12 @@ impl Runner {
                 })
             }
             Err(e) => {
+                // containerd went away mid-create: what it made is removed once it is
+                // back (this make stays counted as busy meanwhile, so a drop waits).
+                if e.containerd_unavailable() {
+                    self.wait_for_containerd(Instant::now() + super::CONTAINERD_WAIT)
+                        .await;
+                }
                 self.release(&action).await;
                 Err(Some(e))
             }
@@ -605,7 +619,14 @@ impl Runner {
         tokio::spawn(
             async move {
                 let _busy = busy;
-                runner.release(&entry.action).await
+                runner.release(&entry.action).await;
+                // Removed while containerd was away: again once it is back.
+                if runner.engine.ping().await.is_err() {
+                    runner
+                        .wait_for_containerd(Instant::now() + super::CONTAINERD_WAIT)
+                        .await;
+                    runner.release(&entry.action).await;
+                }
             }
             .in_current_span(),
         );
@@ -741,6 +762,15 @@ mod tests {
         let later = now + RATE_WINDOW + Duration::from_secs(1);
         assert_eq!(target(&uses, later, 2, idle), 1, "the rate fell: one");
         assert_eq!(target(&uses, now + idle, 2, idle), 0, "idle: none");
+    }
+
+    #[test]
+    fn a_full_node_is_one_an_action_would_wait_on() {
+        assert!(!node_is_full(1, (512, 2048), (256, 1024)));
+        assert!(node_is_full(0, (512, 2048), (256, 1024)), "no slot");
+        assert!(node_is_full(1, (255, 2048), (256, 1024)), "not its memory");
+        assert!(node_is_full(1, (512, 1023), (256, 1024)), "not its pids");
+        assert!(!node_is_full(1, (256, 1024), (256, 1024)), "exactly enough");
     }
 
     #[test]
