@@ -234,6 +234,16 @@ async fn bench(env: &'static Env) -> Result<()> {
             IsolatedRun::skipped()
         };
 
+        // An idle pool: the plain daemon's entries once it is quiet (before
+        // precreate_idle_secs lets them go).
+        let (pool_entries, shim_pss) = if part("none") {
+            wait_pool(&plain).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pool_memory(env, &cns)?
+        } else {
+            (Vec::new(), 0)
+        };
+
         // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
         let ctr_run = |id: String| {
             let mut cmd = env.containerd.ctr(&cns);
@@ -299,14 +309,7 @@ async fn bench(env: &'static Env) -> Result<()> {
         } else {
             IsolatedRun::skipped()
         };
-        // An idle pool: the plain daemon's entries once it is quiet.
-        let (pool_entries, shim_pss) = if part("none") {
-            wait_pool(&plain).await?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            pool_memory(env, &cns)?
-        } else {
-            (Vec::new(), 0)
-        };
+
         let peak_rss = if part("rss") { peak_rss(env, &plain).await? } else { 0 };
 
         println!();
