@@ -113,6 +113,7 @@ impl IsolatedRun {
     fn skipped() -> IsolatedRun {
         IsolatedRun {
             seq: nan_stats(),
+            b2b: nan_stats(),
             tp: f64::NAN,
             accept_seq: nan_stats(),
             accept_load: nan_stats(),
@@ -167,6 +168,7 @@ fn ms(d: Duration) -> f64 {
 /// What one isolated achieved.
 struct IsolatedRun {
     seq: Stats,
+    b2b: Stats,
     tp: f64,
     accept_seq: Stats,
     accept_load: Stats,
@@ -192,6 +194,20 @@ async fn bench(env: &'static Env) -> Result<()> {
     // namespace with loopback only: an isolated with `network = "none"`.
     // The shared one (CNI bridge) is measured after it.
     let plain = private_isolated(env, "plain", &["--network", "none"])?;
+    // The same without pre-created tasks (issue 16).
+    let plain_off = private_isolated(
+        env,
+        "plain-nopool",
+        &["--network", "none", "--precreate-max", "0"],
+    )?;
+    // The shared one has the CNI bridge and the pool; this one a bridge of its own, no pool.
+    let off_net = harness::cni::TestNet::create(env.dir())?;
+    let conf_dir = off_net.conf_dir.display().to_string();
+    let cni_off = private_isolated(
+        env,
+        "cni-nopool",
+        &["--cni-conf-dir", &conf_dir, "--precreate-max", "0"],
+    )?;
     let per_action = private_isolated(
         env,
         "per-action",
@@ -206,14 +222,26 @@ async fn bench(env: &'static Env) -> Result<()> {
     per_action.start(Duration::from_secs(60)).await?;
     plain.start(Duration::from_secs(60)).await?;
     no_disk.start(Duration::from_secs(60)).await?;
+    plain_off.start(Duration::from_secs(60)).await?;
+    cni_off.start(Duration::from_secs(60)).await?;
     let result = async {
         let idle_rss = status_kib(&plain, "VmRSS:")?;
         let none = if part("none") {
-            measure_isolated(env, &plain, &image.reference, "none").await?
+            measure_isolated(env, &plain, &image.reference, "none", true).await?
         } else {
             // ctr needs the image in the namespace.
             one(&mut client(&plain).await?, env, &image.reference, "pull").await?;
             IsolatedRun::skipped()
+        };
+
+        // An idle pool: the plain daemon's entries once it is quiet (before
+        // precreate_idle_secs lets them go).
+        let (pool_entries, shim_pss) = if part("none") {
+            wait_pool(&plain).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pool_memory(env, &cns)?
+        } else {
+            (Vec::new(), 0)
         };
 
         // ctr run --rm, same image (isolated pulled it into this namespace), same containerd.
@@ -256,21 +284,32 @@ async fn bench(env: &'static Env) -> Result<()> {
 
         // Right after ctr and runc, the variants: a shim per action (the runc v2
         // shim's default, as ctr has it), and the default CNI network.
+        let none_off = if part("none") {
+            measure_isolated(env, &plain_off, &image.reference, "none-nopool", false).await?
+        } else {
+            IsolatedRun::skipped()
+        };
         let pershim = if part("pershim") {
-            measure_isolated(env, &per_action, &image.reference, "pershim").await?
+            measure_isolated(env, &per_action, &image.reference, "pershim", true).await?
         } else {
             IsolatedRun::skipped()
         };
         let cni = if part("cni") {
-            measure_isolated(env, &env.isolated, &image.reference, "cni").await?
+            measure_isolated(env, &env.isolated, &image.reference, "cni", true).await?
+        } else {
+            IsolatedRun::skipped()
+        };
+        let cni_nopool = if part("cni") {
+            measure_isolated(env, &cni_off, &image.reference, "cni-nopool", false).await?
         } else {
             IsolatedRun::skipped()
         };
         let nodisk = if part("nodisk") {
-            measure_isolated(env, &no_disk, &image.reference, "nodisk").await?
+            measure_isolated(env, &no_disk, &image.reference, "nodisk", true).await?
         } else {
             IsolatedRun::skipped()
         };
+
         let peak_rss = if part("rss") { peak_rss(env, &plain).await? } else { 0 };
 
         println!();
@@ -322,6 +361,38 @@ async fn bench(env: &'static Env) -> Result<()> {
             );
         }
         println!();
+        println!("Pre-created tasks (issue 16); sequential: each sent once the previous is reported and the pool holds an entry; back to back: at once.");
+        println!();
+        println!("| measure | network none, pool on | pool off | on / off | on / ctr (target ≤ 0.30) | on / runc (target ≤ 1.5) | CNI, pool on | CNI, pool off | CNI on / ctr (target ≤ 0.35) |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for (name, on, off, con, coff, c, r) in [
+            ("sequential p50", none.seq.p50, none_off.seq.p50, cni.seq.p50, cni_nopool.seq.p50, ctr_seq.p50, runc_seq.p50),
+            ("sequential p90", none.seq.p90, none_off.seq.p90, cni.seq.p90, cni_nopool.seq.p90, ctr_seq.p90, runc_seq.p90),
+            ("sequential p99", none.seq.p99, none_off.seq.p99, cni.seq.p99, cni_nopool.seq.p99, ctr_seq.p99, runc_seq.p99),
+            ("back to back p50", none.b2b.p50, none_off.b2b.p50, cni.b2b.p50, cni_nopool.b2b.p50, ctr_seq.p50, runc_seq.p50),
+            ("back to back p99", none.b2b.p99, none_off.b2b.p99, cni.b2b.p99, cni_nopool.b2b.p99, ctr_seq.p99, runc_seq.p99),
+        ] {
+            println!(
+                "| warm no-op, {SEQUENTIAL} {name} ms | {on:.1} | {off:.1} | {:.2} | {:.2} | {:.2} | {con:.1} | {coff:.1} | {:.2} |",
+                on / off, on / c, on / r, con / c
+            );
+        }
+        println!(
+            "| {THROUGHPUT} at concurrency {CONCURRENCY}, actions/s (target: on ≥ off) | {:.1} | {:.1} | {:.2} | - | - | {:.1} | {:.1} | - |",
+            none.tp, none_off.tp, none.tp / none_off.tp, cni.tp, cni_nopool.tp
+        );
+        let n = pool_entries.len().max(1) as f64;
+        let (pss, rss) = pool_entries
+            .iter()
+            .fold((0, 0), |(p, r), (ep, er)| (p + ep, r + er));
+        println!(
+            "| idle pool: {} entries, per entry Pss / Rss MiB of its parked process (target ≤ 4) | {:.2} / {:.2} | the namespace's shim(s), shared with its actions and keeper, Pss MiB: {:.1} |",
+            pool_entries.len(),
+            pss as f64 / n / 1024.0,
+            rss as f64 / n / 1024.0,
+            shim_pss as f64 / 1024.0
+        );
+        println!();
         println!("| isolated | value |");
         println!("|---|---|");
         println!(
@@ -352,6 +423,11 @@ async fn bench(env: &'static Env) -> Result<()> {
     plain.stop(Duration::from_secs(20));
     per_action.stop(Duration::from_secs(20));
     no_disk.stop(Duration::from_secs(20));
+    plain_off.stop(Duration::from_secs(20));
+    cni_off.stop(Duration::from_secs(20));
+    for left in off_net.remove() {
+        eprintln!("bench: {left}");
+    }
     result
 }
 
@@ -466,17 +542,29 @@ async fn measure_isolated(
     isolated: &Isolated,
     image: &str,
     tag: &str,
+    pooled: bool,
 ) -> Result<IsolatedRun> {
     let mut c = client(isolated).await?;
     // Warm: the image is pulled and unpacked once, as on a busy node.
     for i in 0..3 {
         one(&mut c, env, image, &format!("{tag}-warm-{i}")).await?;
     }
+    // Sequential, each sent once the previous is reported and (with the pool) the pool
+    // holds an entry again: an image run recently, as issue 16 has it...
     let (mut lat, mut accept) = (Vec::new(), Vec::new());
     for i in 0..SEQUENTIAL {
+        if pooled {
+            wait_pool(isolated).await?;
+        }
         let (total, acc) = one(&mut c, env, image, &format!("{tag}-seq-{i}")).await?;
         lat.push(ms(total));
         accept.push(ms(acc));
+    }
+    // ... and back to back, where the pool's refill races the next action.
+    let mut b2b = Vec::new();
+    for i in 0..SEQUENTIAL {
+        let (total, _) = one(&mut c, env, image, &format!("{tag}-b2b-{i}")).await?;
+        b2b.push(ms(total));
     }
     let containerd = env.containerd.pid();
     let accepts0 = accept_buckets(isolated);
@@ -508,12 +596,81 @@ async fn measure_isolated(
     };
     Ok(IsolatedRun {
         seq: stats(lat),
+        b2b: stats(b2b),
         tp,
         accept_seq: stats(accept),
         accept_load: stats(load),
         accept_server,
         cpu,
     })
+}
+
+/// Waits until the daemon's pool holds an entry for the bench's namespace.
+async fn wait_pool(isolated: &Isolated) -> Result<()> {
+    use direktiv_isolate::proto::control::ListPoolRequest;
+    let mut control = harness::private::control_client(isolated.socket()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = control
+            .list_pool(ListPoolRequest {
+                drop: false,
+                namespace: NS.into(),
+            })
+            .await?
+            .into_inner()
+            .keys;
+        if keys.iter().any(|k| k.entries > 0) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the pool holds no entry after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Pss and Rss (KiB) of each idle pre-created task's process (the parked init) in
+/// `cns`, and Pss of their shims (shared by the namespace's tasks, the keeper's).
+fn pool_memory(env: &Env, cns: &str) -> Result<(Vec<(u64, u64)>, u64)> {
+    let out = env.containerd.ctr(cns).args(["task", "ls"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rollup = |pid: u32, key: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut entries = Vec::new();
+    let mut shims = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 2 || !f[0].starts_with(direktiv_isolate::runner::pool::POOL_ID_PREFIX) {
+            continue;
+        }
+        let Ok(pid) = f[1].parse::<u32>() else {
+            continue;
+        };
+        entries.push((rollup(pid, "Pss:"), rollup(pid, "Rss:")));
+        if let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(str::to_string))
+            .and_then(|s| {
+                s.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u32>().ok())
+            })
+        {
+            shims.insert(ppid);
+        }
+    }
+    let shim_pss = shims.iter().map(|p| rollup(*p, "Pss:")).sum();
+    Ok((entries, shim_pss))
 }
 
 fn request(image: &str, id: &str) -> RunIsolateRequest {

@@ -10,6 +10,7 @@ mod harness;
 mod harness_selftest;
 mod network;
 mod operator;
+mod pool;
 mod reaper;
 
 use std::process::ExitCode;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     trials.extend(durability::trials());
     trials.extend(engine::trials());
     trials.extend(escape::trials());
+    trials.extend(pool::trials());
 
     let runs_something = !args.list
         && trials

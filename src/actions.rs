@@ -421,6 +421,19 @@ impl Actions {
 }
 
 impl Handle {
+    /// A handle of no table: a pre-created task's (issue 16), which no
+    /// operator lists as an action; what it is told goes nowhere.
+    pub fn detached(namespace: &str, id: &str) -> Handle {
+        Handle {
+            actions: Arc::default(),
+            key: (namespace.to_string(), id.to_string()),
+            cancel: CancellationToken::new(),
+            cancel_reason: Arc::default(),
+            logs: Arc::default(),
+            command: Arc::default(),
+        }
+    }
+
     pub fn set_state(&self, state: ActionState) {
         self.actions.update(&self.key, |i| {
             advance(&mut i.state, state, TABLE);

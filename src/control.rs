@@ -28,7 +28,7 @@ use crate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
     DrainRequest, ImageInfo, ImportImageRequest, ImportImageResponse, IsolateLogsResponse,
     ListImagesRequest, ListImagesResponse, ListIsolatesRequest, ListIsolatesResponse,
-    RemoveImageRequest,
+    ListPoolRequest, ListPoolResponse, PoolInfo, RemoveImageRequest,
 };
 use crate::readiness::Capacity;
 use crate::runner::Runner;
@@ -175,6 +175,41 @@ impl IsolateControl for ControlService {
         }
         let c = self.runner.readiness.capacity(&self.runner);
         Ok(Response::new(capacity_response(&c, false)))
+    }
+
+    async fn list_pool(
+        &self,
+        req: Request<ListPoolRequest>,
+    ) -> Result<Response<ListPoolResponse>, Status> {
+        let caller = Caller::of(&req).map_err(Error::from)?;
+        caller
+            .authorize_node("list the pre-created tasks")
+            .map_err(Error::from)?;
+        let ns = req.get_ref().namespace.clone();
+        let cns = (!ns.is_empty()).then(|| self.runner.cfg.containerd_namespace(&ns));
+        let dropped = match req.get_ref().drop {
+            true => self.runner.drop_pool(cns.as_deref()).await,
+            false => 0,
+        };
+        let keys = self
+            .runner
+            .pool
+            .list()
+            .into_iter()
+            .filter(|l| ns.is_empty() || l.namespace == ns)
+            .map(|l| PoolInfo {
+                namespace: l.namespace,
+                image: l.key.image,
+                digest: l.key.digest,
+                size: l.key.size as i32,
+                entries: l.entries as u32,
+                target: l.target as u32,
+            })
+            .collect();
+        Ok(Response::new(ListPoolResponse {
+            keys,
+            dropped: dropped as u32,
+        }))
     }
 
     async fn cancel_isolate(

@@ -65,6 +65,9 @@ struct Metrics {
     auth_refusals: Family<Vec<(String, String)>, Counter>,
     waiting: Gauge,
     running: Gauge,
+    pool_entries: Family<Vec<(String, String)>, Gauge>,
+    pool_hits: Counter,
+    pool_misses: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -145,8 +148,28 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Actions whose task is running",
         running.clone(),
     );
+    let pool_entries = Family::<Vec<(String, String)>, Gauge>::default();
+    registry.register(
+        "pool_entries",
+        "Pre-created tasks waiting for an action (issue 16), by Direktiv namespace",
+        pool_entries.clone(),
+    );
+    let (pool_hits, pool_misses) = (Counter::default(), Counter::default());
+    registry.register(
+        "pool_hits",
+        "Actions that took a pre-created task",
+        pool_hits.clone(),
+    );
+    registry.register(
+        "pool_misses",
+        "Actions with the pool on that found no pre-created task and created their own",
+        pool_misses.clone(),
+    );
     Metrics {
         registry,
+        pool_entries,
+        pool_hits,
+        pool_misses,
         actions,
         accept,
         pull,
@@ -214,6 +237,22 @@ pub fn auth_refused(reason: &'static str) {
         .auth_refusals
         .get_or_create(&vec![("reason".into(), reason.to_string())])
         .inc();
+}
+
+/// The number of pre-created tasks of Direktiv namespace `namespace` now.
+pub fn pool_entries(namespace: &str, n: usize) {
+    METRICS
+        .pool_entries
+        .get_or_create(&vec![("namespace".into(), namespace.to_string())])
+        .set(n as i64);
+}
+
+/// Counts an action that took a pre-created task (`hit`) or found none.
+pub fn pool_take(hit: bool) {
+    match hit {
+        true => METRICS.pool_hits.inc(),
+        false => METRICS.pool_misses.inc(),
+    };
 }
 
 /// Counts layer bytes fetched from a registry.

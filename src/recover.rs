@@ -98,7 +98,8 @@ pub async fn recover(
         }
         // Accepted since inputs are spooled: the record has none inline.
         let spooled = record.request.as_ref().is_some_and(|r| r.data.is_none());
-        let mut action = Action::new(&runner.cfg, req, handle);
+        let mut action =
+            Action::new(&runner.cfg, req, handle).in_container(&runner.cfg, &record.container_id);
         if spooled {
             action = action.spooled();
         }
@@ -109,9 +110,16 @@ pub async fn recover(
         plans.push((action, record, start));
     }
 
+    // By action id (its spooled input) and by the id it runs under (a
+    // pre-created task's, issue 16): what the sweep must keep.
     let known: HashSet<(String, String)> = plans
         .iter()
-        .map(|(a, _, _)| (a.cns.clone(), a.req.action_id.clone()))
+        .flat_map(|(a, _, _)| {
+            [
+                (a.cns.clone(), a.req.action_id.clone()),
+                (a.cns.clone(), a.id().to_string()),
+            ]
+        })
         .collect();
     found.orphans_removed = sweep(runner, &known).await;
 

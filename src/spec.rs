@@ -21,6 +21,15 @@ const SECCOMP: &str = include_str!("../runtime-spec/seccomp.json");
 /// Where the action's data directory appears inside the container.
 pub const DATA_MOUNT: &str = "/direktiv-data";
 
+/// Where a pre-created task's launcher (issue 16, `launch/isolate-launch.rs`)
+/// appears inside its container: read-only, the one mount a pooled action
+/// has that an unpooled one has not (runtime-spec/README.md).
+pub const LAUNCHER_MOUNT: &str = "/.isolate/launch";
+
+/// The launch file a pooled action's launcher reads, removes and execs
+/// from: in the data directory, written at take time (`runner::pool`).
+pub const LAUNCH_FILE: &str = ".isolate-launch";
+
 /// The annotation the runc v2 shim groups containers by.
 pub const SHIM_GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
@@ -71,6 +80,11 @@ pub struct SpecInput<'a> {
     /// The runc v2 shim group: containers with the same group share one
     /// shim process instead of starting one each.
     pub shim_group: Option<String>,
+    /// A pre-created task's (issue 16): the host path of the launcher, which
+    /// is then the created process, mounted read-only at
+    /// [`LAUNCHER_MOUNT`]; the action's own argv and environment come at
+    /// take time ([`SpecTemplate::process`]).
+    pub launcher: Option<&'a Path>,
 }
 
 /// The base spec with the seccomp profile merged in, parsed once.
@@ -163,11 +177,18 @@ impl SpecTemplate {
         Ok(self)
     }
 
-    pub fn build(&self, input: &SpecInput) -> Result<Spec, SpecError> {
-        let mut spec = self.base.clone();
-        let cfg = input.image.config().as_ref();
-
-        let argv: Vec<String> = match input.argv {
+    /// The action's argv and environment: the request's command or the
+    /// image's entrypoint and cmd; the base spec's, the image's and `extra`
+    /// variables, later ones winning. What `build` writes into the spec,
+    /// and what a pre-created task's launcher is handed at take time.
+    pub fn process(
+        &self,
+        image: &ImageConfiguration,
+        argv: Option<&[String]>,
+        extra: &[(String, String)],
+    ) -> Result<(Vec<String>, Vec<String>), SpecError> {
+        let cfg = image.config().as_ref();
+        let argv: Vec<String> = match argv {
             Some(argv) => argv.to_vec(),
             None => {
                 let mut v = cfg.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
@@ -178,14 +199,28 @@ impl SpecTemplate {
         if argv.is_empty() {
             return Err(SpecError::NoCommand);
         }
-
-        let base_env = spec
+        let base_env = self
+            .base
             .process()
             .as_ref()
             .and_then(|p| p.env().clone())
             .unwrap_or_default();
         let image_env = cfg.and_then(|c| c.env().clone()).unwrap_or_default();
-        let env = merge_env(&base_env, &image_env, &input.env);
+        Ok((argv, merge_env(&base_env, &image_env, extra)))
+    }
+
+    pub fn build(&self, input: &SpecInput) -> Result<Spec, SpecError> {
+        let mut spec = self.base.clone();
+        let cfg = input.image.config().as_ref();
+
+        let (argv, env) = match input.launcher {
+            None => self.process(input.image, input.argv, &input.env)?,
+            Some(_) => {
+                let (_, env) = self.process(input.image, Some(&[String::new()]), &input.env)?;
+                let file = format!("{DATA_MOUNT}/{LAUNCH_FILE}");
+                (vec![LAUNCHER_MOUNT.to_string(), file], env)
+            }
+        };
         let cwd = cfg
             .and_then(|c| c.working_dir().clone())
             .filter(|w| !w.is_empty())
@@ -218,6 +253,23 @@ impl SpecTemplate {
         spec.mounts_mut()
             .get_or_insert_with(Vec::new)
             .push(data_mount);
+        if let Some(launcher) = input.launcher {
+            // Not noexec: it is what runs. Read-only, so no action can change
+            // what the next pooled one runs.
+            let mount = MountBuilder::default()
+                .destination(LAUNCHER_MOUNT)
+                .typ("bind")
+                .source(launcher)
+                .options(vec![
+                    "rbind".into(),
+                    "ro".into(),
+                    "nosuid".into(),
+                    "nodev".into(),
+                ])
+                .build()
+                .map_err(|e| SpecError::Encode(e.to_string()))?;
+            spec.mounts_mut().get_or_insert_with(Vec::new).push(mount);
+        }
         for (source, destination) in &input.files {
             // Read-only: the files are per action, but a writable one would
             // let the action fill the state dir's disk.
@@ -476,6 +528,7 @@ mod tests {
             files: vec![],
             sysctl: vec![],
             shim_group: None,
+            launcher: None,
         }
     }
 

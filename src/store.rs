@@ -95,6 +95,11 @@ pub struct StoredAction {
     pub last_refusal_code: String,
     #[prost(string, tag = "11")]
     pub last_refusal_message: String,
+    /// The container (and task, snapshot, network, directory) the action
+    /// runs in when it took a pre-created task (issue 16), stored before
+    /// that task is started; empty: its action id.
+    #[prost(string, tag = "12")]
+    pub container_id: String,
 }
 
 impl StoredAction {

@@ -127,7 +127,16 @@ async fn run_ok(
 pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
     let p = PrivateIsolated::start(
         t.env,
-        &["--shim-keep-secs", "3", "--shims-per-namespace", "1"],
+        // Pre-created tasks (issue 16) live in the namespace's shim too: it is idle once
+        // they have gone as well.
+        &[
+            "--shim-keep-secs",
+            "3",
+            "--shims-per-namespace",
+            "1",
+            "--precreate-idle-secs",
+            "3",
+        ],
     )
     .await?;
     let cns = p.adopt(&t.ns);

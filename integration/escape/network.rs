@@ -122,6 +122,9 @@ async fn watch_attack(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Pre-created tasks (issue 16) are attached to the bridge too: gone after the drop,
+    // which waits for any being made, the bridge has the actions' ports alone.
+    crate::harness::cleanup::drop_pool(daemon.isolated.socket(), &t.ns).await;
     let ports = net.ports();
     ensure!(
         ports.len() == 2,

@@ -24,6 +24,7 @@ impl Env {
     /// are the image cache and may stay.
     pub async fn leftovers(&self, ns: &str) -> Result<Vec<String>> {
         let cns = Self::containerd_namespace(ns);
+        drop_pool(self.isolated.socket(), ns).await;
         self.leftovers_in(&cns, self.state_dir()).await
     }
 
@@ -121,6 +122,23 @@ impl Env {
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+/// Removes the pre-created tasks (issue 16) of Direktiv namespace `ns` of the daemon on
+/// `socket`, waiting for those
+/// being made: they wait for the next action by design, so a check that nothing of the
+/// finished actions is left asks the daemon to drop them first and then finds everything
+/// else gone, exactly. A daemon that is not up has none (a graceful stop removes them; the
+/// next start sweeps those of a crash).
+pub async fn drop_pool(socket: &Path, ns: &str) {
+    use direktiv_isolate::proto::control::ListPoolRequest;
+    if let Ok(mut c) = super::private::control_client(socket).await {
+        let req = ListPoolRequest {
+            drop: true,
+            namespace: ns.to_string(),
+        };
+        let _ = c.list_pool(req).await;
     }
 }
 

@@ -153,12 +153,38 @@ pub fn processes_with(marker: &str) -> Vec<SeenProcess> {
         .collect()
 }
 
+/// The container action `id` runs in: its own, or the pre-created task it took (issue
+/// 16), which isolated labels with the action's id when it starts it; `id` when there is
+/// neither (it is gone, or not made yet).
+pub async fn container_of(containerd: &Containerd, cns: &str, id: &str) -> Result<String> {
+    let label = direktiv_isolate::engine::LABEL_ACTION_ID;
+    let containers = ContainersClient::new(containerd.channel().await?)
+        .list(with_ns(
+            ListContainersRequest {
+                filters: vec![format!("labels.\"{label}\"=={id}")],
+            },
+            cns,
+        ))
+        .await
+        .with_context(|| format!("list the containers of {cns}"))?
+        .into_inner()
+        .containers;
+    if containers.iter().any(|c| c.id == id) {
+        return Ok(id.to_string());
+    }
+    Ok(containers
+        .into_iter()
+        .next()
+        .map_or_else(|| id.to_string(), |c| c.id))
+}
+
 /// The processes of a task as containerd lists them (host pids).
 pub async fn task_processes(
     containerd: &Containerd,
     cns: &str,
     id: &str,
 ) -> Result<Vec<SeenProcess>> {
+    let id = &container_of(containerd, cns, id).await?;
     let pids = TasksClient::new(containerd.channel().await?)
         .list_pids(with_ns(
             ListPidsRequest {
@@ -200,6 +226,7 @@ pub fn ensure_processes_gone(seen: &[SeenProcess], marker: &str) -> Result<()> {
 /// The task's status in containerd (`containerd.v1.types.Status`: 2 running, 3 stopped),
 /// or None when it has no task.
 pub async fn task_status(containerd: &Containerd, cns: &str, id: &str) -> Result<Option<i32>> {
+    let id = &container_of(containerd, cns, id).await?;
     let got = TasksClient::new(containerd.channel().await?)
         .get(with_ns(
             GetRequest {
@@ -520,6 +547,7 @@ impl PrivateIsolated {
 
     /// The containerd this daemon talks to, as a harness client.
     pub async fn leftovers(&self, containerd: &Containerd, ns: &str) -> Result<Vec<String>> {
+        super::cleanup::drop_pool(self.socket(), ns).await;
         leftovers_in(self.env, containerd, &self.cns(ns), self.state_dir()).await
     }
 

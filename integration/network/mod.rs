@@ -190,6 +190,7 @@ impl Daemon {
     /// What is left of Direktiv namespace `ns`'s actions on this daemon (containerd
     /// objects, cgroups, directories, network state) and of any pinned namespace.
     pub async fn leftovers(&self, env: &Env, ns: &str) -> Result<Vec<String>> {
+        crate::harness::cleanup::drop_pool(self.isolated.socket(), ns).await;
         let mut left = env.leftovers_in(&self.cns(ns), &self.state_dir).await?;
         left.extend(pinned_namespaces(&self.state_dir));
         Ok(left)

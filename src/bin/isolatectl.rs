@@ -24,7 +24,7 @@ use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClie
 use direktiv_isolate::proto::control::{
     ActionInfo, ActionRef, ActionState, CancelIsolateRequest, CapacityRequest, CapacityResponse,
     DrainRequest, ImageInfo, ImportImageRequest, ListImagesRequest, ListIsolatesRequest,
-    RemoveImageRequest,
+    ListPoolRequest, PoolInfo, RemoveImageRequest,
 };
 use direktiv_isolate::proto::isolate::direktiv_isolate_client::DirektivIsolateClient;
 use direktiv_isolate::proto::isolate::RunIsolateRequest;
@@ -109,6 +109,12 @@ enum Cmd {
         /// Only actions in this state.
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// The pre-created tasks waiting for actions instead (per namespace, image digest and size).
+        #[arg(long, conflicts_with = "state")]
+        pool: bool,
+        /// With --pool: remove every pre-created task first (they come back with the next actions).
+        #[arg(long = "drop", requires = "pool")]
+        drop_pool: bool,
     },
     /// Show one action: state, times, result.
     Get(ActionArgs),
@@ -483,7 +489,62 @@ async fn dispatch(cli: Cli) -> Outcome<u8> {
             let c = connect(&cli.conn).await?;
             run(c, args, data, registries, json).await
         }
-        Cmd::Ls { namespace, state } => {
+        Cmd::Ls {
+            namespace,
+            pool: true,
+            drop_pool,
+            ..
+        } => {
+            let mut c = connect(&cli.conn).await?;
+            let pool = c
+                .control
+                .list_pool(ListPoolRequest {
+                    drop: drop_pool,
+                    namespace: namespace.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| call_failed("cannot list the pre-created tasks", s))?
+                .into_inner();
+            let keys: Vec<&PoolInfo> = pool.keys.iter().collect();
+            if json {
+                print_json(&json!({
+                    "dropped": pool.dropped,
+                    "keys": keys.iter().map(|k| json!({
+                        "namespace": k.namespace,
+                        "image": k.image,
+                        "digest": k.digest,
+                        "size": k.size,
+                        "entries": k.entries,
+                        "target": k.target,
+                    })).collect::<Vec<_>>(),
+                }));
+            } else {
+                if drop_pool {
+                    println!("removed {} pre-created tasks", pool.dropped);
+                }
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.namespace.clone(),
+                            k.image.clone(),
+                            k.digest.clone(),
+                            k.size.to_string(),
+                            k.entries.to_string(),
+                            k.target.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_columns(
+                    &["NAMESPACE", "IMAGE", "DIGEST", "SIZE", "ENTRIES", "TARGET"],
+                    &rows,
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Ls {
+            namespace, state, ..
+        } => {
             let mut c = connect(&cli.conn).await?;
             let req = ListIsolatesRequest {
                 namespace: namespace.unwrap_or_default(),

@@ -259,11 +259,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         queued: Default::default(),
         budget,
         readiness: Default::default(),
+        pool: direktiv_isolate::runner::pool::Pool::new(&cfg)
+            .context("cannot write the launcher of pre-created tasks under the state dir")?,
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)
         .await
         .context("cannot read the store to recover accepted actions")?;
+    tokio::spawn(runner.clone().expire_pool());
     // Stops the listeners, and ends every watch (the control service).
     let stop = tokio_util::sync::CancellationToken::new();
     let control = ControlService {
@@ -396,7 +399,12 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         grace_secs = SHUTDOWN_GRACE.as_secs(),
         "stopped accepting; letting running actions finish"
     );
-    let drained = tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()).await;
+    // Beside the running actions' grace, not after it: pre-created tasks are in no
+    // store, so a graceful stop removes them (issue 16).
+    let (drained, ()) = tokio::join!(
+        tokio::time::timeout_at(stopping_since + SHUTDOWN_GRACE, actions.drained()),
+        runner.close_pool()
+    );
     if drained.is_err() {
         warn!(
             unfinished = actions.in_flight(),

@@ -9,8 +9,10 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::services::v1::{
     CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest,
     DeleteTaskRequest, GetRequest, InfoRequest, KillRequest, ListContainersRequest,
-    ListImagesRequest, ListNamespacesRequest, StartRequest, WaitRequest,
+    ListImagesRequest, ListNamespacesRequest, StartRequest, UpdateContainerRequest, WaitRequest,
 };
+use std::collections::HashMap;
+
 use nix::sys::signal::Signal;
 
 use super::channel::{with_ns, Containerd};
@@ -138,6 +140,29 @@ impl Engine for ContainerdEngine {
             .await
             .map(|_| ())
             .map_err(classify("delete the container"))
+    }
+
+    async fn label_container(
+        &self,
+        cns: &str,
+        id: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), EngineError> {
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        let req = UpdateContainerRequest {
+            container: Some(Container {
+                id: id.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        };
+        self.cd
+            .containers()
+            .update(with_ns(req, cns, None))
+            .await
+            .map(|_| ())
+            .map_err(classify("label the container"))
     }
 
     async fn managed_containers(&self, cns: &str) -> Result<Vec<Labelled>, EngineError> {

@@ -127,6 +127,21 @@ impl EngineError {
 /// create`, its init checks the executable): `exec: "PATH": stat PATH: no
 /// such file or directory` or `exec: "PATH": permission denied`. Returns
 /// the path, the reason and the exit code a shell would give.
+/// runc's words for a process it cannot execute (`exec: "<path>": <why>`),
+/// as a pre-created task's launcher writes them when it meets the same
+/// (issue 16): the same error a refused create gives, so a pooled action
+/// fails exactly as an unpooled one.
+pub fn exec_error(what: &'static str, message: &str) -> Option<EngineError> {
+    let (path, reason, exit_code) = exec_failure(message)?;
+    Some(EngineError::Exec {
+        what,
+        path,
+        reason,
+        exit_code,
+        message: message.to_string(),
+    })
+}
+
 fn exec_failure(message: &str) -> Option<(String, String, u32)> {
     let rest = message.split("exec: \"").nth(1)?;
     let (path, after) = rest.split_once("\": ")?;

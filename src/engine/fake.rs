@@ -272,6 +272,23 @@ impl Engine for Fake {
         Ok(())
     }
 
+    async fn label_container(
+        &self,
+        cns: &str,
+        id: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), EngineError> {
+        self.enter("label_container", cns, id)?;
+        let mut st = self.lock();
+        let c = st
+            .namespaces
+            .get_mut(cns)
+            .and_then(|n| n.containers.get_mut(id))
+            .ok_or_else(|| not_found("label_container", id))?;
+        c.labels.extend(labels);
+        Ok(())
+    }
+
     async fn delete_container(&self, cns: &str, id: &str) -> Result<(), EngineError> {
         self.enter("delete_container", cns, id)?;
         let mut st = self.lock();

@@ -139,6 +139,14 @@ pub trait Engine: Send + Sync {
 
     async fn create_container(&self, cns: &str, c: Container) -> Result<(), EngineError>;
     async fn delete_container(&self, cns: &str, id: &str) -> Result<(), EngineError>;
+    /// Sets `labels` on a container, keeping its others (a pre-created
+    /// task's gets the action id of the action that took it, issue 16).
+    async fn label_container(
+        &self,
+        cns: &str,
+        id: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<(), EngineError>;
     /// Containers carrying [`LABEL_MANAGED`].
     async fn managed_containers(&self, cns: &str) -> Result<Vec<Labelled>, EngineError>;
 

@@ -27,9 +27,32 @@ impl Runner {
     /// the snapshot's own `gc.root` label does that for two fewer metadata
     /// transactions (each an fsync in containerd) per action. Cleanup and
     /// the start-up sweep remove the snapshot explicitly either way.
-    pub(super) async fn create(&self, a: &Action, image: &Image) -> Result<(Stdio, i64), RunError> {
-        let _timer = crate::metrics::timer(crate::metrics::Phase::Start);
-        let labels = action_labels(a);
+    ///
+    /// With `launcher`, a pre-created task's (issue 16): the launcher is its
+    /// process (`crate::spec`), and the action's argv and environment come
+    /// when it is taken (`super::pool`).
+    pub(super) async fn create(
+        &self,
+        a: &Action,
+        image: &Image,
+        launcher: Option<&std::path::Path>,
+    ) -> Result<(Stdio, i64), RunError> {
+        // An action's time to its task; a pre-created one is on no action's path.
+        let _timer = launcher
+            .is_none()
+            .then(|| crate::metrics::timer(crate::metrics::Phase::Start));
+        let mut labels = action_labels(a);
+        if launcher.is_some() {
+            labels.insert(
+                super::pool::LABEL_POOL.to_string(),
+                format!(
+                    "{}/{}/{}",
+                    a.req.namespace,
+                    image.manifest_digest,
+                    a.req.size.index()
+                ),
+            );
+        }
         let mut snapshot_labels = labels.clone();
         snapshot_labels.insert(
             "containerd.io/gc.root".to_string(),
@@ -84,20 +107,13 @@ impl Runner {
         let shim_group = self.join_shim(a).await;
         let size = a.req.size.index();
         let memory = (self.cfg.size_memory_mib[size] as i64) << 20;
-        let step = a.req.step.map(|s| s.to_string()).unwrap_or_default();
         let input = SpecInput {
             image: &image.config,
             argv: a.req.argv.as_deref(),
-            env: vec![
-                ("DIREKTIV_DIR".into(), spec::DATA_MOUNT.into()),
-                ("DIREKTIV_NAMESPACE".into(), a.req.namespace.clone()),
-                (
-                    "DIREKTIV_INSTANCE_ID".into(),
-                    a.req.instance_id.clone().unwrap_or_default(),
-                ),
-                ("DIREKTIV_ACTION_ID".into(), a.req.action_id.clone()),
-                ("DIREKTIV_STEP".into(), step),
-            ],
+            env: match launcher {
+                None => super::pool::direktiv_env(&a.req),
+                Some(_) => Vec::new(),
+            },
             user,
             data_dir: &data_dir,
             memory_bytes: memory,
@@ -107,6 +123,7 @@ impl Runner {
             netns: net.netns,
             files: net.files,
             sysctl: net.sysctl,
+            launcher,
         };
         let spec = self.template.build(&input)?;
         let container = Container {
@@ -125,8 +142,8 @@ impl Runner {
         self.engine.create_container(&a.cns, container).await?;
 
         let stdio =
-            Stdio::open(&a.dir, a.handle.logs.clone()).map_err(|source| RunError::DataDir {
-                path: a.dir.clone(),
+            Stdio::open(a.dir(), a.handle.logs.clone()).map_err(|source| RunError::DataDir {
+                path: a.dir().to_owned(),
                 source,
             })?;
         // Last, after the user lookup read the image's files through the
@@ -134,7 +151,7 @@ impl Runner {
         let rootfs = match self.disks.limit_mib(size) {
             0 => mounts,
             _ => {
-                let (upper, work) = disk::upper_like_image(&a.dir, &mounts)?;
+                let (upper, work) = disk::upper_like_image(a.dir(), &mounts)?;
                 disk::rootfs_mounts(&mounts, &upper, &work)?
             }
         };
@@ -195,23 +212,23 @@ impl Runner {
         };
         // Left by an earlier action of the same id that crashed: its
         // content must not leak into this one.
-        self.disks.release(&a.cns, a.id(), &a.dir);
-        if a.dir.exists() {
-            std::fs::remove_dir_all(&a.dir).map_err(io)?;
+        self.disks.release(&a.cns, a.id(), a.dir());
+        if a.dir().exists() {
+            std::fs::remove_dir_all(a.dir()).map_err(io)?;
         }
         // Another action's cleanup may remove the namespace's (then empty)
         // directory between this creating it and creating the action's in it.
-        if let Err(e) = std::fs::create_dir_all(&a.dir) {
+        if let Err(e) = std::fs::create_dir_all(a.dir()) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(io(e));
             }
-            std::fs::create_dir_all(&a.dir).map_err(io)?;
+            std::fs::create_dir_all(a.dir()).map_err(io)?;
         }
         match self.disks.limit_mib(a.req.size.index()) {
             0 => {}
             mib => {
                 self.disks
-                    .create(&a.cns, a.id(), &a.dir, mib)
+                    .create(&a.cns, a.id(), a.dir(), mib)
                     .instrument(info_span!("disk"))
                     .await?
             }

@@ -48,6 +48,8 @@ fn config(dir: &std::path::Path, max_running: usize) -> Config {
         bind: Some(String::new()),
         // The fake's snapshots are no overlay to put on a disk.
         size_disk_mib: Some(vec![0, 0, 0]),
+        // Pre-created tasks would add containers of their own to the counts.
+        precreate_max: Some(0),
         ..Default::default()
     };
     Config::load(o, None).unwrap()
@@ -86,6 +88,7 @@ impl Node {
                 cfg.max_total_pids,
             ),
             readiness: Default::default(),
+            pool: crate::runner::pool::Pool::new(&cfg).unwrap(),
         });
         Node {
             _dir: dir,

@@ -27,6 +27,7 @@ mod deliver;
 mod error;
 #[cfg(test)]
 mod lifecycle_tests;
+pub mod pool;
 pub mod queue;
 mod release;
 pub mod shim_keeper;
@@ -85,6 +86,25 @@ pub struct Runner {
     /// Whether the node takes work; once it drains, queued actions are left
     /// accepted for the next start (issue 17).
     pub readiness: Arc<crate::readiness::Readiness>,
+    /// Pre-created tasks (issue 16).
+    pub pool: pool::Pool,
+}
+
+/// Where an action runs: the id of its container, task and snapshot, which
+/// also names its network attachment, cgroup and directory
+/// (`<state>/actions/<cns>/<id>`).
+struct Place {
+    oid: String,
+    dir: PathBuf,
+}
+
+impl Place {
+    fn new(cfg: &Config, cns: &str, oid: &str) -> Place {
+        Place {
+            oid: oid.to_string(),
+            dir: cfg.actions_dir().join(cns).join(oid),
+        }
+    }
 }
 
 /// One action in the runner's hands.
@@ -92,8 +112,14 @@ pub struct Action {
     pub req: ActionRequest,
     /// The containerd namespace.
     pub cns: String,
-    /// `<state>/actions/<cns>/<actionId>`.
-    pub dir: PathBuf,
+    /// Its containerd objects, directory, network and cgroup, named by its
+    /// own id (or, after a restart, by the pre-created task it had taken)...
+    own: Place,
+    /// ... or by the pre-created task it takes (issue 16), once it does.
+    taken: std::sync::OnceLock<Place>,
+    /// Its key in the pool, once it looked there: refilled again when it
+    /// gives its running slot back.
+    pool_key: std::sync::OnceLock<pool::PoolKey>,
     /// Where its input waits (`crate::inputs`), removed with the rest.
     pub input: PathBuf,
     /// Whether the input is there rather than in `req.data` (a record
@@ -110,19 +136,45 @@ pub struct Action {
 impl Action {
     pub fn new(cfg: &Config, req: ActionRequest, handle: Handle) -> Action {
         let cns = cfg.containerd_namespace(&req.namespace);
-        let dir = cfg.actions_dir().join(&cns).join(&req.action_id);
+        let own = Place::new(cfg, &cns, &req.action_id);
         let input = crate::inputs::path(&cfg.inputs_dir(), &cns, &req.action_id);
         handle.set_containerd_namespace(&cns);
         Action {
             req,
             cns,
-            dir,
+            own,
+            taken: Default::default(),
+            pool_key: Default::default(),
             input,
             spooled: false,
             handle,
             shim: Default::default(),
             queue_place: Default::default(),
         }
+    }
+
+    /// It runs in the container `oid` (a pre-created task it took before a
+    /// restart, as its record says): recovery and cleanup find that one.
+    pub fn in_container(mut self, cfg: &Config, oid: &str) -> Action {
+        if !oid.is_empty() {
+            self.own = Place::new(cfg, &self.cns, oid);
+        }
+        self
+    }
+
+    fn place(&self) -> &Place {
+        self.taken.get().unwrap_or(&self.own)
+    }
+
+    /// The id of its container, task and snapshot (and network, cgroup and
+    /// directory): its action id unless it runs in a pre-created task.
+    pub fn id(&self) -> &str {
+        &self.place().oid
+    }
+
+    /// `<state>/actions/<cns>/<id>`.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.place().dir
     }
 
     /// The action waits in the queue with `place` until it runs.
@@ -158,19 +210,15 @@ impl Action {
         );
     }
 
-    fn id(&self) -> &str {
-        &self.req.action_id
-    }
-
     fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        self.dir().join("data")
     }
 
     fn net(&self) -> NetTarget<'_> {
         NetTarget {
             cns: &self.cns,
-            action_id: &self.req.action_id,
-            dir: &self.dir,
+            action_id: self.id(),
+            dir: self.dir(),
         }
     }
 
@@ -179,7 +227,7 @@ impl Action {
         // removes the action's own directory, and a per-namespace parent
         // would be left behind in every controller. `@` is in neither a
         // namespace nor an action id, so the name is unambiguous.
-        format!("/isolated/{}@{}", self.cns, self.req.action_id)
+        format!("/isolated/{}@{}", self.cns, self.id())
     }
 }
 
@@ -317,6 +365,11 @@ impl Runner {
                             }
                         },
                     };
+                    // Its slot is free again: its pool may grow now (none is made
+                    // while the node is full).
+                    if let Some(key) = action.pool_key.get() {
+                        self.refill(key.clone());
+                    }
                     let outcome = self.within_report_limit(&action, outcome);
                     action.handle.finished(&outcome);
                     crate::metrics::action_finished(outcome.code());
@@ -438,7 +491,17 @@ impl Runner {
     /// unreachable before the task started, it waits and tries again rather
     /// than report a failure that is nobody's fault. `None` when the node
     /// drains before the action had a slot: it stays accepted, unstarted.
-    async fn run_fresh(&self, a: &Action, record: &mut StoredAction) -> Option<Outcome> {
+    async fn run_fresh(self: &Arc<Self>, a: &Action, record: &mut StoredAction) -> Option<Outcome> {
+        // A full node drops its pre-created tasks before an action waits
+        // (issue 16): their memory and pids are the actions'.
+        let (memory, pids) = self.budget.available();
+        if pool::node_is_full(
+            self.slots.available_permits(),
+            (memory as u64, pids as u64),
+            (self.memory_mib(a), self.template.pids_limit()),
+        ) {
+            self.evict_pool();
+        }
         // The queue place was taken when the action was accepted; it is
         // given back once a slot and the action's share of the node's
         // memory and pids are had, or the action is cancelled while it
@@ -510,8 +573,11 @@ impl Runner {
     }
 
     /// One try: pull, create, start, supervise, collect.
-    async fn attempt(&self, a: &Action, record: &mut StoredAction) -> Result<Outcome, RunError> {
-        self.prepare_dir(a).await?;
+    async fn attempt(
+        self: &Arc<Self>,
+        a: &Action,
+        record: &mut StoredAction,
+    ) -> Result<Outcome, RunError> {
         a.handle.set_state(ActionState::Pulling);
         // Pulling is shown, not stored: recovery treats it like accepted
         // (start again), so writing it would buy nothing.
@@ -528,18 +594,77 @@ impl Runner {
                 a.handle.cancel_reason(),
             ));
         }
-        let (mut stdio, memory) = self
-            .create(a, &image)
-            .instrument(info_span!("create"))
-            .await?;
+        // The image was resolved, and checked against the request's
+        // credentials, as without the pool: only the create is skipped.
+        let taken = self.take(a, &image, record).await?;
+        let pooled = taken.is_some();
+        let (mut stdio, mut memory) = match taken {
+            Some(taken) => taken,
+            None => {
+                // Back after containerd went away with a pre-created task
+                // taken: its leftovers go first (they could not while it was
+                // down).
+                if a.taken.get().is_some() {
+                    self.unplace(a).await;
+                }
+                self.prepare_dir(a).await?;
+                self.create(a, &image, None)
+                    .instrument(info_span!("create"))
+                    .await?
+            }
+        };
         stdio.release();
 
         // Wait is registered before Start so that an instant exit is seen.
         let mut exit = self.wait_exit(a);
-        self.engine
+        let start = self
+            .engine
             .start_task(&a.cns, a.id())
-            .instrument(info_span!("start"))
-            .await?;
+            .instrument(info_span!("start"));
+        let started = match pooled {
+            false => start.await,
+            true => {
+                // Beside the start, not before it: the container names the
+                // action it runs for operators (`ctr c ls`), as an unpooled
+                // one does by its id.
+                let label = self.engine.label_container(
+                    &a.cns,
+                    a.id(),
+                    std::collections::HashMap::from([(
+                        crate::engine::LABEL_ACTION_ID.to_string(),
+                        a.req.action_id.clone(),
+                    )]),
+                );
+                let (started, labelled) = tokio::join!(start, label);
+                if let Err(e) = labelled {
+                    warn!(error = %e, "cannot label the pre-created task with its action");
+                }
+                started
+            }
+        };
+        match started {
+            Ok(()) => {}
+            Err(e) if pooled && !e.is_unavailable() => {
+                // Its shim died while it waited, say: the action gets a task
+                // of its own, in the entry's place, as a retry would.
+                warn!(error = %e, "the pre-created task did not start; creating the action's own");
+                drop(exit);
+                drop(stdio);
+                self.unplace(a).await;
+                self.prepare_dir(a).await?;
+                (stdio, memory) = self
+                    .create(a, &image, None)
+                    .instrument(info_span!("create"))
+                    .await?;
+                stdio.release();
+                exit = self.wait_exit(a);
+                self.engine
+                    .start_task(&a.cns, a.id())
+                    .instrument(info_span!("start"))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
         let started_ms = now_ms();
         let deadline_ms = started_ms + a.req.timeout.as_millis() as i64;
         crate::lifecycle::advance(&mut record.state, ActionState::Running, "the stored record");
@@ -566,6 +691,9 @@ impl Runner {
             .supervise(a, deadline_ms, &mut exit)
             .instrument(info_span!("wait"))
             .await?;
+        if let Some(e) = self.launch_failure(a, code) {
+            return Err(e);
+        }
         Ok(collect::collect(self, a, stdio, code, stopped, memory)
             .instrument(info_span!("collect"))
             .await
@@ -591,7 +719,7 @@ impl Runner {
             );
         }
         info!("re-attached to the running task");
-        let stdio = Stdio::reopen(&a.dir, a.handle.logs.clone());
+        let stdio = Stdio::reopen(a.dir(), a.handle.logs.clone());
         // Its deadline was stored as start + timeout: the start it shows is
         // the task's, not this restart's.
         a.handle

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{AcquireError, Semaphore, SemaphorePermit};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 /// The number of actions waiting for a running slot.
 #[derive(Default)]
@@ -62,10 +62,17 @@ impl Queue {
 
 /// The memory and pids the running actions may have together.
 pub struct Budget {
-    memory_mib: Semaphore,
-    pids: Semaphore,
+    memory_mib: Arc<Semaphore>,
+    pids: Arc<Semaphore>,
     total_memory_mib: u32,
     total_pids: u32,
+}
+
+/// A pre-created task's share of the [`Budget`], given back when dropped.
+#[must_use = "the share is given back when dropped"]
+pub struct OwnedBudgetHold {
+    _memory: OwnedSemaphorePermit,
+    _pids: OwnedSemaphorePermit,
 }
 
 /// One running action's share of the [`Budget`], given back when dropped.
@@ -113,8 +120,8 @@ impl Budget {
         let clamp = |n: u64| n.min(u32::MAX as u64) as u32;
         let (total_memory_mib, total_pids) = (clamp(memory_mib), clamp(pids));
         Budget {
-            memory_mib: Semaphore::new(total_memory_mib as usize),
-            pids: Semaphore::new(total_pids as usize),
+            memory_mib: Arc::new(Semaphore::new(total_memory_mib as usize)),
+            pids: Arc::new(Semaphore::new(total_pids as usize)),
             total_memory_mib,
             total_pids,
         }
@@ -165,6 +172,25 @@ impl Budget {
 
     /// The share if it is there now: for an action re-attached after a
     /// restart, which runs whatever the budget says.
+    /// Like [`Budget::try_take`], for a share kept apart from the budget's
+    /// borrow: a pre-created task's (issue 16), held while it waits.
+    pub fn try_take_owned(&self, memory_mib: u64, pids: u64) -> Option<OwnedBudgetHold> {
+        let memory = self
+            .memory_mib
+            .clone()
+            .try_acquire_many_owned(self.share(memory_mib, self.total_memory_mib))
+            .ok()?;
+        let pids = self
+            .pids
+            .clone()
+            .try_acquire_many_owned(self.share(pids, self.total_pids))
+            .ok()?;
+        Some(OwnedBudgetHold {
+            _memory: memory,
+            _pids: pids,
+        })
+    }
+
     pub fn try_take(&self, memory_mib: u64, pids: u64) -> Option<BudgetHold<'_>> {
         let memory = self
             .memory_mib

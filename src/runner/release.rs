@@ -28,18 +28,28 @@ impl Runner {
         self.networks.detach(&a.net()).await;
         crate::inputs::remove(&a.input);
         // After the task's delete unmounted the overlay that writes to it.
-        self.disks.release(&a.cns, a.id(), &a.dir);
-        if let Err(e) = std::fs::remove_dir_all(&a.dir) {
+        self.disks.release(&a.cns, a.id(), a.dir());
+        if let Err(e) = std::fs::remove_dir_all(a.dir()) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %a.dir.display(), error = %e, "cannot remove action directory");
+                warn!(dir = %a.dir().display(), error = %e, "cannot remove action directory");
             }
         }
         // The namespace's directory goes with its last action (it fails,
         // harmlessly, while another is in it; `prepare_dir` copes with one
         // removed under it), so quiet tenants leave no empty dirs behind.
-        if let Some(ns_dir) = a.dir.parent() {
+        if let Some(ns_dir) = a.dir().parent() {
             let _ = std::fs::remove_dir(ns_dir);
         }
+    }
+
+    /// What a pre-created task the action took holds, before the action
+    /// makes a task of its own in its place (issue 16): its task, container,
+    /// snapshot and network, and its hold on the shim; its directory and
+    /// disk go with `prepare_dir`, and its spooled input stays.
+    pub(super) async fn unplace(&self, a: &Action) {
+        self.cleanup_containerd(a).await;
+        self.networks.detach(&a.net()).await;
+        drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// The containerd half of cleanup: task, container, snapshot.

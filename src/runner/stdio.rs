@@ -29,12 +29,18 @@ pub struct Stdio {
     // shim has opened the FIFOs; dropped once the task exists.
     keepalive: Vec<pipe::Sender>,
     readers: Vec<JoinHandle<()>>,
-    logs: std::sync::Arc<Logs>,
+    logs: Target,
 }
+
+/// Where the readers keep the tails: the action's logs, chosen again when a
+/// pre-created task is taken (issue 16) before it runs, so before anything
+/// is written.
+type Target = std::sync::Arc<std::sync::Mutex<std::sync::Arc<Logs>>>;
 
 impl Stdio {
     /// Creates `stdout` and `stderr` FIFOs in `dir` and starts reading them.
     pub fn open(dir: &Path, logs: std::sync::Arc<Logs>) -> std::io::Result<Stdio> {
+        let logs: Target = std::sync::Arc::new(std::sync::Mutex::new(logs));
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
         let mut keepalive = Vec::new();
@@ -64,6 +70,7 @@ impl Stdio {
     /// shim still holds their write ends; if they are gone, so is the output
     /// (it was in the earlier run's memory), and the streams are empty.
     pub fn reopen(dir: &Path, logs: std::sync::Arc<Logs>) -> Stdio {
+        let logs: Target = std::sync::Arc::new(std::sync::Mutex::new(logs));
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
         let mut readers = Vec::new();
@@ -84,6 +91,12 @@ impl Stdio {
         }
     }
 
+    /// What the task writes goes to `logs` from now on: a pre-created
+    /// task's streams become those of the action that takes it.
+    pub fn redirect(&self, logs: std::sync::Arc<Logs>) {
+        *self.logs.lock().unwrap_or_else(|p| p.into_inner()) = logs;
+    }
+
     /// The shim holds the write ends now; ours would hide its end-of-file.
     pub fn release(&mut self) {
         self.keepalive.clear();
@@ -99,7 +112,8 @@ impl Stdio {
                 abort.abort();
             }
         }
-        self.logs.snapshot()
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        logs.snapshot()
     }
 }
 
@@ -113,7 +127,7 @@ impl Drop for Stdio {
 
 fn spawn_reader(
     rx: pipe::Receiver,
-    logs: &std::sync::Arc<Logs>,
+    logs: &Target,
     stream: Stream,
     name: &'static str,
 ) -> JoinHandle<()> {
@@ -145,7 +159,7 @@ enum Stream {
 
 /// Appends to the shared tail of one stream, and logs complete lines.
 struct Tail {
-    logs: std::sync::Arc<Logs>,
+    logs: Target,
     stream: Stream,
     name: &'static str,
     line: Vec<u8>,
@@ -154,9 +168,10 @@ struct Tail {
 impl Tail {
     fn push(&mut self, data: &[u8]) {
         {
+            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let buf = match self.stream {
-                Stream::Stdout => &self.logs.stdout,
-                Stream::Stderr => &self.logs.stderr,
+                Stream::Stdout => &logs.stdout,
+                Stream::Stderr => &logs.stderr,
             };
             let mut bytes = buf.lock().unwrap_or_else(|p| p.into_inner());
             bytes.extend_from_slice(data);
@@ -195,7 +210,7 @@ mod tests {
     fn keeps_only_the_tail() {
         let logs = std::sync::Arc::new(Logs::default());
         let mut t = Tail {
-            logs: logs.clone(),
+            logs: std::sync::Arc::new(std::sync::Mutex::new(logs.clone())),
             stream: Stream::Stdout,
             name: "stdout",
             line: Vec::new(),
