@@ -193,7 +193,7 @@ async fn bench(env: &'static Env) -> Result<()> {
     // Like for like with `ctr run`, whose containers get a private network
     // namespace with loopback only: an isolated with `network = "none"`.
     // The shared one (CNI bridge) is measured after it.
-    let plain = private_isolated(env, "plain", &["--network", "none"])?;
+    let plain = private_isolated(env, "plain", &["--network", "none", "--precreate-max", "2"])?;
     // The same without pre-created tasks (issue 16).
     let plain_off = private_isolated(
         env,

@@ -160,6 +160,10 @@ const STATUS_FIELDS: &[&str] = &[
     "Cpus_allowed_list:",
 ];
 
+/// The pool is off by default (until it survives a containerd restart without leaking
+/// an entry): these trials turn it on at the size it was built for.
+const POOL_ON: [&str; 2] = ["--precreate-max", "2"];
+
 /// The same request (same action id, instance, step and input) on two daemons that
 /// differ only in `precreate_max`, the pooled one after its pool holds an entry: PID 1's
 /// argv, environment, user and groups, working directory, executable, capabilities,
@@ -168,7 +172,7 @@ const STATUS_FIELDS: &[&str] = &[
 /// mount alone (runtime-spec/README.md).
 pub async fn same_with_and_without_the_pool(t: Ctx) -> Result<()> {
     let args = ["--network", "none"];
-    let on = PrivateIsolated::start(t.env, &args).await?;
+    let on = PrivateIsolated::start(t.env, &[&args[..], &POOL_ON[..]].concat()).await?;
     let off =
         PrivateIsolated::start(t.env, &[&args[..], &["--precreate-max", "0"]].concat()).await?;
     on.adopt(&t.ns);
@@ -287,52 +291,60 @@ pub async fn same_with_and_without_the_pool(t: Ctx) -> Result<()> {
 /// pre-created task (waited for before it is sent): each sees only its own input in a data
 /// directory holding data.in alone, and none leaves its container behind.
 pub async fn sequential_actions_see_only_their_own_input(t: Ctx) -> Result<()> {
-    let image = t
-        .push(&ImageSpec::with_script(
-            r#"ls=$(ls -A /direktiv-data | tr '\n' ' ')
+    let p = PrivateIsolated::start(t.env, &POOL_ON).await?;
+    let cns = p.adopt(&t.ns);
+    let res = async {
+        let image = t
+            .push(&ImageSpec::with_script(
+                r#"ls=$(ls -A /direktiv-data | tr '\n' ' ')
 pooled=$(grep -c ' /.isolate/launch ' /proc/1/mountinfo)
 echo "$ls|$pooled|$(cat /direktiv-data/data.in)" > /direktiv-data/data.out
 echo leftover > /tmp/mine; echo leftover > /direktiv-data/mine"#,
-        ))
-        .await?;
-    let cns = crate::harness::env::Env::containerd_namespace(&t.ns);
-    let mut control = t.env.control_client().await?;
-    for i in 0..20 {
-        if i > 0 {
-            wait_pool(&mut control, &t.ns, Some(&image.digest), 1, ACTION).await?;
-        }
-        let id = t.action_id(&format!("seq{i}"));
-        let mut req = t.request(&image.reference, &id);
-        let input = format!("input of {id}");
-        req.data = Some(input.clone().into_bytes());
-        let report = t
-            .run_and_wait(req, if i == 0 { FIRST_PULL } else { ACTION })
+            ))
             .await?;
-        let out = String::from_utf8(expect_success(&report)?)?;
-        let want = format!("data.in |{}|{input}\n", if i == 0 { 0 } else { 1 });
-        ensure!(out == want, "action {i}: saw {out:?}, expected {want:?}");
-        // Its container (its own or the entry's it took) goes with it.
-        let deadline = tokio::time::Instant::now() + NOTHING_LEFT;
-        loop {
-            let container = container_of(&t.env.containerd, &cns, &id).await?;
-            let status = task_status(&t.env.containerd, &cns, &container).await?;
-            if container == id && status.is_none() {
-                break;
+        let mut control = p.control().await?;
+        for i in 0..20 {
+            if i > 0 {
+                wait_pool(&mut control, &t.ns, Some(&image.digest), 1, ACTION).await?;
             }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("action {i}'s container {container} is still there (task {status:?})");
+            let id = t.action_id(&format!("seq{i}"));
+            let mut req = t.request(&image.reference, &id);
+            let input = format!("input of {id}");
+            req.data = Some(input.clone().into_bytes());
+            p.accept(req).await?;
+            let report = t
+                .env
+                .flow
+                .wait_report(&id, if i == 0 { FIRST_PULL } else { ACTION })
+                .await?;
+            let out = String::from_utf8(expect_success(&report)?)?;
+            let want = format!("data.in |{}|{input}\n", if i == 0 { 0 } else { 1 });
+            ensure!(out == want, "action {i}: saw {out:?}, expected {want:?}");
+            // Its container (its own or the entry's it took) goes with it.
+            let deadline = tokio::time::Instant::now() + NOTHING_LEFT;
+            loop {
+                let container = container_of(&t.env.containerd, &cns, &id).await?;
+                let status = task_status(&t.env.containerd, &cns, &container).await?;
+                if container == id && status.is_none() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    bail!("action {i}'s container {container} is still there (task {status:?})");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
-    Ok(())
+    .await;
+    res.map_err(|e| p.explain(e))
 }
 
 /// A tag pushed again with other content: the next action runs the new digest (the tag
 /// is resolved at request time as without the pool), and the old digest's entries are
 /// retired.
 pub async fn a_moved_tag_runs_at_its_new_digest(t: Ctx) -> Result<()> {
-    let p = PrivateIsolated::start(t.env, &["--tag-ttl-secs", "0"]).await?;
+    let p = PrivateIsolated::start(t.env, &["--tag-ttl-secs", "0", "--precreate-max", "2"]).await?;
     p.adopt(&t.ns);
     let res = async {
         let v1 = t
@@ -377,7 +389,11 @@ pub async fn a_moved_tag_runs_at_its_new_digest(t: Ctx) -> Result<()> {
 /// kill -9 of a daemon whose pool holds entries: the next start sweeps them (nothing is
 /// left before any new action), and the next action runs.
 pub async fn kill_with_a_full_pool_leaks_nothing(t: Ctx) -> Result<()> {
-    let p = PrivateIsolated::start(t.env, &crate::durability::FAST_GRACE).await?;
+    let p = PrivateIsolated::start(
+        t.env,
+        &[&crate::durability::FAST_GRACE[..], &POOL_ON[..]].concat(),
+    )
+    .await?;
     p.adopt(&t.ns);
     let res = async {
         let image = t.push(&crate::core::echo_spec()).await?;
@@ -421,8 +437,18 @@ pub async fn kill_with_a_full_pool_leaks_nothing(t: Ctx) -> Result<()> {
 /// image: the next action is accepted and queued, not refused, and the entries are
 /// dropped; once the sleeper is cancelled, it runs.
 pub async fn a_full_node_drops_its_pool_instead_of_refusing(t: Ctx) -> Result<()> {
-    let p =
-        PrivateIsolated::start(t.env, &["--max-running", "1", "--kill-grace-secs", "1"]).await?;
+    let p = PrivateIsolated::start(
+        t.env,
+        &[
+            "--max-running",
+            "1",
+            "--kill-grace-secs",
+            "1",
+            "--precreate-max",
+            "2",
+        ],
+    )
+    .await?;
     p.adopt(&t.ns);
     let res = async {
         let echo = t.push(&crate::core::echo_spec()).await?;
