@@ -61,7 +61,9 @@ fn read_number(path: &std::path::Path) -> Option<u64> {
 /// echo action in the same namespace runs and answers correctly; the bomb is reported
 /// (as timeout: it never ends on its own) and none of its processes is left.
 pub async fn fork_bomb_stays_inside(t: Ctx) -> Result<()> {
-    const TIMEOUT_S: i64 = 8;
+    // Long enough for the echo action to run beside the bomb on a loaded machine: with
+    // 8 s, a make test on 2 cores saw the bomb reported first (1 December 2026).
+    const TIMEOUT_S: i64 = 20;
     let echo = t.push(&echo_spec()).await?;
     // The init shell keeps no fork for itself after starting the bomb: `wait` is a
     // builtin, so it neither dies of a failed fork nor ends the bomb early.

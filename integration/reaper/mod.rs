@@ -48,7 +48,8 @@ pub fn trials() -> Vec<Trial> {
             "reaper::oom_versus_plain_sigkill",
             kills::oom_versus_plain_sigkill,
         ),
-        trial(
+        // It takes a CPU on purpose: nothing else's timing should be measured beside it.
+        trial_alone(
             "reaper::fork_bomb_stays_inside",
             kills::fork_bomb_stays_inside,
         ),
