@@ -243,6 +243,28 @@ pub async fn task_status(containerd: &Containerd, cns: &str, id: &str) -> Result
     }
 }
 
+/// The pid of task `id`'s init as containerd knows it: the one process of a fork bomb's
+/// task that lives as long as the task (a `ListPids` entry may be gone, its pid reused,
+/// by the time it is read).
+pub async fn task_init_pid(containerd: &Containerd, cns: &str, id: &str) -> Result<u32> {
+    let id = &container_of(containerd, cns, id).await?;
+    let got = TasksClient::new(containerd.channel().await?)
+        .get(with_ns(
+            GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            },
+            cns,
+        ))
+        .await
+        .map_err(|s| anyhow!("get task {cns}/{id}: {s}"))?;
+    got.into_inner()
+        .process
+        .map(|p| p.pid)
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| anyhow!("task {cns}/{id} has no init process"))
+}
+
 /// Polls until containerd has no task `id` in `cns`.
 pub async fn wait_task_gone(
     containerd: &Containerd,

@@ -11,7 +11,7 @@ use super::{CODE_TIMEOUT, DEFAULT_GRACE_S, SLACK_S};
 use crate::core::{
     echo_spec, ensure_echo_works, expect_error, mentions_number, CODE_EXIT, CODE_OOM,
 };
-use crate::harness::private::{cgroup_of, now_ms, task_processes, wait_state};
+use crate::harness::private::{cgroup_of, now_ms, task_init_pid, wait_state};
 use crate::harness::{Ctx, Env, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
 /// Size 0 (256 MiB): a process that fills a 400 MiB buffer as the action's init process
@@ -86,12 +86,10 @@ pub async fn fork_bomb_stays_inside(t: Ctx) -> Result<()> {
 
     // Where isolated puts the task's cgroup is its business: ask the kernel.
     let cns = Env::containerd_namespace(&t.ns);
-    let member = task_processes(&t.env.containerd, &cns, &id)
-        .await?
-        .into_iter()
-        .next()
-        .context("the bomb's task has no process")?;
-    let cgroup = cgroup_of(member.pid, "pids").context("the bomb's process has no pids cgroup")?;
+    // The init, not the first of ListPids: the bomb's other processes come and go, and a
+    // pid read after its process died may be another's (seen once: the root cgroup).
+    let init = task_init_pid(&t.env.containerd, &cns, &id).await? as i32;
+    let cgroup = cgroup_of(init, "pids").context("the bomb's init has no pids cgroup")?;
     let max = read_number(&cgroup.join("pids.max"));
     let Some(max) = max else {
         bail!(
