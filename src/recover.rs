@@ -7,7 +7,6 @@
 //! Runs once, before the server accepts new work.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
@@ -15,7 +14,6 @@ use tracing::{error, info, warn};
 use crate::actions::Actions;
 use crate::config::Limits;
 use crate::engine::{ops, LABEL_ACTION_ID};
-use crate::network::NetTarget;
 use crate::report::Outcome;
 use crate::request::ActionRequest;
 use crate::runner::shim_keeper::{LABEL_ROLE, ROLE_SHIM_KEEPER};
@@ -211,6 +209,23 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
             orphans.insert(key);
         }
     }
+    // Cgroups with nothing else left (a create cut short whose removal
+    // met a failing cgroup file system): only empty ones are removed, and
+    // not counted, since no process of an unknown action is killed on a
+    // cgroup's word alone (another daemon's, configured with an
+    // overlapping namespace prefix, may share the host).
+    for (cns, id) in ops::cgroup_orphans(&runner.cgroup_mount, prefix) {
+        if known.contains(&(cns.clone(), id.clone()))
+            || orphans.contains(&(cns.clone(), id.clone()))
+            || id.starts_with(crate::runner::shim_keeper::KEEPER_ID_PREFIX)
+        {
+            continue;
+        }
+        let cgroup = ops::action_cgroup(&cns, &id);
+        for failed in ops::remove_cgroup(&runner.cgroup_mount, &cgroup, false).await {
+            warn!(error = %failed, "cannot remove the cgroup of an unknown action");
+        }
+    }
     for (cns, id) in &orphans {
         warn!(namespace = %cns, action_id = %id, "removing leftovers of an unknown action");
         remove_orphan(runner, cns, id).await;
@@ -219,27 +234,6 @@ async fn sweep(runner: &Runner, known: &HashSet<(String, String)>) -> usize {
 }
 
 async fn remove_orphan(runner: &Runner, cns: &str, id: &str) {
-    ops::remove_action(&*runner.engine, cns, id, &runner.cfg.snapshotter).await;
     let dir = runner.cfg.actions_dir().join(cns).join(id);
-    runner
-        .networks
-        .detach(&NetTarget {
-            cns,
-            action_id: id,
-            dir: &dir,
-        })
-        .await;
-    runner.disks.release(cns, id, &dir);
-    remove_dir(&dir);
-    if let Some(ns_dir) = dir.parent() {
-        let _ = std::fs::remove_dir(ns_dir);
-    }
-}
-
-fn remove_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove orphan directory");
-        }
-    }
+    runner.remove_leftovers(cns, id, &dir).await;
 }

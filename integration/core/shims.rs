@@ -15,7 +15,9 @@ use direktiv_isolate::proto::control::ActionState;
 use super::{echo_spec, expect_success};
 use crate::harness::cleanup::{action_cgroups, is_keeper};
 use crate::harness::containerd::with_ns;
-use crate::harness::private::{ensure_processes_gone, task_processes, PrivateIsolated};
+use crate::harness::private::{
+    ensure_processes_gone, task_init_pid, task_processes, PrivateIsolated,
+};
 use crate::harness::{Ctx, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
 /// Shim daemons serving containerd namespace `cns`: (pid, the `-id` they started for).
@@ -158,13 +160,15 @@ pub async fn namespace_shares_one_shim_until_idle(t: Ctx) -> Result<()> {
                 .await?;
             // Sampled while the task runs: a task in a shim of its own would
             // show that shim here, whatever is left once it is deleted.
-            let task = task_processes(&t.env.containerd, &cns, &id).await?;
-            let init = task.first().context("the running task has no process")?;
-            let parent = parent_of(init.pid).context("the task's process has no parent")?;
+            // The init, not ListPids' first entry: that list is in pid order, and once
+            // pids wrap the script's `sleep` comes before the shell (seen: "process 351
+            // has parent 32763, no shim").
+            let init = task_init_pid(&t.env.containerd, &cns, &id).await?;
+            let parent = parent_of(init as i32).context("the task's init has no parent")?;
             let shim = shims_of(&cns).into_iter().find(|(pid, _)| *pid == parent);
-            seen.push(shim.with_context(|| {
-                format!("{id}'s process {} has parent {parent}, no shim", init.pid)
-            })?);
+            seen.push(
+                shim.with_context(|| format!("{id}'s init {init} has parent {parent}, no shim"))?,
+            );
             let report = t.env.flow.wait_report(&id, ACTION).await?;
             ensure!(
                 expect_success(&report)? == id.as_bytes(),

@@ -223,9 +223,12 @@ pub fn ensure_processes_gone(seen: &[SeenProcess], marker: &str) -> Result<()> {
     Ok(())
 }
 
-/// The task's status in containerd (`containerd.v1.types.Status`: 2 running, 3 stopped),
-/// or None when it has no task.
-pub async fn task_status(containerd: &Containerd, cns: &str, id: &str) -> Result<Option<i32>> {
+/// Task `id`'s init as containerd's `Tasks.Get` shows it; `None` when there is no task.
+async fn task_get(
+    containerd: &Containerd,
+    cns: &str,
+    id: &str,
+) -> Result<Option<containerd_client::types::v1::Process>> {
     let id = &container_of(containerd, cns, id).await?;
     let got = TasksClient::new(containerd.channel().await?)
         .get(with_ns(
@@ -237,29 +240,24 @@ pub async fn task_status(containerd: &Containerd, cns: &str, id: &str) -> Result
         ))
         .await;
     match got {
-        Ok(r) => Ok(r.into_inner().process.map(|p| p.status)),
+        Ok(r) => Ok(r.into_inner().process),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
         Err(s) => Err(anyhow!("get task {cns}/{id}: {s}")),
     }
 }
 
-/// The pid of task `id`'s init as containerd knows it: the one process of a fork bomb's
-/// task that lives as long as the task (a `ListPids` entry may be gone, its pid reused,
-/// by the time it is read).
+/// The task's status in containerd (`containerd.v1.types.Status`: 2 running, 3 stopped),
+/// or None when it has no task.
+pub async fn task_status(containerd: &Containerd, cns: &str, id: &str) -> Result<Option<i32>> {
+    Ok(task_get(containerd, cns, id).await?.map(|p| p.status))
+}
+
+/// The pid of task `id`'s init as containerd knows it: the one process of a task that
+/// lives as long as the task (a `ListPids` entry may be gone, its pid reused, by the time
+/// it is read, and comes in pid order, not the init first).
 pub async fn task_init_pid(containerd: &Containerd, cns: &str, id: &str) -> Result<u32> {
-    let id = &container_of(containerd, cns, id).await?;
-    let got = TasksClient::new(containerd.channel().await?)
-        .get(with_ns(
-            GetRequest {
-                container_id: id.to_string(),
-                exec_id: String::new(),
-            },
-            cns,
-        ))
-        .await
-        .map_err(|s| anyhow!("get task {cns}/{id}: {s}"))?;
-    got.into_inner()
-        .process
+    task_get(containerd, cns, id)
+        .await?
         .map(|p| p.pid)
         .filter(|&pid| pid > 0)
         .ok_or_else(|| anyhow!("task {cns}/{id} has no init process"))

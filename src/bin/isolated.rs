@@ -261,6 +261,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         readiness: Default::default(),
         pool: direktiv_isolate::runner::pool::Pool::new(&cfg)
             .context("cannot write the launcher of pre-created tasks under the state dir")?,
+        cgroup_mount: direktiv_isolate::engine::ops::CGROUP_MOUNT.into(),
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)

@@ -210,6 +210,113 @@ pub fn signal_cgroup(
     0
 }
 
+/// Where every hierarchy of the host's cgroups is mounted (v1: one
+/// directory per controller; v2: the tree itself; hybrid: both).
+pub const CGROUP_MOUNT: &str = "/sys/fs/cgroup";
+
+/// The parent of every action's cgroup, in every hierarchy.
+const CGROUP_PARENT: &str = "isolated";
+
+/// The cgroup of action (or pre-created task, or shim keeper) `id` of
+/// containerd namespace `cns`: flat, one directory per action under one
+/// fixed parent, since runc removes the action's own directory and a
+/// per-namespace parent would be left behind in every controller. `@` is
+/// in neither a namespace nor an id, so the name is unambiguous (and the
+/// sweep reads it back, [`cgroup_orphans`]).
+pub fn action_cgroup(cns: &str, id: &str) -> String {
+    format!("/{CGROUP_PARENT}/{cns}@{id}")
+}
+
+/// The hierarchies under `mount`: the mount itself (v2) and each
+/// directory in it (v1's controllers, a hybrid host's `unified`); on a v2
+/// host those directories are child cgroups, in which an action's path
+/// simply does not exist.
+fn hierarchies(mount: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![mount.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(mount) {
+        out.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    out
+}
+
+/// Removes what is left of cgroup `cgroups_path` in every hierarchy under
+/// `mount`, once its task is deleted. The runtime removes it itself on a
+/// delete; what it leaves is a create cut short: containerd stopped while
+/// a pre-created task was being made left the entry's `cpuset` directory
+/// alone, its task never known to containerd (issue 16, seen on 1.6.20).
+/// A member still inside (a runtime's init whose create was cut short)
+/// has nobody left to end it and is killed first, with `kill_members`
+/// (the sweep, which knows no task of it, leaves a cgroup with members
+/// alone). Returns what could not be removed, one line each.
+pub async fn remove_cgroup(mount: &Path, cgroups_path: &str, kill_members: bool) -> Vec<String> {
+    let rel = cgroups_path.trim_start_matches('/');
+    let mut failed = Vec::new();
+    for dir in hierarchies(mount).into_iter().map(|h| h.join(rel)) {
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut last = None;
+        for attempt in 0..20 {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    last = None;
+                    break;
+                }
+                Err(e) if !kill_members => {
+                    last = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    if attempt == 0 {
+                        let root = dir.parent().and_then(Path::parent).unwrap_or(mount);
+                        let root = root.to_string_lossy();
+                        signal_cgroup(&[root.as_ref()], cgroups_path, Signal::SIGKILL, |_| false);
+                    }
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        if let Some(e) = last {
+            failed.push(format!("cannot remove cgroup {}: {e}", dir.display()));
+        }
+    }
+    failed
+}
+
+/// The (containerd namespace, id) of every action cgroup under `mount`
+/// whose namespace starts with `prefix`, in any hierarchy, each once: for
+/// the sweep, since a create cut short leaves a cgroup and nothing else.
+pub fn cgroup_orphans(mount: &Path, prefix: &str) -> std::collections::HashSet<(String, String)> {
+    let mut out = std::collections::HashSet::new();
+    for parent in hierarchies(mount)
+        .into_iter()
+        .map(|h| h.join(CGROUP_PARENT))
+    {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((cns, id)) = name.split_once('@') {
+                if cns.starts_with(prefix) && !id.is_empty() {
+                    out.insert((cns.to_string(), id.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The exit status of the task's init. A lost connection to containerd is
 /// not an exit: the wait is made again until containerd answers. A task
 /// that is not found once containerd is back exited while it was down:
@@ -469,6 +576,43 @@ mod tests {
             signal_cgroup(&roots, "/isolated/none", Signal::SIGTERM, |_| false),
             0
         );
+    }
+
+    /// A v1 layout in a temporary directory: an action's cgroup left in
+    /// two controllers, another action's beside it, a v2-style tree.
+    #[tokio::test]
+    async fn a_leftover_cgroup_is_removed_in_every_hierarchy_and_found_by_the_sweep() {
+        let t = tempfile::tempdir().unwrap();
+        let path = action_cgroup("direktiv.ns", "pool-1");
+        assert_eq!(path, "/isolated/direktiv.ns@pool-1");
+        let cpuset = t.path().join("cpuset/isolated/direktiv.ns@pool-1");
+        let pids = t.path().join("pids/isolated/direktiv.ns@pool-1");
+        let other = t.path().join("pids/isolated/direktiv.ns@act-2");
+        let foreign = t.path().join("pids/isolated/someone.else@x");
+        for d in [&cpuset, &pids, &other, &foreign] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::create_dir_all(t.path().join("memory")).unwrap();
+        let found = cgroup_orphans(t.path(), "direktiv.");
+        let want: std::collections::HashSet<_> = [
+            ("direktiv.ns".to_string(), "pool-1".to_string()),
+            ("direktiv.ns".to_string(), "act-2".to_string()),
+        ]
+        .into();
+        assert_eq!(found, want);
+        assert!(remove_cgroup(t.path(), &path, true).await.is_empty());
+        assert!(!cpuset.exists() && !pids.exists(), "left in a hierarchy");
+        assert!(other.exists(), "another action's cgroup was removed");
+        assert!(
+            remove_cgroup(t.path(), &path, true).await.is_empty(),
+            "gone counts as done"
+        );
+
+        // One that cannot go (here: not empty) is named, not hidden.
+        std::fs::write(other.join("cgroup.procs"), "").unwrap();
+        let failed = remove_cgroup(t.path(), &action_cgroup("direktiv.ns", "act-2"), false).await;
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(failed[0].contains("direktiv.ns@act-2"), "{failed:?}");
     }
 
     #[tokio::test]

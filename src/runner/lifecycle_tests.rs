@@ -89,6 +89,7 @@ impl Node {
             ),
             readiness: Default::default(),
             pool: crate::runner::pool::Pool::new(&cfg).unwrap(),
+            cgroup_mount: dir.path().join("cgroup"),
         });
         Node {
             _dir: dir,

@@ -88,6 +88,10 @@ pub struct Runner {
     pub readiness: Arc<crate::readiness::Readiness>,
     /// Pre-created tasks (issue 16).
     pub pool: pool::Pool,
+    /// Where the host's cgroup hierarchies are (`engine::ops::CGROUP_MOUNT`;
+    /// a temporary directory in unit tests), for removing what a create cut
+    /// short left of an action's cgroup.
+    pub cgroup_mount: PathBuf,
 }
 
 /// Where an action runs: the id of its container, task and snapshot, which
@@ -223,11 +227,7 @@ impl Action {
     }
 
     pub fn cgroups_path(&self) -> String {
-        // Flat, one directory per action under one fixed parent: runc
-        // removes the action's own directory, and a per-namespace parent
-        // would be left behind in every controller. `@` is in neither a
-        // namespace nor an action id, so the name is unambiguous.
-        format!("/isolated/{}@{}", self.cns, self.id())
+        crate::engine::ops::action_cgroup(&self.cns, self.id())
     }
 }
 

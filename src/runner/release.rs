@@ -6,10 +6,13 @@
 //! every step tolerates what is gone, so it runs after any failure and
 //! again after a crash.
 
+use std::path::Path;
+
 use tracing::{info_span, warn, Instrument};
 
 use super::{Action, Runner};
 use crate::engine::ops;
+use crate::network::NetTarget;
 
 impl Runner {
     /// Everything the action used, once its result is collected: the same
@@ -20,24 +23,36 @@ impl Runner {
         drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// Removes the task, container, snapshot, disk and directory of an action.
-    /// Each step tolerates what is already gone, so it can run after any
-    /// failure and again after a crash.
+    /// Removes the task, container, snapshot, cgroup, network, disk,
+    /// directory and spooled input of an action.
     pub async fn cleanup(&self, a: &Action) {
-        self.cleanup_containerd(a).await;
-        self.networks.detach(&a.net()).await;
         crate::inputs::remove(&a.input);
+        self.remove_leftovers(&a.cns, a.id(), a.dir()).await;
+    }
+
+    /// The one cleanup of what action `id` of `cns` (directory `dir`) used
+    /// on the node, for the runner's release and for the sweep's orphans
+    /// alike. Each step tolerates what is already gone, so it can run
+    /// after any failure and again after a crash.
+    pub async fn remove_leftovers(&self, cns: &str, id: &str, dir: &Path) {
+        self.remove_task_parts(cns, id).await;
+        let net = NetTarget {
+            cns,
+            action_id: id,
+            dir,
+        };
+        self.networks.detach(&net).await;
         // After the task's delete unmounted the overlay that writes to it.
-        self.disks.release(&a.cns, a.id(), a.dir());
-        if let Err(e) = std::fs::remove_dir_all(a.dir()) {
+        self.disks.release(cns, id, dir);
+        if let Err(e) = std::fs::remove_dir_all(dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %a.dir().display(), error = %e, "cannot remove action directory");
+                warn!(dir = %dir.display(), error = %e, "cannot remove action directory");
             }
         }
         // The namespace's directory goes with its last action (it fails,
         // harmlessly, while another is in it; `prepare_dir` copes with one
         // removed under it), so quiet tenants leave no empty dirs behind.
-        if let Some(ns_dir) = a.dir().parent() {
+        if let Some(ns_dir) = dir.parent() {
             let _ = std::fs::remove_dir(ns_dir);
         }
     }
@@ -52,8 +67,17 @@ impl Runner {
         drop(a.shim.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
-    /// The containerd half of cleanup: task, container, snapshot.
+    /// The task's half of cleanup: task, container, snapshot, and what a
+    /// create cut short left of its cgroup.
     pub async fn cleanup_containerd(&self, a: &Action) {
-        ops::remove_action(&*self.engine, &a.cns, a.id(), &self.cfg.snapshotter).await;
+        self.remove_task_parts(&a.cns, a.id()).await;
+    }
+
+    async fn remove_task_parts(&self, cns: &str, id: &str) {
+        ops::remove_action(&*self.engine, cns, id, &self.cfg.snapshotter).await;
+        let cgroup = ops::action_cgroup(cns, id);
+        for failed in ops::remove_cgroup(&self.cgroup_mount, &cgroup, true).await {
+            warn!(error = %failed, "cannot remove the action's cgroup");
+        }
     }
 }

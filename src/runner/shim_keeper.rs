@@ -312,7 +312,7 @@ impl Inner {
         let (cns, id) = (slot.cns.as_str(), keeper_id(slot.n));
         let mut spec = self.spec.clone();
         if let Some(linux) = spec.linux_mut() {
-            linux.set_cgroups_path(Some(format!("/isolated/{cns}@{id}").into()));
+            linux.set_cgroups_path(Some(crate::engine::ops::action_cgroup(cns, &id).into()));
         }
         spec.annotations_mut()
             .get_or_insert_with(Default::default)
