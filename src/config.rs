@@ -270,8 +270,8 @@ settings! {
     max_running: usize = 32, "ISOLATED_MAX_RUNNING", "32";
     /// Most MiB of memory limits (size_memory_mib) of the actions running at once; beyond it actions wait in the queue; 0: the host's MemTotal minus an eighth (at least 1 GiB) for the host.
     max_total_memory_mib: u64 = 0, "ISOLATED_MAX_TOTAL_MEMORY_MIB", "0";
-    /// Most pre-created tasks (issue 16: created, not started, for the next action of a namespace, image and size) kept per namespace, image and size; 1 or 2 by the recent rate within it; 0 (the default until the pool survives a containerd restart without leaking an entry) turns the pool off; 2 is what it was built for.
-    precreate_max: usize = 0, "ISOLATED_PRECREATE_MAX", "0";
+    /// Most pre-created tasks (issue 16: created, not started, for the next action of a namespace, image and size) kept per namespace, image and size; 1 or 2 by the recent rate within it; 0 turns the pool off.
+    precreate_max: usize = 2, "ISOLATED_PRECREATE_MAX", "2";
     /// Seconds the pre-created tasks of a namespace, image and size stay after its last action.
     precreate_idle_secs: u64 = 60, "ISOLATED_PRECREATE_IDLE_SECS", "60";
     /// Most pids (each action's pids limit from the base spec) of the actions running at once; beyond it actions wait in the queue; 0: the smaller of the kernel's pid_max and threads-max, minus an eighth (at least 4096) for the host.

@@ -436,7 +436,7 @@ impl Runner {
     /// entry's place, shim hold and streams become the action's, and its
     /// record names the entry's container before the task is started.
     /// `None`: the action creates its own (and the pool is refilled either
-    /// way, in the background).
+    /// way, in the background, once the action's task is started).
     pub(super) async fn take(
         self: &Arc<Self>,
         a: &Action,
@@ -463,7 +463,10 @@ impl Runner {
             );
             self.discard(e);
         }
-        self.refill(key);
+        // Refilled once the action's task is started (`attempt`), not now: a
+        // shim creates one task at a time and a Start waits behind a Create
+        // in the same shim (its service lock), so a refill begun here put a
+        // whole `runc create` before the action's own Start or Create.
         crate::metrics::pool_take(entry.is_some());
         let Some(entry) = entry else {
             return Ok(None);
