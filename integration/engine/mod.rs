@@ -3,7 +3,7 @@
 //! containerd whose words changed (1.6, 1.7, 2.x: `ISOLATED_TEST_CONTAINERD` runs this
 //! against each) fails here rather than in a crash recovery months later.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use direktiv_isolate::engine::containerd::ContainerdEngine;
 use direktiv_isolate::engine::runtime::DEFAULT_RUNC_ROOT;
 use direktiv_isolate::engine::Containerd;
@@ -135,7 +135,9 @@ async fn classifier_on_this_containerd(t: Ctx) -> Result<()> {
         "containerd {version}: a create over runc's own state of the id gave {e:?}, not RuncIdTaken"
     );
 
-    ops::remove_action(&engine, &cns, &id, "overlayfs").await;
+    ops::remove_action(&engine, &cns, &id, "overlayfs")
+        .await
+        .context("remove_action")?;
     let e = engine.delete_container(&cns, &id).await.err();
     ensure!(
         e.as_ref().is_some_and(EngineError::is_not_found),

@@ -133,6 +133,41 @@ impl Ctx {
 /// What `direktiv_isolate::lifecycle::advance` logs when it refuses a move.
 const ILLEGAL_TRANSITION: &str = "illegal lifecycle transition";
 
+/// The refusals logged by private daemons (`PrivateIsolated`), noted when each is dropped,
+/// which is before the trial that started it ends; that trial takes the lines naming its
+/// namespaces.
+static REFUSALS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Notes the lifecycle refusals in a daemon's `log`.
+pub fn note_refusals(log: &str) {
+    let mut found = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+    found.extend(
+        log.lines()
+            .filter(|l| l.contains(ILLEGAL_TRANSITION))
+            .map(str::to_string),
+    );
+}
+
+/// The lifecycle refusals naming one of `namespaces`, in the shared daemon's log and
+/// among those private daemons left.
+fn refusals(shared_log: &str, namespaces: &[String]) -> Vec<String> {
+    let names = |l: &str| namespaces.iter().any(|ns| l.contains(ns.as_str()));
+    let mut out: Vec<String> = shared_log
+        .lines()
+        .filter(|l| l.contains(ILLEGAL_TRANSITION) && names(l))
+        .map(str::to_string)
+        .collect();
+    let mut private = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+    private.retain(|l| {
+        let ours = names(l);
+        if ours {
+            out.push(l.clone());
+        }
+        !ours
+    });
+    out
+}
+
 /// A trial that needs the daemon.
 pub fn trial<F, Fut>(name: &str, body: F) -> Trial
 where
@@ -222,12 +257,8 @@ where
                     }
                     // The lifecycle refuses a move its diagram does not have and
                     // logs it (issue 12): in a trial, that is a bug found.
-                    let log = env.isolated.log_text();
-                    let illegal: Vec<&str> = log
-                        .lines()
-                        .filter(|l| l.contains(ILLEGAL_TRANSITION))
-                        .filter(|l| namespaces.iter().any(|ns| l.contains(ns.as_str())))
-                        .collect();
+                    // Private daemons' too (noted as each was dropped).
+                    let illegal = refusals(&env.isolated.log_text(), &namespaces);
                     if !illegal.is_empty() {
                         return Err(failure(
                             env,

@@ -615,6 +615,8 @@ impl PrivateIsolated {
 impl Drop for PrivateIsolated {
     fn drop(&mut self) {
         self.isolated.stop(Duration::from_secs(15));
+        // Its refusals of lifecycle moves fail the trial as the shared daemon's do.
+        super::note_refusals(&self.isolated.log_text());
         if std::env::var_os("ISOLATE_TEST_KEEP").is_none() {
             remove_private_dir(&self.dir);
         }

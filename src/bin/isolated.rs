@@ -262,12 +262,14 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
         pool: direktiv_isolate::runner::pool::Pool::new(&cfg)
             .context("cannot write the launcher of pre-created tasks under the state dir")?,
         cgroup_mount: direktiv_isolate::engine::ops::CGROUP_MOUNT.into(),
+        deferred: Default::default(),
     });
     let actions = Arc::new(Actions::default());
     recover(&runner, &actions)
         .await
         .context("cannot read the store to recover accepted actions")?;
     tokio::spawn(runner.clone().expire_pool());
+    tokio::spawn(runner.clone().redo_releases());
     // Stops the listeners, and ends every watch (the control service).
     let stop = tokio_util::sync::CancellationToken::new();
     let control = ControlService {

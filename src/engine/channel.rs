@@ -1,5 +1,7 @@
 //! The one long-lived channel to containerd and the request decoration every
-//! call needs (namespace, lease). Owns nothing else. Its service clients and
+//! call needs (namespace, lease), and the one call both of its users make
+//! (removing a snapshot: an action's, or an extract an unpack left). Owns
+//! nothing else. Its service clients and
 //! `with_ns` are the engine's alone (`pub(super)`): outside `crate::engine`
 //! nothing can build a containerd request, so every call goes through the
 //! [`super::Engine`] trait or [`super::store::ImageStore`] (issue 12).
@@ -8,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
 use containerd_client::services::v1::{
     containers_client::ContainersClient, content_client::ContentClient, diff_client::DiffClient,
     images_client::ImagesClient, leases_client::LeasesClient, namespaces_client::NamespacesClient,
@@ -105,6 +108,27 @@ impl Containerd {
     }
     pub(super) fn tasks(&self) -> TasksClient<Channel> {
         TasksClient::new(self.channel.clone())
+    }
+
+    /// Removes snapshot `key` of `snapshotter` (under `lease`, when the
+    /// snapshot was made under one), classified as the call to `what`.
+    pub(super) async fn remove_snapshot(
+        &self,
+        ns: &str,
+        lease: Option<&str>,
+        snapshotter: &str,
+        key: &str,
+        what: &'static str,
+    ) -> Result<(), super::EngineError> {
+        let req = RemoveSnapshotRequest {
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+        };
+        self.snapshots()
+            .remove(with_ns(req, ns, lease))
+            .await
+            .map(|_| ())
+            .map_err(super::error::classify(what))
     }
 }
 

@@ -3,9 +3,7 @@
 //! namespace, each failure classified. Owns the requests' shape and nothing
 //! else: what to call and when is the callers'.
 
-use containerd_client::services::v1::snapshots::{
-    ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
-};
+use containerd_client::services::v1::snapshots::{ListSnapshotsRequest, PrepareSnapshotRequest};
 use containerd_client::services::v1::{
     CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest,
     DeleteTaskRequest, GetRequest, InfoRequest, KillRequest, ListContainersRequest,
@@ -84,16 +82,9 @@ impl Engine for ContainerdEngine {
         snapshotter: &str,
         key: &str,
     ) -> Result<(), EngineError> {
-        let req = RemoveSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-        };
         self.cd
-            .snapshots()
-            .remove(with_ns(req, cns, None))
+            .remove_snapshot(cns, None, snapshotter, key, "remove the action's snapshot")
             .await
-            .map(|_| ())
-            .map_err(classify("remove the action's snapshot"))
     }
 
     async fn managed_snapshots(

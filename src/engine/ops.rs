@@ -56,33 +56,51 @@ const ATTEMPTS: u32 = 3;
 /// Removes the task, container and active snapshot `id` of `cns`. Each step
 /// tolerates what is already gone, so it can run after any failure, and
 /// again after a crash. A task still running has nobody left to stop it, so
-/// it is killed first, or it would outlive its action.
-pub async fn remove_action(e: &dyn Engine, cns: &str, id: &str, snapshotter: &str) {
-    delete_task(e, cns, id).await;
-    remove_container(e, cns, id).await;
+/// it is killed first, or it would outlive its action. Returns the first
+/// removal that failed after its retries (a task that could not be deleted
+/// keeps its container, so that one fails too): the caller tells a
+/// containerd that was away, to try again once it is back.
+pub async fn remove_action(
+    e: &dyn Engine,
+    cns: &str,
+    id: &str,
+    snapshotter: &str,
+) -> Result<(), EngineError> {
+    // Not the container while its task is there: containerd would remove
+    // the record and leave the task, which no sweep lists.
+    try_delete_task(e, cns, id).await?;
+    let container = remove_container(e, cns, id).await;
     // An action's snapshot is a GC root: nothing but this removes it
     // before the next start-up sweep.
-    retried("snapshot", || e.remove_snapshot(cns, snapshotter, id)).await;
+    let snapshot = retried("snapshot", || e.remove_snapshot(cns, snapshotter, id)).await;
+    container.and(snapshot)
 }
 
 /// Deletes container `id` (no snapshot of its own: a shim keeper's).
-pub async fn remove_container(e: &dyn Engine, cns: &str, id: &str) {
-    retried("container", || e.delete_container(cns, id)).await;
+pub async fn remove_container(e: &dyn Engine, cns: &str, id: &str) -> Result<(), EngineError> {
+    retried("container", || e.delete_container(cns, id)).await
 }
 
-/// A removal tried [`ATTEMPTS`] times; gone already counts as done.
-async fn retried<F, Fut>(what: &str, mut call: F)
+/// A removal tried [`ATTEMPTS`] times; gone already counts as done. The
+/// last failure when every try failed.
+async fn retried<F, Fut>(what: &str, mut call: F) -> Result<(), EngineError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), EngineError>>,
 {
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match call().await {
-            Ok(()) => return,
-            Err(err) if err.is_not_found() => return,
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_not_found() => return Ok(()),
+            Err(err) if attempt == ATTEMPTS => {
+                warn!(attempt, error = %err, "cannot remove the {what}");
+                return Err(err);
+            }
             Err(err) => {
                 warn!(attempt, error = %err, "cannot remove the {what}");
                 tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                attempt += 1;
             }
         }
     }
@@ -92,18 +110,28 @@ where
 /// returns its exit status if there was a task. containerd refuses to
 /// delete a running task: it is killed, then deleted.
 pub async fn delete_task(e: &dyn Engine, cns: &str, id: &str) -> Option<u32> {
-    for attempt in 1..=ATTEMPTS {
+    try_delete_task(e, cns, id).await.ok().flatten()
+}
+
+/// [`delete_task`], with the last failure when every try failed.
+async fn try_delete_task(e: &dyn Engine, cns: &str, id: &str) -> Result<Option<u32>, EngineError> {
+    let mut attempt = 1;
+    loop {
         match e.delete_task(cns, id).await {
-            Ok(status) => return Some(status),
-            Err(err) if err.is_not_found() => return None,
+            Ok(status) => return Ok(Some(status)),
+            Err(err) if err.is_not_found() => return Ok(None),
+            Err(err) if attempt == ATTEMPTS => {
+                warn!(attempt, error = %err, "cannot delete the task");
+                return Err(err);
+            }
             Err(err) => {
                 warn!(attempt, error = %err, "cannot delete the task; killing it first");
                 kill_and_wait(e, cns, id).await;
                 tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                attempt += 1;
             }
         }
     }
-    None
 }
 
 /// SIGKILL to every process of the task, then up to 5 s for its exit.
@@ -629,9 +657,9 @@ mod tests {
         .await
         .unwrap();
         fake.start_task("ns", "a").await.unwrap();
-        remove_action(&fake, "ns", "a", "overlayfs").await;
+        remove_action(&fake, "ns", "a", "overlayfs").await.unwrap();
         assert!(fake.is_empty("ns"), "{:?}", fake.objects("ns"));
         // Again: everything is gone, nothing fails.
-        remove_action(&fake, "ns", "a", "overlayfs").await;
+        remove_action(&fake, "ns", "a", "overlayfs").await.unwrap();
     }
 }

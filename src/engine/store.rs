@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    CommitSnapshotRequest, PrepareSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest, GetImageRequest, Image, Info,
@@ -386,16 +386,15 @@ impl ImageStore {
         snapshotter: &str,
         key: &str,
     ) -> Result<(), EngineError> {
-        let req = RemoveSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-        };
         self.cd
-            .snapshots()
-            .remove(with_ns(req, ns, Some(lease)))
+            .remove_snapshot(
+                ns,
+                Some(lease),
+                snapshotter,
+                key,
+                "remove an extract snapshot",
+            )
             .await
-            .map(|_| ())
-            .map_err(classify("remove an extract snapshot"))
     }
 
     /// The target of image record `name`; `None` when there is none.

@@ -90,6 +90,7 @@ impl Node {
             readiness: Default::default(),
             pool: crate::runner::pool::Pool::new(&cfg).unwrap(),
             cgroup_mount: dir.path().join("cgroup"),
+            deferred: Default::default(),
         });
         Node {
             _dir: dir,
@@ -264,6 +265,30 @@ async fn containerd_unavailable_then_back() {
     let info = n.reported("ns", "down").await;
     assert_eq!(info.output, b"after the outage", "{}", info.error_message);
     n.nothing_left("ns", "down");
+}
+
+/// A release that meets containerd away (beside the delivery, containerd stopped just
+/// after the report) is not forgotten: it waits, whole, and is done once containerd is
+/// back.
+#[tokio::test]
+async fn a_release_that_meets_containerd_away_is_done_once_it_is_back() {
+    let n = Node::new(4);
+    let cns = n.cns("ns");
+    n.fake.container(&cns, "left");
+    let dir = n.runner.cfg.actions_dir().join(&cns).join("left");
+    std::fs::create_dir_all(&dir).unwrap();
+    n.fake.set_down(true);
+    n.runner.remove_leftovers(&cns, "left", &dir).await;
+    assert_eq!(n.runner.deferred.len(), 1, "not kept for later");
+    assert!(!n.fake.is_empty(&cns), "containerd answered while down");
+    assert!(dir.exists(), "the directory went before its task's delete");
+    tokio::spawn(n.runner.clone().redo_releases());
+    n.fake.set_down(false);
+    n.until("the deferred release", |n| {
+        n.fake.is_empty(&n.cns("ns")) && n.runner.deferred.is_empty()
+    })
+    .await;
+    n.until("its directory removed", |_| !dir.exists()).await;
 }
 
 #[tokio::test]

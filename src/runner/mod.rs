@@ -30,6 +30,7 @@ mod lifecycle_tests;
 pub mod pool;
 pub mod queue;
 mod release;
+pub use release::Deferred;
 pub mod shim_keeper;
 pub mod stdio;
 mod supervise;
@@ -92,6 +93,8 @@ pub struct Runner {
     /// a temporary directory in unit tests), for removing what a create cut
     /// short left of an action's cgroup.
     pub cgroup_mount: PathBuf,
+    /// Releases that met containerd away, done again once it is back.
+    pub deferred: Deferred,
 }
 
 /// Where an action runs: the id of its container, task and snapshot, which
@@ -298,24 +301,9 @@ impl Runner {
             format!("isolated failed while running the action (a bug: its task panicked: {why})"),
         );
         crate::metrics::action_finished(outcome.code());
-        let report = Report {
-            instance_id: req.instance_id.clone(),
-            step: req.step,
-            action_id: req.action_id.clone(),
-            outcome,
-        }
-        .to_wire();
-        crate::lifecycle::advance(
-            &mut record.state,
-            ActionState::Finished,
-            "the stored record",
-        );
-        record.report = Some(report.clone());
-        if let Err(e) = self.store.put(&record, Sync::Durable).await {
-            error!(error = %e, "cannot store the report");
-        }
         // The delivery path shows a report as recovery left it; this one is new.
-        handle.finished(&Outcome::from_wire(&report));
+        handle.finished(&outcome);
+        let (report, _) = self.store_report(&req, &mut record, outcome).await;
         let action = Action::new(&self.cfg, req, handle);
         let again = tokio::spawn(
             self.run(action, record, Start::Deliver(report))
@@ -385,25 +373,8 @@ impl Runner {
                             "action failed"
                         ),
                     }
-                    let report = Report {
-                        instance_id: action.req.instance_id.clone(),
-                        step: action.req.step,
-                        action_id: action.req.action_id.clone(),
-                        outcome,
-                    }
-                    .to_wire();
-                    crate::lifecycle::advance(
-                        &mut record.state,
-                        ActionState::Finished,
-                        "the stored record",
-                    );
-                    record.report = Some(report.clone());
-                    let stored = self.store.put(&record, Sync::Durable).await;
-                    if let Err(e) = &stored {
-                        // Still delivered from memory; only a crash before
-                        // delivery would lose it now.
-                        error!(error = %e, "cannot store the report");
-                    }
+                    let (report, stored) =
+                        self.store_report(&action.req, &mut record, outcome).await;
                     // Release on collect (ISOLATE.md §10): the result is in
                     // the store, so the task, container, snapshot, network
                     // and data dir go now, not when a flow engine that may be
@@ -411,7 +382,7 @@ impl Runner {
                     // stay until delivery: after a crash the stored running
                     // state re-attaches to the exited task and collects it
                     // again, which only works while it is there.
-                    (report, stored.is_ok())
+                    (report, stored)
                 }
             };
             let deliver = self
@@ -458,6 +429,36 @@ impl Runner {
         }
         .instrument(span)
         .await
+    }
+
+    /// The one write of a finished action: its report, from its outcome,
+    /// stored durably with the record moved to finished. Returns the report
+    /// and whether it is stored (if not, it is still delivered from memory;
+    /// only a crash before delivery would lose it).
+    async fn store_report(
+        &self,
+        req: &ActionRequest,
+        record: &mut StoredAction,
+        outcome: Outcome,
+    ) -> (crate::proto::flow::ReportActionResultsRequest, bool) {
+        let report = Report {
+            instance_id: req.instance_id.clone(),
+            step: req.step,
+            action_id: req.action_id.clone(),
+            outcome,
+        }
+        .to_wire();
+        crate::lifecycle::advance(
+            &mut record.state,
+            ActionState::Finished,
+            "the stored record",
+        );
+        record.report = Some(report.clone());
+        let stored = self.store.put(record, Sync::Durable).await;
+        if let Err(e) = &stored {
+            error!(error = %e, "cannot store the report");
+        }
+        (report, stored.is_ok())
     }
 
     /// The outcome as a report the flow engine will take: a report larger

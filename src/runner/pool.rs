@@ -153,6 +153,9 @@ struct Shelf {
     /// Its image's tag moved on; kept only while an entry is being made,
     /// which is then removed.
     retired: bool,
+    /// Actions that found no entry while one was being made, each waiting
+    /// for that one (at most one per entry being made), oldest first.
+    waiting: VecDeque<tokio::sync::oneshot::Sender<Entry>>,
 }
 
 impl Shelf {
@@ -168,6 +171,22 @@ impl Shelf {
         }
     }
 }
+
+/// What an action of a key finds in its pool.
+enum Found {
+    Entry(Box<Entry>),
+    /// None yet, but one is being made, and it is this action's once made:
+    /// sooner than a create of the action's own, which the namespace's
+    /// shim would only run after that one anyway (it creates one task at a
+    /// time).
+    Coming(tokio::sync::oneshot::Receiver<Entry>),
+    Nothing,
+}
+
+/// How long an action waits for the entry being made for it before it
+/// creates its own: far longer than a create takes (about 35 ms here), so
+/// it only ends a wait on a create that hangs.
+const COMING_WAIT: Duration = Duration::from_secs(2);
 
 /// The pool of one daemon.
 pub struct Pool {
@@ -262,14 +281,10 @@ impl Pool {
         self.shelves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Notes an action of `key` and hands it an entry if there is one, with
-    /// the entries of the image's older digests, now retired.
-    fn pop(
-        &self,
-        key: &PoolKey,
-        image: &Arc<Image>,
-        req: &ActionRequest,
-    ) -> (Option<Entry>, Vec<Entry>) {
+    /// Notes an action of `key` and hands it an entry if there is one (or
+    /// the one being made), with the entries of the image's older digests,
+    /// now retired.
+    fn pop(&self, key: &PoolKey, image: &Arc<Image>, req: &ActionRequest) -> (Found, Vec<Entry>) {
         let now = Instant::now();
         let mut shelves = self.lock();
         let mut retired = Vec::new();
@@ -289,13 +304,22 @@ impl Pool {
             image: image.clone(),
             req: req.clone(),
             retired: false,
+            waiting: VecDeque::new(),
         });
         shelf.retired = false;
         shelf.note_use(now);
-        let entry = shelf.entries.pop();
+        let found = match shelf.entries.pop() {
+            Some(entry) => Found::Entry(Box::new(entry)),
+            None if shelf.filling > shelf.waiting.len() => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                shelf.waiting.push_back(tx);
+                Found::Coming(rx)
+            }
+            None => Found::Nothing,
+        };
         drop(shelves);
         self.count(&req.namespace);
-        (entry, retired)
+        (found, retired)
     }
 
     /// A made entry back: kept on its shelf, or handed back when the shelf
@@ -307,8 +331,17 @@ impl Pool {
         };
         s.filling -= 1;
         if !self.enabled() || s.retired {
+            s.waiting.clear();
             shelves.retain(|k, s| !(k == key && s.retired && s.filling == 0));
             return Some(entry);
+        }
+        // The action waiting for it, if it still waits.
+        let mut entry = entry;
+        while let Some(tx) = s.waiting.pop_front() {
+            match tx.send(entry) {
+                Ok(()) => return None,
+                Err(back) => entry = back,
+            }
         }
         s.entries.push(entry);
         let ns = s.req.namespace.clone();
@@ -322,6 +355,10 @@ impl Pool {
     fn unfill(&self, key: &PoolKey) {
         if let Some(s) = self.lock().get_mut(key) {
             s.filling = s.filling.saturating_sub(1);
+            // Those waiting for it create their own.
+            while s.waiting.len() > s.filling {
+                s.waiting.pop_front();
+            }
         }
     }
 
@@ -455,7 +492,7 @@ impl Runner {
                 .process(&image.config, a.req.argv.as_deref(), &direktiv_env(&a.req))?;
         let key = PoolKey::of(a, image);
         let _ = a.pool_key.set(key.clone());
-        let (entry, retired) = self.pool.pop(&key, image, &a.req);
+        let (found, retired) = self.pool.pop(&key, image, &a.req);
         for e in retired {
             info!(
                 entry = e.id(),
@@ -463,6 +500,25 @@ impl Runner {
             );
             self.discard(e);
         }
+        let entry = match found {
+            Found::Entry(entry) => Some(*entry),
+            Found::Coming(mut rx) => match tokio::time::timeout(COMING_WAIT, &mut rx).await {
+                Ok(Ok(entry)) => {
+                    debug!("took the pre-created task that was being made");
+                    Some(entry)
+                }
+                // Its make failed.
+                Ok(Err(_)) => None,
+                // It takes too long: the action makes its own, and the late
+                // entry goes on the shelf (closed first, so that one sent
+                // just now is not lost with the receiver).
+                Err(_) => {
+                    rx.close();
+                    rx.try_recv().ok()
+                }
+            },
+            Found::Nothing => None,
+        };
         // Refilled once the action's task is started (`attempt`), not now: a
         // shim creates one task at a time and a Start waits behind a Create
         // in the same shim (its service lock), so a refill begun here put a
@@ -622,14 +678,9 @@ impl Runner {
         tokio::spawn(
             async move {
                 let _busy = busy;
+                // Removed while containerd is away: again once it is back
+                // (`Runner::redo_releases`).
                 runner.release(&entry.action).await;
-                // Removed while containerd was away: again once it is back.
-                if runner.engine.ping().await.is_err() {
-                    runner
-                        .wait_for_containerd(Instant::now() + super::CONTAINERD_WAIT)
-                        .await;
-                    runner.release(&entry.action).await;
-                }
             }
             .in_current_span(),
         );

@@ -360,7 +360,8 @@ impl Inner {
     /// left in it) and container.
     async fn remove(&self, cns: &str, id: &str) {
         ops::delete_task(&*self.engine, cns, id).await;
-        ops::remove_container(&*self.engine, cns, id).await;
+        // A keeper left by containerd's absence is the next start's to sweep.
+        let _ = ops::remove_container(&*self.engine, cns, id).await;
     }
 }
 
