@@ -246,6 +246,18 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// When an action is released, against its report's delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// First: its processes may outlive its report otherwise.
+    Before,
+    /// At the same time: the report is stored, and needs nothing of it.
+    Beside,
+    /// Once delivered: the report is not stored, and only the task can give
+    /// it again after a crash.
+    After,
+}
+
 /// How long a fresh action waits for an unreachable containerd before it
 /// is reported as an internal error.
 const CONTAINERD_WAIT: Duration = Duration::from_secs(300);
@@ -326,14 +338,12 @@ impl Runner {
             action_id = %action.req.action_id,
         );
         async {
-            // Whether the release runs beside the delivery (once the report
-            // is stored) or only after it.
-            let (report, release_beside) = match start {
+            let (report, release) = match start {
                 Start::Deliver(report) => {
                     // Shown as finished (or parked) by recovery already.
                     // Released before the crash, or not: either way nothing
                     // of the action may wait for the flow engine.
-                    (report, true)
+                    (report, Release::Beside)
                 }
                 Start::Fresh | Start::Resume { .. } => {
                     let started = Instant::now();
@@ -373,6 +383,12 @@ impl Runner {
                             "action failed"
                         ),
                     }
+                    // An internal error may leave the task's processes alive
+                    // (its shim died, say): they are gone before it is
+                    // reported, or the flow engine's retry could run beside
+                    // them. Any other end had the task's init exit (or
+                    // stopped by the reaper), and its PID namespace with it.
+                    let settled = outcome.code() != Some(ErrorCode::Internal.as_str());
                     let (report, stored) =
                         self.store_report(&action.req, &mut record, outcome).await;
                     // Release on collect (ISOLATE.md §10): the result is in
@@ -382,19 +398,28 @@ impl Runner {
                     // stay until delivery: after a crash the stored running
                     // state re-attaches to the exited task and collects it
                     // again, which only works while it is there.
-                    (report, stored)
+                    let release = match (stored, settled) {
+                        (false, _) => Release::After,
+                        (true, true) => Release::Beside,
+                        (true, false) => Release::Before,
+                    };
+                    (report, release)
                 }
             };
+            if release == Release::Before {
+                self.release(&action).await;
+            }
             let deliver = self
                 .deliver(&action, &mut record, &report)
                 .instrument(info_span!("report"));
             // Beside the delivery, not before it (issue 16): the task's
             // delete, the snapshot's removal, the disk's umount and CNI's
-            // DEL took about a third of a warm pooled action's time to its
-            // report, and nothing of the report needs them. Either finishes
+            // DEL were the largest piece left on a pooled action's path to
+            // its report (README "Performance"), and the report needs
+            // nothing of them. Either finishes
             // whatever the other does: a delivery that waits hours for the
             // flow engine does not hold the release back.
-            let delivered = if release_beside {
+            let delivered = if release == Release::Beside {
                 let (delivered, ()) = tokio::join!(deliver, self.release(&action));
                 delivered
             } else {
@@ -419,7 +444,7 @@ impl Runner {
             if let Err(e) = self.store.retire(&info, sync).await {
                 warn!(error = %e, "cannot remove the delivered action from the store");
             }
-            if !release_beside {
+            if release == Release::After {
                 self.release(&action).await;
             }
             action.handle.retired(info.clone());
