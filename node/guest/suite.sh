@@ -73,6 +73,15 @@ wait_isolated() {
 # A unique suffix per check run: the suite may run twice in one boot (runc, crun).
 uid() { echo "$group-$1-$(od -An -N3 -tx1 /dev/urandom | tr -d ' ')"; }
 
+# container_of ID: the container (and task, snapshot, cgroup) of running action ID: its
+# action id, or the pre-created task's it took (issue 16), which carries the action's id
+# as a label from its Start on.
+container_of() {
+  local cid
+  cid=$(ctr -n "direktiv.$ns" containers ls -q "labels.\"io.direktiv.isolate.action-id\"==$1" 2>/dev/null | head -1)
+  echo "${cid:-$1}"
+}
+
 # The action contract end to end over the local socket: input in, output out.
 c_end_to_end() {
   local id out
@@ -110,10 +119,10 @@ c_cgroup_limits() {
     wait_state "$id" running 60 >/dev/null || { echo "size $size: $id never ran"; return 1; }
     deadline=$(( $(date +%s) + 30 )); dir=
     while [ -z "$dir" ] && [ "$(date +%s)" -lt "$deadline" ]; do
-      dir=$(find /sys/fs/cgroup -type d -name "*$id*" 2>/dev/null | head -1)
+      dir=$(find /sys/fs/cgroup -type d -name "*$(container_of "$id")*" 2>/dev/null | head -1)
       [ -n "$dir" ] || sleep 0.2
     done
-    [ -n "$dir" ] || { echo "size $size: no cgroup named after $id under /sys/fs/cgroup"; return 1; }
+    [ -n "$dir" ] || { echo "size $size: no cgroup named after $id or its container $(container_of "$id") under /sys/fs/cgroup"; return 1; }
     cpu=$(cat "$dir/cpu.max"); pids=$(cat "$dir/pids.max"); mem=$(cat "$dir/memory.max")
     $ctl cancel -n "$ns" "$id" --reason "cgroup check done" >/dev/null 2>&1
     wait_state "$id" reported 60 >/dev/null || { echo "size $size: $id not reported after cancel"; return 1; }
@@ -170,18 +179,19 @@ c_term_reaches_children() {
 # BinaryName (the task bundle's options.json, which the shim writes from the options), and
 # the binary's own state under its root (NODE_RUNTIME_ROOT) has the container running.
 c_runtime_binary() {
-  local id state opts bundle
+  local id cid state opts bundle
   id=$(uid runtime)
   $ctl run -n "$ns" -i "$image" --action-id "$id" -c "/bin/sh -c 'sleep 30'" >/dev/null 2>&1 &
   wait_state "$id" running 60 >/dev/null || { echo "$id never ran"; return 1; }
-  bundle=/run/containerd/io.containerd.runtime.v2.task/direktiv.$ns/$id
+  cid=$(container_of "$id")
+  bundle=/run/containerd/io.containerd.runtime.v2.task/direktiv.$ns/$cid
   opts=$(cat "$bundle/options.json" 2>&1)
   $ctl cancel -n "$ns" "$id" >/dev/null 2>&1
   case $opts in
     *"\"$NODE_RUNTIME_BIN\""*) ;;
     *) echo "the shim's options do not name $NODE_RUNTIME_BIN: $opts"; return 1 ;;
   esac
-  state=$("$NODE_RUNTIME_BIN" --root "$NODE_RUNTIME_ROOT/direktiv.$ns" state "$id" 2>&1)
+  state=$("$NODE_RUNTIME_BIN" --root "$NODE_RUNTIME_ROOT/direktiv.$ns" state "$cid" 2>&1)
   wait
   case $state in
     *'"status": "running"'*|*'"status":"running"'*) ;;
