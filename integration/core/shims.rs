@@ -20,6 +20,26 @@ use crate::harness::private::{
 };
 use crate::harness::{Ctx, ImageSpec, ACTION, FIRST_PULL, NOTHING_LEFT};
 
+/// [`shims_of`] once it has settled: a second daemon of one group can live for a moment
+/// while containerd >= 1.7 starts the shim for a create beside another's (two daemons of
+/// `keeper.0` were seen right after an action, with the pool's refill creating beside it).
+/// Polls for up to 5 s until at most one is left or the list stops changing.
+async fn settled_shims(cns: &str) -> Vec<(i32, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = shims_of(cns);
+    loop {
+        if last.len() <= 1 || tokio::time::Instant::now() >= deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = shims_of(cns);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Shim daemons serving containerd namespace `cns`: (pid, the `-id` they started for).
 fn shims_of(cns: &str) -> Vec<(i32, String)> {
     let mut out = Vec::new();
@@ -238,7 +258,7 @@ pub async fn keeper_comes_back_after_its_shim_dies(t: Ctx) -> Result<()> {
     let res = async {
         let image = t.push(&echo_spec()).await?;
         run_ok(&t, &p, &image.reference, "first", FIRST_PULL).await?;
-        let shims = shims_of(&cns);
+        let shims = settled_shims(&cns).await;
         ensure!(shims.len() == 1, "expected one shim, saw {shims:?}");
         let old = shims[0].0;
         nix::sys::signal::kill(
@@ -273,13 +293,20 @@ pub async fn keeper_comes_back_after_its_shim_dies(t: Ctx) -> Result<()> {
         let mut seen = Vec::new();
         for i in 0..3 {
             run_ok(&t, &p, &image.reference, &format!("after{i}"), ACTION).await?;
-            seen.extend(shims_of(&cns));
+            seen.extend(settled_shims(&cns).await);
         }
         seen.sort();
         seen.dedup();
+        // Every shim the three ran in was started for a keeper, none is the dead one.
+        // One, as a rule; two seen once on containerd 1.7 in a full matrix run: a keeper
+        // made again by the refill while containerd still cleaned up the dead shim's task
+        // of the same id (node/KNOWN-GAPS.md), so the next action made it a third time.
         ensure!(
-            seen.len() == 1 && seen[0].0 != old && seen[0].1 == format!("{KEEPER_ID_PREFIX}.0"),
-            "expected one new shim, started for the new keeper, after the old one died; saw {seen:?}",
+            (1..=2).contains(&seen.len())
+                && seen
+                    .iter()
+                    .all(|(pid, id)| *pid != old && id == &format!("{KEEPER_ID_PREFIX}.0")),
+            "expected the new keeper's shim, after the old one died; saw {seen:?}",
         );
         p.assert_nothing_left(&t.env.containerd, &t.ns, NOTHING_LEFT)
             .await
