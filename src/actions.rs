@@ -517,11 +517,13 @@ impl Handle {
         info
     }
 
-    /// Running since `started_at_ms`, the time its deadline counts from.
-    pub fn set_running(&self, started_at_ms: i64) {
+    /// Running since `started_at_ms`, the time its deadline counts from,
+    /// in containerd container `container`.
+    pub fn set_running(&self, started_at_ms: i64, container: &str) {
         self.actions.update(&self.key, |i| {
             advance(&mut i.state, ActionState::Running, TABLE);
             i.started_at_ms = started_at_ms;
+            i.container_id = container.to_string();
         });
     }
 
@@ -639,10 +641,11 @@ mod tests {
         ));
         a.claim(&req("m", "x")).unwrap();
         assert_eq!(a.in_flight(), 2);
-        h.set_running(1234);
+        h.set_running(1234, "pool-0a");
         let info = a.get("n", "x").unwrap();
         assert_eq!(info.state(), ActionState::Running);
         assert_eq!(info.started_at_ms, 1234);
+        assert_eq!(info.container_id, "pool-0a");
         let (_, cancel) = a.cancel("n", "x", "by test").unwrap();
         // Taken, not fired: the runner's writes carry it until the store has it.
         assert!(!h.cancel.is_cancelled());

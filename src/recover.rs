@@ -79,7 +79,11 @@ pub async fn recover(
         // a parked one as undeliverable with the engine's last answer.
         match &start {
             Start::Resume { deadline_ms } => {
-                handle.set_running(deadline_ms - req.timeout.as_millis() as i64)
+                let container = match record.container_id.as_str() {
+                    "" => req.action_id.as_str(),
+                    taken => taken,
+                };
+                handle.set_running(deadline_ms - req.timeout.as_millis() as i64, container)
             }
             Start::Deliver(report) => {
                 handle.finished(&Outcome::from_wire(report));

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use direktiv_isolate::proto::control::isolate_control_client::IsolateControlClient;
-use direktiv_isolate::proto::control::{ActionState, CancelIsolateRequest, ListPoolRequest};
+use direktiv_isolate::proto::control::{
+    ActionRef, ActionState, CancelIsolateRequest, ListPoolRequest,
+};
 use direktiv_isolate::spec::LAUNCHER_MOUNT;
 use libtest_mimic::Trial;
 use tonic::transport::Channel;
@@ -320,6 +322,23 @@ echo leftover > /tmp/mine; echo leftover > /direktiv-data/mine"#,
             let out = String::from_utf8(expect_success(&report)?)?;
             let want = format!("data.in |{}|{input}\n", if i == 0 { 0 } else { 1 });
             ensure!(out == want, "action {i}: saw {out:?}, expected {want:?}");
+            // The control API names the container it ran in: the entry's it took.
+            let ran_in = control
+                .get_isolate(ActionRef {
+                    namespace: t.ns.clone(),
+                    action_id: id.clone(),
+                })
+                .await?
+                .into_inner()
+                .container_id;
+            ensure!(
+                if i == 0 {
+                    ran_in == id
+                } else {
+                    ran_in.starts_with("pool-")
+                },
+                "action {i} ({id}) shows container_id {ran_in:?}"
+            );
             // Its container (its own or the entry's it took) goes with it.
             let deadline = tokio::time::Instant::now() + NOTHING_LEFT;
             loop {

@@ -155,24 +155,31 @@ c_timeout_kills_all() {
 }
 
 # SIGTERM reaches every process of the action, not only its init: the init shell ignores
-# TERM and waits for a child shell that does not; when the child dies of the TERM at the
-# timeout, the init's wait returns and the action ends at once. Had only the init been
-# signalled (runc >= 1.2 and crun do that for a Kill with `all`), it would last until the
-# SIGKILL after the 5 s grace period.
+# TERM and waits for a child shell that catches it, and says so on stdout, which only a
+# TERM lets it do (the SIGKILL after the grace period gives it no chance). Had only the
+# init been signalled (runc >= 1.2 and crun do that for a Kill with `all`), the child's
+# line would be missing. Asserted on that line, not on how long the action lived: its
+# exit notice waits in the namespace's shim behind the create of the pool's refill, a
+# runc create that took up to 4.7 s under TCG here (lived 6.2 to 6.8 s with runc, 3.3 s
+# with crun, for a 3 s timeout; KNOWN-GAPS).
 c_term_reaches_children() {
-  local id err info lived
+  local id err info lived out
   id=$(uid term)
   err=$($ctl run -n "$ns" -i "$image" --action-id "$id" --timeout 3 \
-        -c "/bin/sh -c '/bin/sh -c \"sleep 7779; :\" & trap \"\" TERM; wait; echo after-term > /direktiv-data/data.out'" 2>&1 >/dev/null)
+        -c "/bin/sh -c '/bin/sh -c \"trap : TERM; sleep 7779 & wait; echo child-got-term\" & trap \"\" TERM; wait; echo after-term > /direktiv-data/data.out'" 2>&1 >/dev/null)
   case $err in
     *au.com.direktiv.error.timeout*) ;;
     *) echo "not reported as timeout: $err"; return 1 ;;
   esac
   info=$($ctl --json get -n "$ns" "$id" 2>&1)
   lived=$(( $(date -d "$(json_field "$info" finished_at)" +%s%3N) - $(date -d "$(json_field "$info" started_at)" +%s%3N) ))
-  [ "$lived" -lt 6500 ] || { echo "the action lived $lived ms with a 3 s timeout: its child never got SIGTERM, only the SIGKILL after the grace period ended it"; return 1; }
+  out=$($ctl logs -n "$ns" "$id" 2>/dev/null)
+  case $out in
+    *child-got-term*) ;;
+    *) echo "the child never got SIGTERM (its stdout: '$out'), only the SIGKILL after the grace period ended it: the action lived $lived ms with a 3 s timeout"; return 1 ;;
+  esac
   [ -z "$(pgrep -af 'sleep 7779')" ] || { echo "processes of $id left after its report"; return 1; }
-  echo "the TERM-handling child ended at the timeout: the action lived $lived ms"
+  echo "the TERM-handling child got SIGTERM at the timeout: the action lived $lived ms"
 }
 
 # The namespace's runtime_binary ran the action: the runc v2 shim got it as its

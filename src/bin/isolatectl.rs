@@ -1087,6 +1087,7 @@ fn info_json(i: &ActionInfo) -> Value {
         "reported_at": time_of(i.reported_at_ms),
         "report_attempts": i.report_attempts,
         "containerd_namespace": i.containerd_namespace,
+        "container_id": i.container_id,
     });
     if !i.report_last_code.is_empty() {
         v["report_last_code"] = json!(i.report_last_code);
@@ -1332,6 +1333,7 @@ fn print_info(i: &ActionInfo) {
     let mut lines = vec![
         ("namespace", i.namespace.clone()),
         ("containerd ns", i.containerd_namespace.clone()),
+        ("container", i.container_id.clone()),
         ("action", i.action_id.clone()),
         ("instance", i.instance_id.clone()),
         ("step", i.step.to_string()),

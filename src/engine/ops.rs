@@ -56,24 +56,41 @@ const ATTEMPTS: u32 = 3;
 /// Removes the task, container and active snapshot `id` of `cns`. Each step
 /// tolerates what is already gone, so it can run after any failure, and
 /// again after a crash. A task still running has nobody left to stop it, so
-/// it is killed first, or it would outlive its action. Returns the first
-/// removal that failed after its retries (a task that could not be deleted
-/// keeps its container, so that one fails too): the caller tells a
-/// containerd that was away, to try again once it is back.
+/// it is killed first, or it would outlive its action. Returns what failed
+/// after its retries, and whether the task at least is gone (a task that
+/// could not be deleted keeps its container): the caller tries again later.
 pub async fn remove_action(
     e: &dyn Engine,
     cns: &str,
     id: &str,
     snapshotter: &str,
-) -> Result<(), EngineError> {
+) -> Result<(), Unremoved> {
     // Not the container while its task is there: containerd would remove
     // the record and leave the task, which no sweep lists.
-    try_delete_task(e, cns, id).await?;
+    try_delete_task(e, cns, id)
+        .await
+        .map_err(|error| Unremoved {
+            task_gone: false,
+            error,
+        })?;
     let container = remove_container(e, cns, id).await;
     // An action's snapshot is a GC root: nothing but this removes it
     // before the next start-up sweep.
     let snapshot = retried("snapshot", || e.remove_snapshot(cns, snapshotter, id)).await;
-    container.and(snapshot)
+    container.and(snapshot).map_err(|error| Unremoved {
+        task_gone: true,
+        error,
+    })
+}
+
+/// What [`remove_action`] could not remove, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Unremoved {
+    /// The task is gone; only its container or snapshot stayed. What the
+    /// task's rootfs wrote to (the action's disk and directory) is free.
+    pub task_gone: bool,
+    pub error: EngineError,
 }
 
 /// Deletes container `id` (no snapshot of its own: a shim keeper's).
@@ -177,6 +194,12 @@ pub async fn kill(e: &dyn Engine, cns: &str, id: &str, signal: Signal) -> bool {
 /// The init is told by its pid in its own PID namespace (1), not by asking
 /// containerd: a task's State makes the shim run `runc state`, and fifty
 /// actions timing out at once took seconds longer with it.
+///
+/// The other members are signalled first, the init through containerd
+/// after: containerd's Kill waits in the namespace's shim behind whatever
+/// it is doing (a pool refill's `runc create`: 4.7 s in a TCG guest), and
+/// the children's signal need not wait with it. An init missed because
+/// containerd could not be asked gets the signal from here after all.
 pub async fn signal_all(
     e: &dyn Engine,
     cns: &str,
@@ -184,9 +207,13 @@ pub async fn signal_all(
     cgroups_path: &str,
     signal: Signal,
 ) -> bool {
+    signal_cgroup(CGROUP_ROOTS, cgroups_path, signal, is_namespace_init);
     let through = kill_through(e, cns, id, signal, false).await;
-    let skip = |pid: u32| through && is_namespace_init(pid);
-    signal_cgroup(CGROUP_ROOTS, cgroups_path, signal, skip);
+    if !through {
+        signal_cgroup(CGROUP_ROOTS, cgroups_path, signal, |pid| {
+            !is_namespace_init(pid)
+        });
+    }
     through
 }
 
@@ -299,7 +326,9 @@ pub async fn remove_cgroup(mount: &Path, cgroups_path: &str, kill_members: bool)
                     last = None;
                     break;
                 }
-                Err(e) if !kill_members => {
+                // Only a member still inside is waited out; any other
+                // refusal (EACCES, a read-only mount) will not change.
+                Err(e) if !kill_members || e.raw_os_error() != Some(nix::libc::EBUSY) => {
                     last = Some(e);
                     break;
                 }

@@ -723,7 +723,7 @@ impl Runner {
         // Shown as running only once stored as running: an action the
         // control API calls running is re-attached, deadline and all, by
         // the next start after a crash (before, it is started again).
-        a.handle.set_running(started_ms);
+        a.handle.set_running(started_ms, a.id());
         let (code, stopped) = self
             .supervise(a, deadline_ms, &mut exit)
             .instrument(info_span!("wait"))
@@ -760,7 +760,7 @@ impl Runner {
         // Its deadline was stored as start + timeout: the start it shows is
         // the task's, not this restart's.
         a.handle
-            .set_running(deadline_ms - a.req.timeout.as_millis() as i64);
+            .set_running(deadline_ms - a.req.timeout.as_millis() as i64, a.id());
         let mut exit = self.wait_exit(a);
         let waited = self
             .supervise(a, deadline_ms, &mut exit)
